@@ -1,0 +1,77 @@
+"""Model-call layer: one `Request` -> `Response` interface over API servers and local models.
+
+Usage::
+
+    from lvr.backends import CachedBackend, Request, make_backend
+
+    backend = make_backend("openai", "Qwen/Qwen2.5-VL-7B-Instruct", base_url="http://gpu1:8000/v1")
+    backend = CachedBackend(backend, "runs/default/cache/requests.sqlite")
+    responses = backend.run([Request(item_id=clip_id, messages=[...], images=frames)])
+
+Backends: "openai" (`OpenAIBackend`, any OpenAI-compatible endpoint, async with retries and rate
+limits) and "hf" (`HFBackend`, local transformers with JSON-schema constrained decoding). This module
+stays light: torch, transformers and openai are imported only when a backend is built or run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from lvr.backends.base import Backend, BackendError, Request, Response, cache_key, payload_hash
+from lvr.backends.cache import CachedBackend, RequestCache
+
+KINDS = ("openai", "hf")
+
+__all__ = [
+    "KINDS",
+    "Backend",
+    "BackendError",
+    "CachedBackend",
+    "Request",
+    "RequestCache",
+    "Response",
+    "cache_key",
+    "make_backend",
+    "payload_hash",
+]
+
+
+def _options(cls: type, kind: str, opts: dict[str, Any]) -> Any:
+    """Build an options dataclass, naming unknown keys and the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(opts) - set(names))
+    if unknown:
+        raise BackendError(f"unknown {kind} backend options {unknown}; valid: {names}")
+    return cls(**opts)
+
+
+def make_backend(
+    kind: str, model: str, cache_path: str | Path | None = None, **opts: Any
+) -> Backend:
+    """Build a backend by kind.
+
+    Args:
+        kind: "openai" or "hf".
+        model: Served model name ("openai") or hub id / local folder ("hf").
+        cache_path: When given, wrap the backend in a `CachedBackend` on this SQLite file.
+        **opts: Fields of `OpenAIOptions` or `HFOptions`.
+
+    Returns:
+        The backend.
+
+    Raises:
+        BackendError: Unknown kind or option.
+    """
+    if kind == "openai":
+        from lvr.backends.openai_backend import OpenAIBackend, OpenAIOptions
+
+        backend: Backend = OpenAIBackend(model, _options(OpenAIOptions, kind, opts))
+    elif kind == "hf":
+        from lvr.backends.hf import HFBackend, HFOptions
+
+        backend = HFBackend(model, _options(HFOptions, kind, opts))
+    else:
+        raise BackendError(f"unknown backend kind {kind!r}; valid: {list(KINDS)}")
+    return CachedBackend(backend, cache_path) if cache_path is not None else backend

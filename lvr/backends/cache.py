@@ -1,0 +1,182 @@
+"""Persistent request cache: pay once per (item, model, prompt version, payload).
+
+`CachedBackend` wraps any backend. Before a run it looks every request up by `cache_key` (item id,
+model, prompt version, and a hash of messages + images + schema + sampling parameters); only misses go
+to the wrapped backend, and each successful response is committed the moment it arrives. Failures are
+never stored, so a rerun retries exactly the failed rows, and editing a prompt (new text or new
+`prompt_version`) pays only for the rows whose key changed.
+
+Storage is one SQLite file (stdlib) in WAL mode: a process killed with SIGKILL loses at most the
+response being written, never the file; several shard processes may share one file (readers never block
+the writer; writers wait on `busy_timeout`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lvr.backends.base import Backend, OnResponse, Request, Response, cache_key
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_version TEXT NOT NULL,
+    texts TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    latency_s REAL NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+_LOOKUP_CHUNK = 500  # stays under SQLite's bound-parameter limit
+
+
+class RequestCache:
+    """SQLite store of successful responses keyed by `cache_key`.
+
+    Args:
+        path: Database file, e.g. `<run>/cache/requests.sqlite` (parents are created).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # check_same_thread=False: `run_sync` may drive the backend from a helper thread; the lock
+        # serializes our own use of the connection.
+        self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process (not a power cut) without an fsync per row.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(_SCHEMA)
+            self._conn.commit()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, tuple[list[str], int, float]]:
+        """Look keys up.
+
+        Args:
+            keys: Cache keys.
+
+        Returns:
+            key -> (texts, attempts, latency_s) for the keys present.
+        """
+        found: dict[str, tuple[list[str], int, float]] = {}
+        unique = list(dict.fromkeys(keys))
+        with self._lock:
+            for i in range(0, len(unique), _LOOKUP_CHUNK):
+                chunk = unique[i : i + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = (
+                    f"SELECT key, texts, attempts, latency_s FROM responses WHERE key IN ({marks})"
+                )
+                for key, texts, attempts, latency in self._conn.execute(sql, chunk):
+                    found[key] = (json.loads(texts), attempts, latency)
+        return found
+
+    def put(self, key: str, req: Request, resp: Response, model: str) -> None:
+        """Store one successful response and commit (failures are ignored by design).
+
+        Args:
+            key: Its cache key.
+            req: The request.
+            resp: The response.
+            model: Backend model name.
+        """
+        if resp.error is not None or resp.cached:
+            return
+        row = (
+            key,
+            req.item_id,
+            model,
+            req.prompt_version,
+            json.dumps(resp.texts),
+            resp.attempts,
+            resp.latency_s,
+            time.time(),
+        )
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?,?)", row)
+            self._conn.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+
+class CachedBackend:
+    """A Backend that answers from a `RequestCache` and forwards only the misses.
+
+    Args:
+        backend: The wrapped backend.
+        cache_path: SQLite file of the cache.
+    """
+
+    def __init__(self, backend: Backend, cache_path: str | Path):
+        self.backend = backend
+        self.name = backend.name
+        self.model = backend.model
+        self.cache = RequestCache(cache_path)
+        self.last_hits = 0
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        progress: bool = True,
+        on_response: OnResponse | None = None,
+    ) -> list[Response]:
+        """Serve hits from the cache, run the misses, store successes as they arrive.
+
+        Args:
+            requests: The requests.
+            progress: Show a progress bar for the misses.
+            on_response: Called with (index into `requests`, response) for every row, hits first.
+
+        Returns:
+            One Response per request, in order; hits have `cached=True` and `attempts=0`.
+        """
+        keys = [cache_key(r, self.model) for r in requests]
+        found = self.cache.get_many(keys)
+        results: list[Response | None] = [None] * len(requests)
+        misses: list[int] = []
+        for i, (req, key) in enumerate(zip(requests, keys, strict=True)):
+            if key in found:
+                texts, _attempts, latency = found[key]
+                results[i] = Response(req.item_id, texts, None, 0, latency, cached=True)
+                if on_response is not None:
+                    on_response(i, results[i])
+            else:
+                misses.append(i)
+        self.last_hits = len(requests) - len(misses)
+
+        reported: set[int] = set()
+
+        def store(j: int, resp: Response) -> None:
+            i = misses[j]
+            reported.add(j)
+            self.cache.put(keys[i], requests[i], resp, self.model)
+            if on_response is not None:
+                on_response(i, resp)
+
+        if misses:
+            fresh = self.backend.run([requests[i] for i in misses], progress, on_response=store)
+            for j, (i, resp) in enumerate(zip(misses, fresh, strict=True)):
+                results[i] = resp
+                if j not in reported:  # a backend that ignores on_response: store at the end
+                    store(j, resp)
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        """Close the cache file."""
+        self.cache.close()

@@ -1,0 +1,217 @@
+"""Stage configuration: dataclasses, a YAML file, and ``--set key=value`` overrides.
+
+Every command has one dataclass. Nested dataclasses are addressed with dotted keys
+(``caption.backend=openai``). Unknown keys and wrong types are user mistakes, so they raise
+:class:`ConfigError` with a one-line message naming the key and the valid choices; the CLI
+prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from lvr.errors import LvrError
+
+T = TypeVar("T")
+
+
+class ConfigError(LvrError, ValueError):
+    """A bad config file, key or value (one line, actionable)."""
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+) -> T:
+    """Build ``cls`` from defaults, then a YAML file, then ``key=value`` overrides (later wins).
+
+    Args:
+        cls: A dataclass type.
+        path: Optional YAML file whose mapping mirrors the dataclass fields.
+        overrides: ``key=value`` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+        The validated config instance.
+
+    Raises:
+        ConfigError: On unknown keys, wrong types, or an unreadable file.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value")
+        _set_dotted(data, key.strip(), _parse_scalar(raw))
+    return _build(cls, data, prefix="")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys, got {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + key, list(fields), prefix))
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def _unknown_key_message(key: str, valid: list[str], prefix: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return f"unknown config key '{key}'{hint}; valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert one value against a type hint; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(
+            errors[0] if errors else f"config key '{key}' has an invalid value {value!r}"
+        )
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str):  # allow comma lists on the command line: frames=8,16,32
+            value = [_parse_scalar(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"config key '{key}' is a section; set its fields as {key}.<field>=..."
+            )
+        return _build(tp, value, prefix=key + ".")
+    return _coerce_plain(tp, value, key)
+
+
+def _coerce_plain(tp: Any, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise ConfigError(f"config key '{key}' expects a path, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-safe dict of a config (paths become strings)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The effective config as YAML (what ``--show-config`` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable 16-hex-digit hash of a config, recorded in every manifest."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def resolve_cli_config(
+    cls: type[T], config: Path | None, sets: list[str] | None, show: bool
+) -> T | None:
+    """The config a command runs with; prints it as YAML and returns None for ``--show-config``."""
+    cfg = load_config(cls, config, sets)
+    if show:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg

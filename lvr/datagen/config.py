@@ -1,0 +1,268 @@
+"""``DatagenConfig``: one dataclass per section (input, shards, segment, caption, qa, filter).
+
+A *domain* is a YAML file of this config (clip lengths, frames per caption, caption prompt,
+question categories with instructions and target shares, formats, model endpoints); see
+``configs/datagen/*.yaml`` and ``docs/datagen.md``. Every key can be overridden on the command
+line: ``--set caption.options.base_url=http://gpu1:8000/v1``.
+
+Only light imports here (dataclasses, the filter's config): the CLI builds this before any stage
+module is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lvr.datagen.filter import FilterConfig
+from lvr.datagen.shots import ShotParams
+from lvr.datagen.sources import InputConfig
+
+# The paper's categories and shares (LongVideo-Reason: temporal 36%, goal 36%, plot 24%, spatial 4%).
+_DEFAULT_CATEGORIES: list[dict[str, Any]] = [
+    {
+        "name": "temporal",
+        "share": 0.36,
+        "instruction": (
+            "Ask about the order, timing or duration of events across different parts of the "
+            "video, so that answering needs events from at least two separate time ranges."
+        ),
+    },
+    {
+        "name": "goal",
+        "share": 0.36,
+        "instruction": (
+            "Ask about the intention or purpose behind what someone does, which must be inferred "
+            "by connecting actions and their consequences across the video."
+        ),
+    },
+    {
+        "name": "plot",
+        "share": 0.24,
+        "instruction": (
+            "Ask about the storyline: causes and effects, how a situation develops, or why the "
+            "video ends the way it does, combining several moments of the video."
+        ),
+    },
+    {
+        "name": "spatial",
+        "share": 0.04,
+        "instruction": (
+            "Ask about where people or objects are relative to each other or to the scene, and "
+            "how these positions change over the video."
+        ),
+    },
+]
+
+
+@dataclass
+class CategoryConfig:
+    """One question category (section item of ``qa.categories``).
+
+    Attributes:
+        name: Stored in the ``category`` column (temporal, goal, plot, spatial or your own).
+        instruction: What this category asks about; inserted into the QA prompt.
+        share: Target share of questions (shares are normalized over all categories).
+    """
+
+    name: str = "temporal"
+    instruction: str = ""
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("a category needs a name")
+        if self.share < 0:
+            raise ValueError(f"category {self.name}: share must be >= 0, got {self.share}")
+
+
+@dataclass
+class ShardsConfig:
+    """Work units (section ``shards``); a crash costs at most the shard in flight.
+
+    Videos are sorted by id and cut into shards of ``videos_per_shard``; caption and qa shard ``k``
+    cover the clips and videos of segment shard ``k``, so ``--shard i --num-shards n`` (machine
+    ``i`` runs shards ``k % n == i``) lets every machine run the whole chain on its own share.
+    Model calls are cached per request, so redoing a shard after a crash costs decoding, not calls.
+    """
+
+    videos_per_shard: int = 16
+
+    def __post_init__(self) -> None:
+        if self.videos_per_shard < 1:
+            raise ValueError("shards.videos_per_shard must be >= 1")
+
+
+@dataclass
+class SegmentConfig:
+    """How videos are cut into clips (section ``segment``).
+
+    Attributes:
+        method: ``stride`` (fixed ``stride_s`` clips, the paper's 10 s) or ``shots`` (cuts found by
+            :mod:`lvr.datagen.shots`, merged/split into ``[min_clip_s, max_clip_s]``).
+        stride_s: Clip length for ``stride``.
+        min_clip_s: Shortest clip (shorter shots merge; a short stride remainder joins the last clip).
+        max_clip_s: Longest clip for ``shots`` (longer shots are split evenly).
+        shots: Shot detector thresholds.
+        write_clips: Also write each clip as a file by stream copy (no re-encoding; the file starts at
+            the keyframe at or before the clip start).
+        clip_dir: Folder for clip files (default ``<run>/segment/clip_files``).
+        id_threads: Threads that hash files into video ids (I/O bound).
+        workers: Processes that decode videos in parallel for ``shots``/``write_clips`` (0 = one
+            per core). The shot detector decodes with one thread, its most efficient setting.
+    """
+
+    method: Literal["stride", "shots"] = "stride"
+    stride_s: float = 10.0
+    min_clip_s: float = 2.0
+    max_clip_s: float = 10.0
+    shots: ShotParams = field(default_factory=ShotParams)
+    write_clips: bool = False
+    clip_dir: str = ""
+    id_threads: int = 8
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stride_s <= 0 or self.min_clip_s < 0 or self.max_clip_s <= 0:
+            raise ValueError("stride_s and max_clip_s must be > 0, min_clip_s >= 0")
+        if self.method == "shots" and 2 * self.min_clip_s > self.max_clip_s:
+            raise ValueError(
+                f"segment.max_clip_s ({self.max_clip_s}) must be >= 2 * segment.min_clip_s "
+                f"({self.min_clip_s}), or split shots could end up shorter than the minimum"
+            )
+
+
+@dataclass
+class CaptionConfig:
+    """How clips are captioned (section ``caption``).
+
+    Attributes:
+        backend: ``openai`` (any OpenAI-compatible server: vLLM, SGLang, hosted APIs), ``hf``
+            (local transformers model) or ``annotations`` (import existing captions).
+        model: Served model name (openai) or hub id / local folder (hf).
+        options: Backend options passed to ``lvr.backends.make_backend`` (base_url, concurrency,
+            max_requests_per_minute, timeout_s, ...).
+        frames: Frames sampled per clip (``lvr.media`` rule: centers of equal segments).
+        max_pixels: Frames are downscaled (aspect kept) to at most this many pixels (0 = as decoded).
+        prompt: Built-in prompt name (``caption_v1``) or a path to a prompt YAML file.
+        prompt_text: Inline user prompt (a domain's own wording); needs ``prompt_version``.
+        prompt_version: Version label of ``prompt_text`` (part of the request cache key).
+        max_tokens: Caption length budget.
+        temperature: Sampling temperature (0 = greedy).
+        annotations: For ``annotations``: a file (JSON/JSONL/CSV/Parquet) or folder of them, or
+            ``sidecar`` to read the ``<video>.json`` sidecars next to the videos.
+        annotation_key: How annotation rows name their video: ``auto`` tries id, path, file name
+            and stem in that order.
+        min_overlap_s: An annotation segment belongs to a clip when they overlap by more than this.
+    """
+
+    backend: Literal["openai", "hf", "annotations"] = "openai"
+    model: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    frames: int = 8
+    max_pixels: int = 448 * 448
+    prompt: str = "caption_v1"
+    prompt_text: str = ""
+    prompt_version: str = ""
+    max_tokens: int = 512
+    temperature: float = 0.0
+    annotations: str = ""
+    annotation_key: Literal["auto", "id", "path", "name", "stem"] = "auto"
+    min_overlap_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"caption.frames must be >= 1, got {self.frames}")
+        if self.prompt_text and not self.prompt_version:
+            raise ValueError("caption.prompt_text needs caption.prompt_version (a cache-key label)")
+        if self.backend == "annotations" and not self.annotations:
+            raise ValueError(
+                "caption.backend=annotations needs caption.annotations (path or sidecar)"
+            )
+
+
+@dataclass
+class QAConfig:
+    """How questions are written (section ``qa``).
+
+    Attributes:
+        backend: ``openai`` / ``hf`` (an LLM reads the timestamped captions) or ``template``
+            (checkable questions from sidecar facts or structured captions, no model).
+        model: Served model name (openai) or hub id / local folder (hf).
+        options: Backend options for ``lvr.backends.make_backend``.
+        prompt: Built-in prompt name (``qa_v1``) or a path to a prompt YAML file.
+        categories: Question categories with instructions and target shares.
+        format_shares: Shares of ``mc`` (4 options) and ``open`` questions.
+        questions_per_video: Questions per video (each one call: one category, one format).
+        max_tokens: Budget per question (reasoning models need room).
+        temperature: The paper used 0.6 with DeepSeek-R1.
+        min_captions: Videos with fewer captioned clips get an error row instead of questions.
+        rewrite: Second pass that rewrites the reasoning into natural chain of thought.
+        rewrite_prompt: Prompt of that pass.
+        rewrite_model: Model of that pass (default: ``model``).
+        template_source: Facts for ``template``: ``sidecar`` (synthetic ground truth) or
+            ``captions`` (color/shape mentions parsed from the captions).
+        seed: Salt of the category/format allocation and the template's choices.
+    """
+
+    backend: Literal["openai", "hf", "template"] = "openai"
+    model: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    prompt: str = "qa_v1"
+    categories: list[CategoryConfig] = field(
+        default_factory=lambda: [CategoryConfig(**c) for c in _DEFAULT_CATEGORIES]
+    )
+    format_shares: dict[str, float] = field(default_factory=lambda: {"mc": 0.5, "open": 0.5})
+    questions_per_video: int = 4
+    max_tokens: int = 4096
+    temperature: float = 0.6
+    min_captions: int = 1
+    rewrite: bool = False
+    rewrite_prompt: str = "rewrite_v1"
+    rewrite_model: str = ""
+    template_source: Literal["sidecar", "captions"] = "sidecar"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.categories]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"qa.categories must be non-empty with unique names, got {names}")
+        if sum(c.share for c in self.categories) <= 0:
+            raise ValueError("qa.categories: at least one share must be > 0")
+        unknown = set(self.format_shares) - {"mc", "open"}
+        if unknown or not self.format_shares or sum(self.format_shares.values()) <= 0:
+            raise ValueError(
+                f"qa.format_shares keys must be mc/open with a positive sum, got {self.format_shares}"
+            )
+        if self.questions_per_video < 1:
+            raise ValueError("qa.questions_per_video must be >= 1")
+
+
+@dataclass
+class DatagenConfig:
+    """Every setting of ``lvr datagen`` (print with ``--show-config``)."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self) -> None:
+        shares = self.filter.category_shares
+        missing = [
+            c.name for c in self.qa.categories if c.share > 0 and shares and c.name not in shares
+        ]
+        if missing:
+            raise ValueError(
+                f"qa.categories {missing} have no filter.category_shares entry, so the filter would "
+                f"reject all their questions; add e.g. filter.category_shares.{missing[0]}=0.1 "
+                "(or set filter.category_shares={} to disable category caps)"
+            )
+
+
+def category_shares(cfg: QAConfig) -> dict[str, float]:
+    """Normalized target shares of the configured categories."""
+    total = sum(c.share for c in cfg.categories)
+    return {c.name: c.share / total for c in cfg.categories}

@@ -1,0 +1,210 @@
+"""Export the filtered ``qa`` table: LongVideo-Reason JSONL per split, or a Hugging Face dataset.
+
+JSONL records have exactly the public LongVideo-Reason fields, in this order::
+
+    {"problem_id": "<qa_id>", "problem": "<question>\\nA. ...\\nB. ...", "data_type": "video",
+     "problem_type": "temporal", "reasoning": "...", "videos": "<path>", "answer": "<answer>B</answer>"}
+
+``problem`` appends the options only for multiple choice; ``answer`` is ``<answer>X</answer>`` for
+multiple choice and the gold text for open questions; ``videos`` is relative to ``video_root``
+when one is given (a video outside it is an error, never an absolute path in disguise).
+
+The Hugging Face export is a ``DatasetDict`` (splits sft / rl / eval, always all three) saved with
+``save_to_disk``; it holds the same fields plus ``format`` and ``options``. Video paths stay
+strings: nothing is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lvr.artifacts import read_table
+from lvr.errors import LvrError
+
+PUBLIC_FIELDS = (
+    "problem_id",
+    "problem",
+    "data_type",
+    "problem_type",
+    "reasoning",
+    "videos",
+    "answer",
+)
+SPLITS = ("sft", "rl", "eval")
+
+
+class ExportError(LvrError):
+    """The qa table cannot be exported as asked (unfinished filter, unknown split, bad path)."""
+
+
+def export_jsonl(
+    qa_stage_dir: str | Path,
+    out_path: str | Path,
+    split: str | None,
+    video_root: str | Path | None = None,
+) -> int:
+    """Write one split (or every split with ``split=None``) as LongVideo-Reason JSONL.
+
+    Args:
+        qa_stage_dir: The filter stage folder (``runs/<run>/filter``) or its ``qa`` table folder.
+        out_path: JSONL file to write (atomically: temp file + rename).
+        split: ``sft``, ``rl``, ``eval`` (or another split the policy made); None = all rows.
+        video_root: Make ``videos`` relative to this folder.
+
+    Returns:
+        The number of records written.
+
+    Raises:
+        ExportError: Unfinished filter stage, unknown split, or a video outside ``video_root``.
+    """
+    rows = _qa_rows(qa_stage_dir, split)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in _records(rows, video_root):
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    return len(rows)
+
+
+def export_hf(
+    qa_stage_dir: str | Path, out_dir: str | Path, video_root: str | Path | None = None
+) -> dict[str, int]:
+    """Save a ``datasets.DatasetDict`` (sft / rl / eval) with ``save_to_disk``.
+
+    Args:
+        qa_stage_dir: The filter stage folder or its ``qa`` table folder.
+        out_dir: Target folder; replaced as a whole (written next to it, then swapped in).
+        video_root: Make ``videos`` relative to this folder.
+
+    Returns:
+        Rows per split.
+
+    Raises:
+        ExportError: Unfinished filter stage or a video outside ``video_root``.
+    """
+    import datasets
+
+    rows = _qa_rows(qa_stage_dir, None)
+    features = datasets.Features(
+        {
+            **{name: datasets.Value("string") for name in PUBLIC_FIELDS},
+            "format": datasets.Value("string"),
+            "options": datasets.Sequence(datasets.Value("string")),  # List in datasets>=4
+        }
+    )
+    names = [*SPLITS, *sorted({r["split"] for r in rows} - set(SPLITS))]
+    by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for row, record in zip(rows, _records(rows, video_root), strict=True):
+        by_split[row["split"]].append(
+            {**record, "format": row["format"], "options": row["options"]}
+        )
+    dataset = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_list(items, features=features)
+            for name, items in by_split.items()
+        }
+    )
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return {name: len(items) for name, items in by_split.items()}
+
+
+def public_record(row: dict[str, Any], video_root: str | Path | None = None) -> dict[str, Any]:
+    """One ``qa`` row as a LongVideo-Reason record (exactly :data:`PUBLIC_FIELDS`).
+
+    >>> r = public_record({"qa_id": "q1", "question": "Why?", "options": ["a", "b", "c", "d"],
+    ...     "format": "mc", "answer": "B", "category": "goal", "reasoning": "r",
+    ...     "video_path": "/v/x.mp4"}, "/v")
+    >>> r["problem"], r["videos"], r["answer"]
+    ('Why?\\nA. a\\nB. b\\nC. c\\nD. d', 'x.mp4', '<answer>B</answer>')
+    """
+    problem = row["question"]
+    if row["format"] == "mc":
+        letters = [chr(65 + i) for i in range(len(row["options"]))]
+        problem += "".join(
+            f"\n{letter}. {text}" for letter, text in zip(letters, row["options"], strict=True)
+        )
+        answer = f"<answer>{row['answer']}</answer>"
+    else:
+        answer = row["answer"]
+    return {
+        "problem_id": row["qa_id"],
+        "problem": problem,
+        "data_type": "video",
+        "problem_type": row["category"],
+        "reasoning": row["reasoning"],
+        "videos": _video_path(row, video_root),
+        "answer": answer,
+    }
+
+
+def _video_path(row: dict[str, Any], video_root: str | Path | None) -> str:
+    path = row["video_path"]
+    if video_root is None:
+        return path
+    root = Path(video_root).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ExportError(f"qa {row['qa_id']}: video {path} is not under --video-root {video_root}")
+    return resolved.relative_to(root).as_posix()
+
+
+def _records(rows: list[dict[str, Any]], video_root: str | Path | None) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        yield public_record(row, video_root)
+
+
+def _qa_rows(qa_stage_dir: str | Path, split: str | None) -> list[dict[str, Any]]:
+    """Rows of the finished filter stage's ``qa`` table, optionally of one split."""
+    stage = Path(qa_stage_dir)
+    manifest = (
+        stage / "manifest.json"
+        if (stage / "manifest.json").is_file()
+        else stage.parent / "manifest.json"
+    )
+    if manifest.is_file():
+        status = json.loads(manifest.read_text()).get("status")
+        if status != "done":
+            raise ExportError(
+                f"filter stage {manifest.parent} is not finished (status {status}); rerun it"
+            )
+    try:
+        table = read_table(stage, "qa")
+    except FileNotFoundError as exc:
+        raise ExportError(f"{exc} (run `lvr datagen filter` first)") from None
+    columns = [
+        "qa_id",
+        "question",
+        "options",
+        "format",
+        "answer",
+        "category",
+        "reasoning",
+        "video_path",
+        "split",
+    ]
+    rows = table.select(columns).to_pylist()
+    if split is None:
+        return rows
+    present = {r["split"] for r in rows}
+    if split not in present | set(SPLITS):
+        raise ExportError(
+            f"unknown split '{split}'; splits in {stage}: {', '.join(sorted(present))}"
+        )
+    return [r for r in rows if r["split"] == split]

@@ -1,0 +1,263 @@
+"""Stage ``segment``: probe every input video and cut it into clips (fixed stride or shots).
+
+Outputs ``runs/<run>/segment/videos`` (one row per input file; unreadable and non-video files are
+rows with an ``error``) and ``runs/<run>/segment/clips`` (time ranges, optionally clip files).
+Work items are the inputs sorted by ``video_id``; shard ``k`` goes to machine ``k % num_shards``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from lvr.artifacts import Shard, Stage, StageResult, clip_id, content_id, rows_to_table, run_stage
+from lvr.artifacts import video_id as file_video_id
+from lvr.datagen.common import error_line, settings_id, shards_for
+from lvr.datagen.config import DatagenConfig, SegmentConfig
+from lvr.datagen.shots import ShotDetectionError, detect_shots, shots_to_clips, stride_clips
+from lvr.datagen.sources import InputFile, render_synthetic, resolve_inputs
+
+TABLES = ("videos", "clips")
+
+
+def _id_of(f: InputFile) -> tuple[str, str | None]:
+    """(video_id, error) of one input; unreadable files get a path-based id and an error."""
+    try:
+        return file_video_id(f.path), None
+    except OSError as exc:
+        return content_id(
+            "unreadable", os.path.abspath(f.path)
+        ), f"cannot read file: {error_line(exc)}"
+
+
+def plan_items(cfg: DatagenConfig) -> list[dict[str, Any]]:
+    """Work items of the stage: one per input file, sorted by (video_id, path).
+
+    A second file with the same content as an earlier one becomes an item flagged ``duplicate_of``
+    (its row explains why it yields no clips), so that clip ids stay unique.
+    """
+    resolved = resolve_inputs(cfg.input)
+    with ThreadPoolExecutor(max(1, cfg.segment.id_threads)) as pool:
+        ids = list(pool.map(_id_of, resolved.files))
+    settings = settings_id(_settings(cfg.segment))
+    items = []
+    for f, (vid, err) in sorted(
+        zip(resolved.files, ids, strict=True), key=lambda x: (x[1][0], x[0].path)
+    ):
+        items.append(
+            {"video_id": vid, "path": f.path, "kind": f.kind, "error": err, "settings": settings}
+        )
+    first: dict[str, str] = {}
+    for it in items:
+        if it["error"] is None and it["kind"] == "video":
+            if it["video_id"] in first:
+                it["error"] = f"duplicate of {first[it['video_id']]} (same content, same video_id)"
+            else:
+                first[it["video_id"]] = it["path"]
+    return items
+
+
+def _settings(seg: SegmentConfig) -> dict[str, Any]:
+    """Settings that change the stage's rows (not thread counts)."""
+    out = asdict(seg)
+    out.pop("id_threads")
+    out.pop("workers")
+    return out
+
+
+def video_row(item: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Probe one input: (videos row, VideoInfo or None)."""
+    from lvr.media import VideoDecodeError, probe
+
+    row: dict[str, Any] = {"video_id": item["video_id"], "path": item["path"]}
+    try:
+        row["size_bytes"] = os.path.getsize(item["path"])
+    except OSError:
+        row["size_bytes"] = None
+    if item["error"]:
+        return {**row, "error": item["error"]}, None
+    if item["kind"] != "video":
+        ext = Path(item["path"]).suffix or "(none)"
+        return {
+            **row,
+            "error": f"not a video file: extension {ext} is not in input.extensions",
+        }, None
+    try:
+        info = probe(item["path"])
+    except VideoDecodeError as exc:
+        return {**row, "error": error_line(exc)}, None
+    row.update(duration_s=info.duration_s, fps=info.fps, num_frames=info.num_frames,
+               width=info.width, height=info.height, codec=info.codec, error=None)  # fmt: skip
+    return row, info
+
+
+def clip_ranges(
+    path: str, duration_s: float, seg: SegmentConfig
+) -> tuple[list[tuple[float, float]], str]:
+    """Time ranges of the clips of one video and the method used.
+
+    Raises:
+        ShotDetectionError: ``shots`` method on a video that cannot be decoded through.
+    """
+    if seg.method == "stride":
+        return stride_clips(duration_s, seg.stride_s, seg.min_clip_s), "stride"
+    result = detect_shots(path, seg.shots)
+    return shots_to_clips(result.cuts_s, duration_s, seg.min_clip_s, seg.max_clip_s), "shots"
+
+
+def clip_rows(
+    item: dict[str, Any], duration_s: float, seg: SegmentConfig, clip_dir: Path | None
+) -> list[dict[str, Any]]:
+    """Clip rows of one probed video (one error row when shot detection or clip writing fails)."""
+    vid, path = item["video_id"], item["path"]
+    try:
+        ranges, method = clip_ranges(path, duration_s, seg)
+    except ShotDetectionError as exc:
+        return [{"clip_id": clip_id(vid, 0.0, duration_s), "video_id": vid, "video_path": path,
+                 "clip_index": 0, "start_s": 0.0, "end_s": duration_s, "method": seg.method,
+                 "error": f"shot detection failed: {error_line(exc)}"}]  # fmt: skip
+    rows = [
+        {"clip_id": clip_id(vid, s, e), "video_id": vid, "video_path": path, "clip_index": k,
+         "start_s": s, "end_s": e, "method": method, "clip_path": None, "error": None}
+        for k, (s, e) in enumerate(ranges)
+    ]  # fmt: skip
+    if clip_dir is not None:
+        write_clip_files(path, rows, clip_dir / vid)
+    return rows
+
+
+def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Write each clip as an MP4 by stream copy (video stream only), setting ``clip_path``/``error``.
+
+    Stream copy cannot start between keyframes, so a file starts at the keyframe at or before the
+    clip start (as in the paper's release) and ends before the first frame at or after its end.
+    """
+    import av
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        target = out_dir / f"{row['clip_id']}.mp4"
+        if target.is_file():
+            row["clip_path"] = str(target)
+            continue
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.mp4")
+        try:
+            _copy_range(av, path, tmp, row["start_s"], row["end_s"])
+            os.replace(tmp, target)
+            row["clip_path"] = str(target)
+        except (av.error.FFmpegError, ValueError, OSError) as exc:
+            row["error"] = f"clip file not written: {error_line(exc)}"
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _copy_range(av: Any, src: str, dst: Path, start_s: float, end_s: float) -> None:
+    """Copy video packets from the keyframe at/before ``start_s`` until ``end_s`` (decode time).
+
+    Timestamps are rebased so the file starts at 0. Cutting by decode time keeps every reference a
+    copied frame needs; the last reordered B-frames before ``end_s`` may fall just outside.
+    """
+    with av.open(src) as inp, av.open(str(dst), "w", format="mp4") as out:
+        ist = inp.streams.video[0]
+        ost = out.add_stream_from_template(ist)
+        tb = float(ist.time_base)
+        t0 = ist.start_time or 0
+        inp.seek(t0 + int(start_s / tb), stream=ist, backward=True, any_frame=False)
+        base = None
+        for pkt in inp.demux(ist):
+            if pkt.dts is None or pkt.size == 0:
+                continue
+            if base is None:
+                if not pkt.is_keyframe:
+                    continue  # a seek can land before the keyframe's packet: wait for it
+                base = pkt.dts
+            if (pkt.dts - t0) * tb >= end_s - 1e-6:
+                break  # decode order: everything needed up to the end has been copied
+            pts = pkt.pts if pkt.pts is not None else pkt.dts
+            pkt.dts, pkt.pts = pkt.dts - base, pts - base
+            pkt.stream = ost
+            out.mux(pkt)
+
+
+def segment_item(
+    item: dict[str, Any], seg: SegmentConfig, clip_dir: Path | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Probe one input and cut it: (videos row, clip rows). Runs in worker processes too."""
+    row, info = video_row(item)
+    clips = clip_rows(item, info.duration_s, seg, clip_dir) if info is not None else []
+    return row, clips
+
+
+def run_shard(
+    shard: Shard, cfg: DatagenConfig, run_dir: Path, pool: Executor | None = None
+) -> dict[str, pa.Table]:
+    """Probe and segment the videos of one shard (in parallel over videos when given a pool)."""
+    clip_dir = None
+    if cfg.segment.write_clips:
+        clip_dir = (
+            Path(cfg.segment.clip_dir)
+            if cfg.segment.clip_dir
+            else run_dir / "segment" / "clip_files"
+        )
+    args = [(item, cfg.segment, clip_dir) for item in shard.items]
+    results = (
+        list(pool.map(segment_item, *zip(*args, strict=True)))
+        if pool and args
+        else [segment_item(*a) for a in args]
+    )
+    videos = [row for row, _ in results]
+    clips = [c for _, cs in results for c in cs]
+    return {"videos": rows_to_table(videos, "videos"), "clips": rows_to_table(clips, "clips")}
+
+
+def _pool(seg: SegmentConfig) -> Executor | None:
+    """A process pool when decoding work is parallel over videos (shots, clip files) and wanted."""
+    workers = seg.workers or os.cpu_count() or 1
+    if workers <= 1 or (seg.method != "shots" and not seg.write_clips):
+        return None  # probing reads headers only: not worth a process pool
+    import multiprocessing
+
+    # spawn: the parent may hold threads (progress bars, thread pools), which fork does not copy safely
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_segment(
+    cfg: DatagenConfig,
+    run_dir: str | Path,
+    shard: int = 0,
+    num_shards: int = 1,
+    progress: bool = True,
+) -> StageResult:
+    """Run the segment stage (resumable: finished shards are skipped).
+
+    Args:
+        cfg: The datagen config (``input``, ``segment``, ``shards`` sections are used).
+        run_dir: Run folder; writes ``<run_dir>/segment``.
+        shard: This machine's index.
+        num_shards: Number of machines.
+        progress: Show a progress bar.
+
+    Returns:
+        The stage result (shards run/skipped, rows and errors per table).
+    """
+    run_dir = Path(run_dir)
+    if cfg.input.synthetic.videos > 0:
+        cfg = replace(cfg, input=replace(cfg.input, source=render_synthetic(cfg.input, run_dir)))
+    stage = Stage(run_dir / "segment", TABLES)
+    items = plan_items(cfg)
+    shards = shards_for(items, cfg.shards.videos_per_shard, shard, num_shards, stage)
+    pool = _pool(cfg.segment) if any(not stage.is_done(s) for s in shards) else None
+    try:
+        return run_stage(
+            stage, shards, lambda s: run_shard(s, cfg, run_dir, pool), cfg,
+            inputs=[cfg.input.source] if Path(cfg.input.source).exists() else [],
+            description="segment", progress=progress,
+        )  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.shutdown()

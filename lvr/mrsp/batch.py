@@ -1,0 +1,192 @@
+"""Prompt/response batches for MR-SP: one video per row, 3-D positions from the model itself.
+
+A `PromptInput` carries its own video embeddings, so a video can never be attached to another
+prompt's responses (the public code's re-balancing defect): rows are built from (prompt, response)
+pairs and every row checks that its `<|video_pad|>` count equals its embedding rows. Position ids
+come from the model's own `get_rope_index` with `mm_token_type_ids` (0 text, 1 image, 2 video), the
+same function `generate` uses, so rollout and training see identical 3-D M-RoPE positions
+(without `mm_token_type_ids` transformers silently falls back to 1-D positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lvr.mrsp.comm import MrspError
+
+VIDEO_TYPE = 2  # mm_token_type_ids value of video tokens (0 text, 1 image)
+
+
+@dataclass
+class PromptInput:
+    """One prompt with exactly one video, its embeddings already computed (or cached).
+
+    Attributes:
+        input_ids: `[P]` prompt token ids (chat template applied, `<|video_pad|>` expanded).
+        mm_token_type_ids: `[P]` 0 text / 2 video.
+        video_grid_thw: `[3]` (t, h, w) patch grid of the video.
+        second_per_grid_ts: Seconds per temporal patch (temporal patch size / sampling fps).
+        video_embeds: `[N_video_tokens, D]` merged vision embeddings (`EmbeddingCache.get`).
+        key: Identifies the video (for error messages and pairing checks).
+    """
+
+    input_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    video_grid_thw: torch.Tensor
+    second_per_grid_ts: float
+    video_embeds: torch.Tensor
+    key: object = None
+
+
+@dataclass
+class PrefillBatch:
+    """Right-padded prompt + response rows ready for `sp_prefill_logprobs`.
+
+    Attributes:
+        input_ids: `[B, L]` prompt then response, right-padded.
+        attention_mask: `[B, L]` 1 on real tokens.
+        response_mask: `[B, L]` 1 on response tokens (the ones scored).
+        mm_token_type_ids: `[B, L]` 2 on the prompt's video tokens (a `<|video_pad|>` id sampled
+            inside a response stays text, as it is during generation).
+        position_ids: `[3, B, L]` 3-D M-RoPE positions from `get_rope_index`.
+        video_embeds: One `[N_b, D]` tensor per row.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    position_ids: torch.Tensor
+    video_embeds: list[torch.Tensor]
+
+
+def prompt_from_sample(
+    sample: Mapping[str, torch.Tensor], video_embeds: torch.Tensor, key: object = None
+) -> PromptInput:
+    """Turn one `lvr.models.inputs.build_sample` prompt (batch size 1, no target) into a PromptInput.
+
+    Args:
+        sample: Its tensors (input_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts).
+        video_embeds: `[N, D]` from `EmbeddingCache.get(key, sample["pixel_values_videos"], grid)`.
+        key: The video's cache key (kept for error messages).
+
+    Returns:
+        The prompt.
+
+    Raises:
+        MrspError: When a tensor is missing, the batch is not 1, or the sample has labels.
+    """
+    need = ("input_ids", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts")
+    missing = [k for k in need if k not in sample]
+    if missing or sample["input_ids"].shape[0] != 1 or "labels" in sample:
+        raise MrspError(
+            f"need one video prompt without a target (missing {missing}, "
+            f"batch {sample['input_ids'].shape[0] if 'input_ids' in sample else '?'})"
+        )
+    p = PromptInput(
+        sample["input_ids"][0],
+        sample["mm_token_type_ids"][0],
+        sample["video_grid_thw"][0],
+        float(sample["second_per_grid_ts"][0]),
+        video_embeds,
+        key,
+    )
+    return p
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the `Qwen2_5_VLModel` inside a `...ForConditionalGeneration` (or the model itself)."""
+    return model.model if hasattr(model, "lm_head") else model
+
+
+def rope_positions(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    video_grid_thw: torch.Tensor,
+    second_per_grid_ts: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """3-D positions from the model's own `get_rope_index` (what `generate` uses).
+
+    Args:
+        model: A Qwen2.5-VL model.
+        input_ids: `[B, L]`.
+        mm_token_type_ids: `[B, L]`.
+        video_grid_thw: `[n_videos, 3]` in row order.
+        second_per_grid_ts: `[n_videos]`.
+        attention_mask: `[B, L]` or None.
+
+    Returns:
+        `[3, B, L]` long positions (0 on padding).
+    """
+    pos, _ = inner_model(model).get_rope_index(
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
+        attention_mask=attention_mask,
+    )
+    return pos
+
+
+def check_prompt(p: PromptInput, video_token_id: int) -> None:
+    """Raise MrspError unless the prompt's video tokens, types and embeddings agree."""
+    n_tok = int((p.input_ids == video_token_id).sum())
+    n_type = int((p.mm_token_type_ids == VIDEO_TYPE).sum())
+    if not (n_tok == n_type == p.video_embeds.shape[0]):
+        raise MrspError(
+            f"prompt {p.key!r}: {n_tok} <|video_pad|> tokens, {n_type} video-typed tokens and "
+            f"{p.video_embeds.shape[0]} embedding rows must agree (video attached to the wrong prompt?)"
+        )
+
+
+def pack_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[PromptInput],
+    responses: Sequence[torch.Tensor],
+    pad_token_id: int,
+) -> PrefillBatch:
+    """Pair each prompt with its response into one right-padded batch.
+
+    Args:
+        model: The Qwen2.5-VL model (for `get_rope_index` and the video token id).
+        prompts: One prompt per row (repeat a prompt G times for its G rollouts).
+        responses: `[R_b]` response ids per row (may include the final eos).
+        pad_token_id: Id written on padding.
+
+    Returns:
+        The `PrefillBatch`.
+
+    Raises:
+        MrspError: On a count mismatch or an empty response.
+    """
+    if len(prompts) != len(responses):
+        raise MrspError(f"{len(prompts)} prompts but {len(responses)} responses")
+    video_token_id = model.config.video_token_id
+    rows = []
+    for p, r in zip(prompts, responses, strict=True):
+        check_prompt(p, video_token_id)
+        if r.numel() == 0:
+            raise MrspError(f"prompt {p.key!r}: empty response cannot be scored")
+        rows.append((p, r.to(p.input_ids.dtype)))
+    length = max(p.input_ids.numel() + r.numel() for p, r in rows)
+    b = len(rows)
+    ids = torch.full((b, length), pad_token_id, dtype=torch.long)
+    types = torch.zeros((b, length), dtype=torch.long)
+    attn = torch.zeros((b, length), dtype=torch.long)
+    resp = torch.zeros((b, length), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n_p, n = p.input_ids.numel(), p.input_ids.numel() + r.numel()
+        ids[i, :n] = torch.cat([p.input_ids, r])
+        types[i, :n_p] = p.mm_token_type_ids
+        attn[i, :n] = 1
+        resp[i, n_p:n] = 1
+    grids = torch.stack([p.video_grid_thw.reshape(3) for p, _ in rows])  # [B, 3]
+    secs = torch.tensor([float(p.second_per_grid_ts) for p, _ in rows])  # [B]
+    pos = rope_positions(model, ids, types, grids, secs, attn)  # [3, B, L]
+    embeds = [p.video_embeds for p, _ in rows]
+    return PrefillBatch(ids, attn, resp, types, pos, embeds)

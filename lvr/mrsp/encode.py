@@ -1,0 +1,236 @@
+"""MR-SP stage 1: paralleled video encoding and the embedding cache.
+
+Qwen2.5-VL's vision tower never lets one temporal patch (2 frames) see another: full-attention
+blocks use `cu_seqlens` per temporal patch and windowed blocks use windows inside one. Encoding
+whole temporal patches separately is therefore exactly encoding the video (checked in the tests), so
+the `t` temporal patches are dealt out in contiguous runs (the first `t % sp` ranks take one more;
+a rank may get none when t < sp), each rank encodes its run and a variable-size all-gather
+reassembles the `[N_video_tokens, D]` embeddings in order.
+
+`EmbeddingCache` then serves one encode per video per step to the G rollouts and the old-policy,
+reference and policy prefills (the public code cached pixels and re-ran the tower every forward).
+Keys are (video id, frame indices, resolution, vision-weights version).
+
+Frozen vision (the default for RL, as the paper effectively does with cached embeddings): encoding
+runs under no_grad and entries may also be written to disk (`cache_dir`) for later steps.
+Trained vision: pass `trainable=True`; encoding records the graph, the all-gather's backward sums
+the gradient over the group and slices this rank's rows, bump `weights_version` after every optimizer
+step (or call `new_step`), and backpropagate each step's graph once (every rollout/prefill shares it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lvr.artifacts import content_id
+from lvr.mrsp.comm import MrspError, gather_rows, sp_rank, sp_size
+
+
+def split_counts(n: int, parts: int) -> list[int]:
+    """Deal `n` items into `parts` contiguous runs, the first `n % parts` one longer.
+
+    >>> split_counts(5, 2)
+    [3, 2]
+    >>> split_counts(1, 2)
+    [1, 0]
+    """
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the vision tower of a Qwen2.5-VL model (`model.model.visual` or `model.visual`)."""
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None)
+    if visual is None:
+        raise MrspError(f"{type(model).__name__} has no vision tower (`.visual`)")
+    return visual
+
+
+def encode_video(
+    visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """Encode one video (or a run of its temporal patches) with the vision tower.
+
+    Args:
+        visual: The Qwen2.5-VL vision tower.
+        pixels: `[t * h * w, C * 2 * p * p]` patch rows.
+        grid_thw: `[3]` grid of these rows.
+
+    Returns:
+        `[t * h * w / merge^2, D]` merged embeddings.
+    """
+    merge = visual.spatial_merge_size
+    if int(grid_thw[0]) == 0:
+        return pixels.new_zeros((0, visual.config.out_hidden_size), dtype=visual.dtype)
+    out = visual(pixels.to(visual.dtype), grid_thw=grid_thw.reshape(1, 3))
+    emb = out.pooler_output  # [t*h*w / merge^2, D]
+    if emb.shape[0] * merge * merge != pixels.shape[0]:
+        raise MrspError(f"vision tower returned {emb.shape[0]} rows for grid {grid_thw.tolist()}")
+    return emb
+
+
+def encode_video_sp(
+    visual: torch.nn.Module,
+    pixels: torch.Tensor,
+    grid_thw: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Encode one video with its temporal patches split over the SP group, then all-gather.
+
+    Every rank passes the whole video's pixels (cheap) and encodes only its run.
+
+    Args:
+        visual: The vision tower (replicated on every rank).
+        pixels: `[t * h * w, C * 2 * p * p]`.
+        grid_thw: `[3]`.
+        group: SP group (None = encode everything here).
+
+    Returns:
+        `[t * h * w / merge^2, D]` on every rank; differentiable when grad is enabled.
+
+    Raises:
+        MrspError: When pixels and grid disagree.
+    """
+    t, h, w = (int(v) for v in grid_thw.reshape(3))
+    if pixels.shape[0] != t * h * w:
+        raise MrspError(f"{pixels.shape[0]} pixel rows do not match grid {[t, h, w]}")
+    sp, rank = sp_size(group), sp_rank(group)
+    if sp == 1:
+        return encode_video(visual, pixels, grid_thw)
+    runs = split_counts(t, sp)
+    start = sum(runs[:rank])
+    rows = pixels[start * h * w : (start + runs[rank]) * h * w]
+    local = encode_video(visual, rows, torch.tensor([runs[rank], h, w]))  # [n_r, D]
+    trained = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
+    if trained and not local.requires_grad:
+        # A rank with no frames must still join the gather's backward (an all-reduce).
+        local = local.detach().requires_grad_()
+    per_patch = h * w // visual.spatial_merge_size**2
+    return gather_rows(local, group, grad="sum", counts=[n * per_patch for n in runs])
+
+
+@dataclass(frozen=True)
+class VideoKey:
+    """What determines a video's embeddings.
+
+    Attributes:
+        video_id: Content id of the video file.
+        frame_indices: Decoded frame indices (rollout and training must use the same).
+        resolution: (height, width) fed to the tower.
+        weights_version: Version of the vision weights (bump when they change).
+    """
+
+    video_id: str
+    frame_indices: tuple[int, ...]
+    resolution: tuple[int, int]
+    weights_version: int | str = 0
+
+    def digest(self) -> str:
+        """Stable id for file names."""
+        return content_id(
+            self.video_id, list(self.frame_indices), list(self.resolution), self.weights_version
+        )
+
+
+class EmbeddingCache:
+    """One encode per video per step, shared by rollouts and prefills; optional disk cache.
+
+    Attributes:
+        encodes: How many times the vision tower ran (on this rank's group), for tests/benchmarks.
+        disk_hits: How many entries came from `cache_dir`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        group: dist.ProcessGroup | None = None,
+        cache_dir: str | Path | None = None,
+        trainable: bool = False,
+    ) -> None:
+        """Create an empty cache.
+
+        Args:
+            model: A Qwen2.5-VL model (its vision tower is used).
+            group: SP group for paralleled encoding (None = single process).
+            cache_dir: Folder for on-disk entries (frozen vision only).
+            trainable: Keep the autograd graph (vision tower being trained).
+
+        Raises:
+            MrspError: When a disk cache is asked for a trained tower (entries would go stale).
+        """
+        if trainable and cache_dir is not None:
+            raise MrspError(
+                "the on-disk embedding cache needs a frozen vision tower (trainable=False)"
+            )
+        self.visual = vision_tower(model)
+        self.group = group
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.trainable = trainable
+        self.encodes = 0
+        self.disk_hits = 0
+        self._entries: dict[VideoKey, torch.Tensor] = {}
+
+    def new_step(self) -> None:
+        """Forget in-memory entries (call once per RL step; disk entries stay)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _path(self, key: VideoKey) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{key.digest()}.pt"
+
+    def _all_ranks_have(self, path: Path | None) -> bool:
+        """Agree over the group on a disk hit, so that all ranks encode (a collective) or none."""
+        hit = torch.tensor([int(path is not None and path.exists())])
+        if sp_size(self.group) > 1:
+            dist.all_reduce(hit, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(hit.item())
+
+    def _save(self, path: Path, emb: torch.Tensor) -> None:
+        if sp_rank(self.group) != 0:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(emb.detach().cpu(), tmp)
+        os.replace(tmp, path)  # atomic: readers never see a half-written file
+
+    def get(self, key: VideoKey, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Return the video's `[N_video_tokens, D]` embeddings, encoding at most once per key.
+
+        All ranks of the group must call this in the same order with the same key.
+
+        Args:
+            key: The cache key.
+            pixels: `[t * h * w, C * 2 * p * p]` patch rows.
+            grid_thw: `[3]`.
+
+        Returns:
+            The embeddings (same object for every call with this key within a step).
+        """
+        if key in self._entries:
+            return self._entries[key]
+        path = self._path(key)
+        if self._all_ranks_have(path):
+            emb = torch.load(path, map_location=pixels.device, weights_only=True)
+            self.disk_hits += 1
+        else:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                emb = encode_video_sp(self.visual, pixels, grid_thw, self.group)
+            self.encodes += 1
+            if path is not None:
+                self._save(path, emb)
+        self._entries[key] = emb
+        return emb
+
+    def get_many(
+        self, items: Sequence[tuple[VideoKey, torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """`get` for several (key, pixels, grid) triples, in order."""
+        return [self.get(k, p, g) for k, p, g in items]

@@ -1,0 +1,184 @@
+"""SP-vs-single-process numerical checks, runnable on any group (2 gloo CPU ranks in the tests,
+N GPUs via torchrun on a cluster).
+
+Every check computes one thing twice on every rank, once sequence-parallel over the group and once
+alone (group=None), and reports the largest absolute difference. `run_sp_checks` returns them as a
+dict; `spawn_sp_checks` starts `world` local gloo processes and returns rank 0's dict.
+
+    torchrun --nproc_per_node 2 -m lvr.mrsp.selftest     # prints the JSON dict on rank 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lvr.mrsp.batch import PromptInput, pack_batch
+from lvr.mrsp.comm import sync_sp_grads
+from lvr.mrsp.encode import EmbeddingCache, VideoKey, encode_video, encode_video_sp
+from lvr.mrsp.prefill import PrefillOutput, sp_prefill_logprobs
+from lvr.mrsp.synthetic import PAD, random_response, synthetic_prompt, synthetic_video, tiny_model
+
+# Temporal patches per video: 3 (uneven over 2 ranks), 2 (even), 1 (fewer than the ranks).
+CHECK_FRAMES = (6, 4, 2)
+
+
+def _videos() -> list:
+    return [synthetic_video(f, seed=i) for i, f in enumerate(CHECK_FRAMES)]
+
+
+def _prompts(model: torch.nn.Module, embeds: list[torch.Tensor]) -> list[PromptInput]:
+    out = []
+    for i, (v, e) in enumerate(zip(_videos(), embeds, strict=True)):
+        ids, types = synthetic_prompt(v.grid_thw, n_before=3 + i, seed=i)
+        out.append(PromptInput(ids, types, v.grid_thw, 0.5 + i, e, key=v.video_id))
+    return out
+
+
+def _rows(prompts: list[PromptInput]) -> tuple[list[PromptInput], list[torch.Tensor]]:
+    """Two responses of different lengths per prompt (right padding inside the batch)."""
+    rows, resps = [], []
+    for i, p in enumerate(prompts):
+        for k in range(2):
+            rows.append(p)
+            resps.append(random_response(4 + 3 * k + i, seed=10 * i + k))
+    return rows, resps
+
+
+def _policy_loss(out: PrefillOutput) -> torch.Tensor:
+    """A GRPO-like token-mean loss with varied advantages and an entropy term."""
+    adv = torch.linspace(-1.0, 1.0, out.logprobs.shape[0])[:, None]  # [B, 1]
+    per_tok = -adv * torch.exp(out.logprobs - out.logprobs.detach()) - 0.01 * out.entropy
+    return (per_tok * out.mask).sum() / out.mask.sum()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _encode_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
+    visual = model.model.visual
+    res: dict[str, float] = {}
+    cache = EmbeddingCache(model, group)
+    for v in _videos():
+        with torch.no_grad():
+            ref = encode_video(visual, v.pixel_values_videos, v.grid_thw)
+        key = VideoKey(v.video_id, tuple(range(int(v.grid_thw[0]) * 2)), (112, 112))
+        for _ in range(3):  # rollouts + old/ref/policy prefills ask again: served from the cache
+            got = cache.get(key, v.pixel_values_videos, v.grid_thw)
+        res[f"encode_t{int(v.grid_thw[0])}"] = _max_diff(got, ref)
+    res["encode_count"] = float(cache.encodes)
+    return res
+
+
+def _prefill_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
+    with torch.no_grad():
+        embeds = [
+            encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw) for v in _videos()
+        ]
+    rows, resps = _rows(_prompts(model, embeds))
+    batch = pack_batch(model, rows, resps, PAD)
+    res: dict[str, float] = {}
+    with torch.no_grad():
+        one = sp_prefill_logprobs(model, batch, None)
+        for block in (1, 3):
+            two = sp_prefill_logprobs(model, batch, group, block=block)
+            res[f"logprob_block{block}"] = _max_diff(two.logprobs, one.logprobs)
+            res[f"entropy_block{block}"] = _max_diff(two.entropy, one.entropy)
+        res["mask"] = _max_diff(two.mask, one.mask)
+        # Pairing: shuffle the rows; each row must keep its own video and its own numbers.
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+        shuffled = pack_batch(model, [rows[i] for i in perm], [resps[i] for i in perm], PAD)
+        back = sp_prefill_logprobs(model, shuffled, group).logprobs
+        r = one.logprobs.shape[1]
+        res["pairing"] = _max_diff(_pad_cols(back, r), one.logprobs[perm])
+    return res
+
+
+def _pad_cols(x: torch.Tensor, r: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(x.shape[0], r - x.shape[1])], 1) if x.shape[1] < r else x
+
+
+def _grads(model: torch.nn.Module, group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """Gradients of the policy loss w.r.t. all parameters, vision tower trained (SP encode too)."""
+    model.zero_grad(set_to_none=True)
+    embeds = [
+        encode_video_sp(model.model.visual, v.pixel_values_videos, v.grid_thw, group)
+        for v in _videos()
+    ]
+    rows, resps = _rows(_prompts(model, embeds))
+    _policy_loss(sp_prefill_logprobs(model, pack_batch(model, rows, resps, PAD), group)).backward()
+    sync_sp_grads(model.parameters(), group)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
+    one, two = _grads(model, None), _grads(model, group)
+    lm = [n for n in one if ".visual." not in n and not n.startswith("model.visual")]
+    vis = [n for n in one if n not in lm]
+    return {
+        "grad_names_match": float(set(one) != set(two)),
+        "grad_lm": max(_max_diff(one[n], two[n]) for n in lm),
+        "grad_vision": max(_max_diff(one[n], two[n]) for n in vis),
+        "grad_lm_norm": float(sum(one[n].norm() for n in lm)),
+        "grad_vision_norm": float(sum(one[n].norm() for n in vis)),
+    }
+
+
+def run_sp_checks(group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Run every check on the current process group (all ranks must call it).
+
+    Args:
+        group: The SP group (default: the world).
+
+    Returns:
+        Check name -> max abs difference (or a count / norm for the `encode_count`, `*_norm` keys).
+    """
+    group = group if group is not None else dist.group.WORLD
+    res: dict[str, float] = {}
+    for heads, kv in ((2, 1), (4, 2)):
+        model = tiny_model(seed=0, heads=heads, kv_heads=kv, hidden=64 * heads)
+        tag = f"h{heads}kv{kv}"
+        for name, value in {**_prefill_checks(model, group), **_grad_checks(model, group)}.items():
+            res[f"{tag}/{name}"] = value
+    res.update(_encode_checks(tiny_model(seed=0), group))
+    res["world"] = float(dist.get_world_size(group))
+    return res
+
+
+def _worker(rank: int, world: int, init_file: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        res = run_sp_checks()
+        if rank == 0:
+            Path(out_path).write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_sp_checks(world: int = 2) -> dict[str, float]:
+    """Start `world` gloo processes on this machine, run the checks, return rank 0's results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    """torchrun entry point: run the checks on the launched world, print the dict on rank 0."""
+    dist.init_process_group("gloo")  # the tiny check models run on CPU
+    res = run_sp_checks()
+    if dist.get_rank() == 0:
+        print(json.dumps(res, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""vLLM rollout engine (the `gpu` extra, or the separate CPU venv built by `scripts/vllm_env.sh`).
+
+Same interface as `HFRolloutEngine`. Cached video embeddings go in as precomputed embeddings
+(`enable_mm_embeds=True`, `multi_modal_data={"video": {"video_embeds", "video_grid_thw"}}`), so vLLM
+never runs the vision tower; vLLM computes the M-RoPE positions from `video_grid_thw` itself (and
+`second_per_grid_ts`). Our prompts arrive with the `<|video_pad|>` run already expanded; vLLM expands
+the placeholder from the grid, so the run is collapsed back to one token before sending.
+Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`).
+
+Weights are reloaded in place after each optimizer step through `collective_rpc` (which ships a
+function to the workers: needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set here when unset).
+
+Written against the documented vLLM API (LLM, SamplingParams, collective_rpc); exercised only by the
+opt-in `tests/test_mrsp_vllm.py` (`pytest -m vllm` in the vLLM venv), not by the default suite.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lvr.mrsp.batch import VIDEO_TYPE, PromptInput, check_prompt
+from lvr.mrsp.comm import MrspError
+from lvr.mrsp.rollout import Rollouts
+
+
+def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside each vLLM worker: load HF-named weights into the live model."""
+    worker.model_runner.model.load_weights(weights=weights)
+    return len(weights)
+
+
+def collapse_video_run(p: PromptInput) -> list[int]:
+    """Prompt ids with the expanded `<|video_pad|>` run replaced by a single placeholder."""
+    ids, types = p.input_ids.tolist(), p.mm_token_type_ids.tolist()
+    out: list[int] = []
+    for i, (tok, typ) in enumerate(zip(ids, types, strict=True)):
+        if typ == VIDEO_TYPE and i > 0 and types[i - 1] == VIDEO_TYPE:
+            continue
+        out.append(tok)
+    return out
+
+
+class VLLMRolloutEngine:
+    """Rollouts with vLLM from precomputed video embeddings."""
+
+    def __init__(self, model_path: str | Path, video_token_id: int, **llm_kwargs: Any) -> None:
+        """Start a vLLM engine (15-25 s; call from under `if __name__ == "__main__":`).
+
+        Args:
+            model_path: A saved Qwen2.5-VL folder (weights, config, tokenizer, processor).
+            video_token_id: The `<|video_pad|>` id (to validate prompts).
+            **llm_kwargs: Passed to `vllm.LLM` (dtype, gpu_memory_utilization, max_model_len...).
+
+        Raises:
+            MrspError: When vLLM is not installed in this environment.
+        """
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise MrspError(
+                "vLLM is not installed here: use the `gpu` extra, or build the CPU venv with "
+                "scripts/vllm_env.sh"
+            ) from exc
+        kwargs = {"enable_mm_embeds": True, "limit_mm_per_prompt": {"video": 1, "image": 0}}
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(model=str(model_path), **kwargs)
+        self.video_token_id = video_token_id
+
+    def _request(self, p: PromptInput) -> dict[str, Any]:
+        check_prompt(p, self.video_token_id)
+        video = {
+            "video_embeds": p.video_embeds.detach().cpu(),
+            "video_grid_thw": p.video_grid_thw.reshape(1, 3).cpu(),
+            "second_per_grid_ts": torch.tensor([float(p.second_per_grid_ts)]),
+        }
+        return {"prompt_token_ids": collapse_video_run(p), "multi_modal_data": {"video": video}}
+
+    def generate(
+        self,
+        prompts: Sequence[PromptInput],
+        n: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+    ) -> Rollouts:
+        """Sample `n` responses per prompt (prompt i uses seed + i). See `HFRolloutEngine.generate`."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=seed + i,
+                logprobs=0,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
+        result = Rollouts()
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [c.logprobs[k][tok].logprob for k, tok in enumerate(ids)]
+                result.prompt_index.append(i)
+                result.response_ids.append(torch.tensor(ids, dtype=torch.long))
+                result.logprobs.append(torch.tensor(lps, dtype=torch.float32))
+                result.finished.append(c.finish_reason == "stop")
+        return result
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Load `model`'s current weights into the running engine (no restart)."""
+        weights = [(k, v.detach().cpu()) for k, v in model.state_dict().items()]
+        self.llm.collective_rpc(_load_weights, args=(weights,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights

@@ -1,0 +1,475 @@
+"""Pieces every training recipe shares (SFT now, RL later): process setup, schedule, checkpoints, metrics.
+
+Nothing here is a trainer: recipes call these functions from their own top-to-bottom loop.
+
+- `init_distributed` / `finish_distributed`: one process or many (torchrun / the deepspeed launcher set
+  RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, NCCL on GPU.
+- `lr_factor` / `build_scheduler`: cosine or linear decay after a linear warm-up.
+- `deepspeed_config`: a ZeRO-2/3 JSON file completed with the recipe's batch, clipping and precision.
+- Checkpoints: `runs/<run>/<stage>/checkpoint-000020/` holds the Hugging Face export (loadable by
+  `lvr eval`, `lvr rl`, vLLM) plus `training_state/` (optimizer, scheduler, per-rank RNG state, the
+  DeepSpeed engine state) and `trainer_state.json`, written last as the completion marker, so
+  `latest_checkpoint` never picks a half-written folder.
+- `MetricsLogger`: one JSON line per step, a Parquet table at the end, optional TensorBoard / W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lvr.artifacts import atomic_write_json
+from lvr.errors import LvrError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+IGNORE_INDEX = -100
+
+
+class TrainError(LvrError):
+    """A training setup the user must fix (bad checkpoint, missing DeepSpeed config, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank, world size and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the one that writes files)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one rank is running."""
+        return self.world_size > 1
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """Return the device to train on ("auto": CUDA when available, else CPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun/deepspeed, else run as a single process.
+
+    Args:
+        device: "auto", "cpu" or "cuda"; with CUDA each rank takes GPU `LOCAL_RANK`.
+
+    Returns:
+        This process's `DistInfo`. A group is initialized only when WORLD_SIZE > 1 (gloo on CPU,
+        NCCL on CUDA), so single-process runs need no rendezvous.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def all_reduce_sum(value: float, info: DistInfo) -> float:
+    """Sum a float over all ranks (identity in a single process)."""
+    if not info.distributed:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device(info))
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _collective_device(info: DistInfo) -> torch.device:
+    return info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def finish_distributed(info: DistInfo, hard_exit: bool = False) -> None:
+    """Leave the process group cleanly.
+
+    Args:
+        info: This process.
+        hard_exit: End the process with `os._exit(0)` after a barrier. ZeRO-3 with several
+            processes sometimes aborts in interpreter teardown ("terminate called without an active
+            exception"); a barrier then `os._exit(0)` avoids it (environment.md). Only for
+            command-line runs: it skips atexit handlers, so flush files before.
+    """
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+        if hard_exit:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and RNG state
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Capture every RNG this process uses, for exact resume."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore RNG state captured by `get_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+
+ScheduleKind = Literal["cosine", "linear", "constant"]
+
+
+def lr_factor(
+    step: int, kind: ScheduleKind, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Linear warm-up from 1/(warmup+1) to 1 over `warmup_steps`, then cosine/linear decay to
+    `min_lr_ratio` at `total_steps`, or constant.
+
+    >>> lr_factor(0, "cosine", 0, 10)
+    1.0
+    >>> round(lr_factor(5, "linear", 0, 10), 3)
+    0.5
+    >>> round(lr_factor(0, "cosine", 4, 10), 3)
+    0.2
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if kind == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: ScheduleKind,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A `LambdaLR` following `lr_factor` (stepped once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, kind, warmup_steps, total_steps, min_lr_ratio)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+# ---------------------------------------------------------------------------------------------
+
+# The config files shipped with lvr (configs/deepspeed/) are found relative to the repo root or
+# the working directory; any other JSON path works too.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def deepspeed_config(
+    path: str | Path,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    bf16: bool,
+) -> dict[str, Any]:
+    """Read a DeepSpeed JSON and fill in what the recipe owns (batch sizes, clipping, precision).
+
+    Args:
+        path: JSON file, e.g. `configs/deepspeed/zero2.json`.
+        micro_batch: Samples per rank per forward.
+        grad_accum: Micro-batches per optimizer step.
+        world_size: Number of ranks.
+        grad_clip: Max global grad norm (0 disables).
+        bf16: Train in bf16 (GPU); fp32 otherwise.
+
+    Returns:
+        The config dict for `deepspeed.initialize`.
+
+    Raises:
+        TrainError: The file does not exist or is not JSON.
+    """
+    p = Path(path)
+    if not p.is_file() and (_REPO_ROOT / p).is_file():
+        p = _REPO_ROOT / p
+    if not p.is_file():
+        raise TrainError(f"DeepSpeed config {path} not found (see configs/deepspeed/zero2.json)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainError(f"DeepSpeed config {p} is not valid JSON: {exc}") from None
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
+    cfg["gradient_clipping"] = grad_clip
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    cfg.pop("fp16", None)
+    cfg.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed quiet
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    """Folder of the checkpoint after optimizer step `step`."""
+    return Path(out_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The finished checkpoint with the highest step under `out_dir` (None if there is none).
+
+    A folder counts only when its `trainer_state.json` exists (written last).
+    """
+    found = []
+    for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """Read a checkpoint's `trainer_state.json`.
+
+    Raises:
+        TrainError: The folder is not a finished checkpoint.
+    """
+    path = Path(ckpt) / STATE_FILE
+    if not path.is_file():
+        raise TrainError(f"{ckpt} is not a finished checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+def merge_lora_state_dict(
+    state: dict[str, torch.Tensor], scaling: float
+) -> dict[str, torch.Tensor]:
+    """Fold LoRA adapters into their base weights and restore the plain model's key names.
+
+    PEFT keys look like `base_model.model.X.base_layer.weight`, `...X.lora_A.default.weight` and
+    `...X.lora_B.default.weight`; the result has `X.weight = W + scaling * B @ A` and no LoRA keys,
+    which is what `save_pretrained` of the base model, vLLM and `lvr eval` expect.
+
+    Args:
+        state: Full state dict of a PEFT-wrapped model (one adapter named "default").
+        scaling: lora_alpha / r.
+
+    Returns:
+        A merged state dict with base-model key names.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if ".base_layer." in name:
+            prefix = key.rsplit(".base_layer.", 1)[0]
+            name = name.replace(".base_layer.", ".")
+            a = state.get(f"{prefix}.lora_A.default.weight")
+            b = state.get(f"{prefix}.lora_B.default.weight")
+            if a is not None and b is not None and key.endswith(".weight"):
+                delta = (b.float() @ a.float()) * scaling  # [out, r] @ [r, in]
+                value = (value.float() + delta).to(value.dtype)
+        out[name] = value
+    return out
+
+
+def save_hf_export(
+    model: torch.nn.Module, processor: Any, out: Path, state_dict: dict[str, torch.Tensor] | None
+) -> None:
+    """Write the Hugging Face folder (weights + config + processor) with `save_pretrained`.
+
+    Args:
+        model: The plain transformers model (not PEFT- or engine-wrapped).
+        processor: Its processor/tokenizer.
+        out: Target folder.
+        state_dict: Weights to write (e.g. merged LoRA, ZeRO-3 gathered); None = the model's own.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(out)
+
+
+def save_rng(ckpt: Path, rank: int) -> None:
+    """Write this rank's RNG state into `ckpt/training_state/`."""
+    path = Path(ckpt) / "training_state" / f"rng_rank{rank:05d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(get_rng_state(), path)
+
+
+def load_rng(ckpt: Path, rank: int) -> None:
+    """Restore this rank's RNG state from a checkpoint.
+
+    Raises:
+        TrainError: The checkpoint was written with fewer ranks.
+    """
+    path = Path(ckpt) / "training_state" / f"rng_rank{rank:05d}.pt"
+    if not path.is_file():
+        raise TrainError(
+            f"{ckpt} has no RNG state for rank {rank}; resume with the same world size"
+        )
+    set_rng_state(torch.load(path, weights_only=False))
+
+
+def write_trainer_state(ckpt: Path, state: dict[str, Any]) -> None:
+    """Write `trainer_state.json` (the completion marker: call it last, on rank 0)."""
+    atomic_write_json(Path(ckpt) / STATE_FILE, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """Per-step metrics to `metrics.jsonl` (appended, survives crashes), Parquet at the end.
+
+    Optional sinks: TensorBoard (`tensorboard` package) and Weights & Biases (`wandb`); both are
+    imported only when asked for. Only the main rank writes.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        run_name: str = "lvr",
+        config: dict[str, Any] | None = None,
+        start_step: int = 0,
+    ) -> None:
+        self.dir = Path(out_dir)
+        self.enabled = enabled
+        self.path = self.dir / "metrics.jsonl"
+        self._tb: Any = None
+        self._wandb: Any = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        if tensorboard:
+            self._tb = _tensorboard_writer(self.dir / "tensorboard")
+        if wandb_project:
+            self._wandb = _wandb_run(wandb_project, run_name, config or {})
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be recomputed)."""
+        if not self.path.is_file():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's metrics."""
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All rows logged so far (from the JSONL file)."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        """Write `metrics.parquet` and close the optional sinks."""
+        if not self.enabled:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = self.rows()
+        if rows:
+            tmp = self.dir / ".metrics.parquet.tmp"
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            os.replace(tmp, self.dir / "metrics.parquet")
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _tensorboard_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("tensorboard logging needs `pip install tensorboard`") from None
+    return SummaryWriter(str(path))
+
+
+def _wandb_run(project: str, name: str, config: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise TrainError("W&B logging needs `pip install wandb` (or unset wandb_project)") from None
+    return wandb.init(project=project, name=name, config=config)

@@ -1,0 +1,258 @@
+"""RL rewards: plain functions `(completions: list[str], **dataset_columns) -> list[float]`.
+
+Each reward receives the decoded completions of a step (one string per rollout) and, as keyword
+lists aligned with them, the dataset columns of each rollout's question (`answer`, `options`,
+`format`, `question`, `qa_id`, `video_path`). A reward takes the columns it needs and ignores the
+rest through `**kwargs`, so user rewards plug in by dotted path:
+
+    rewards:
+      - {fn: accuracy, weight: 0.9}          # built-ins by name
+      - {fn: format, weight: 0.1}
+      - {fn: "mypkg.rewards:length_penalty", weight: 0.05}
+
+The paper's reward (the default) is `0.9 * accuracy + 0.1 * format`:
+
+- format: the WHOLE output matches `<think>.*?</think>\\s*<answer>.*?</answer>` (dot matches newline;
+  surrounding whitespace allowed).
+- accuracy, multiple choice: the letter inside the `<answer>` span equals the gold letter (the
+  last closed span; "B", "(B)", "B." and "B. red" count as "B"; anything else, or no span, is 0).
+- accuracy, open-ended: normalized exact match of the `<answer>` span with the gold answer
+  (case, articles, punctuation ignored; `lvr.eval.extract.normalize_text`). An LLM judge for
+  open-ended answers is not wired into RL yet (see `lvr.eval.judge` for evaluation).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lvr.errors import LvrError
+
+RewardFn = Callable[..., list[float]]
+
+_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:)]?(?:\s.*)?)$", re.DOTALL)
+
+
+class RewardError(LvrError):
+    """A reward that cannot be loaded or returned something unusable."""
+
+
+def _answer_span(text: str) -> str | None:
+    spans = _ANSWER.findall(text)
+    return spans[-1].strip() if spans else None
+
+
+def _span_letter(text: str) -> str | None:
+    """The option letter inside the last closed `<answer>` span, or None."""
+    span = _answer_span(text)
+    if span is None:
+        return None
+    m = _LETTER.match(span)
+    return m.group(1) if m else None
+
+
+def format_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """1.0 when the whole completion is `<think>...</think> <answer>...</answer>`, else 0.0.
+
+    Args:
+        completions: Decoded responses (without the end-of-turn token).
+        **kwargs: Dataset columns (unused).
+
+    Returns:
+        One reward per completion.
+
+    >>> format_reward(["<think>red first</think>\\n<answer>A</answer>", "<answer>A</answer>",
+    ...                "<think>x</think><answer>A</answer> trailing"])
+    [1.0, 0.0, 0.0]
+    """
+    return [1.0 if _FORMAT.fullmatch(c.strip()) else 0.0 for c in completions]
+
+
+def mc_accuracy_reward(completions: list[str], answer: Sequence[str], **kwargs: Any) -> list[float]:
+    """1.0 when the letter inside `<answer>` equals the gold letter.
+
+    Args:
+        completions: Decoded responses.
+        answer: Gold letters, one per completion.
+        **kwargs: Other dataset columns (unused).
+
+    Returns:
+        One reward per completion.
+
+    >>> mc_accuracy_reward(["<think>t</think><answer>B</answer>", "<answer>(B)</answer>",
+    ...                     "<answer>B. red</answer>", "B", "<answer>C</answer>"], ["B"] * 5)
+    [1.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    return [
+        1.0 if _span_letter(c) == str(a).strip() else 0.0
+        for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def open_accuracy_reward(
+    completions: list[str], answer: Sequence[str], **kwargs: Any
+) -> list[float]:
+    """1.0 when the `<answer>` span equals the gold answer after normalization.
+
+    Args:
+        completions: Decoded responses.
+        answer: Gold answers.
+        **kwargs: Other dataset columns (unused).
+
+    Returns:
+        One reward per completion.
+
+    >>> open_accuracy_reward(["<answer>The red car.</answer>", "<answer>blue</answer>", "red car"],
+    ...                      ["red car"] * 3)
+    [1.0, 0.0, 0.0]
+    """
+    from lvr.eval.extract import normalize_text
+
+    out = []
+    for c, a in zip(completions, answer, strict=True):
+        span = _answer_span(c)
+        out.append(1.0 if span is not None and normalize_text(span) == normalize_text(a) else 0.0)
+    return out
+
+
+def accuracy_reward(
+    completions: list[str],
+    answer: Sequence[str],
+    options: Sequence[Sequence[str] | None] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """Multiple-choice accuracy for rows with options, open-ended accuracy for the others.
+
+    Args:
+        completions: Decoded responses.
+        answer: Gold letters / answers.
+        options: Each row's options (empty or None = open-ended).
+        **kwargs: Other dataset columns (unused).
+
+    Returns:
+        One reward per completion.
+
+    >>> accuracy_reward(["<answer>A</answer>", "<answer>Paris</answer>"], ["A", "paris"],
+    ...                 options=[["x", "y"], []])
+    [1.0, 1.0]
+    """
+    options = options if options is not None else [None] * len(completions)
+    out = []
+    for c, a, o in zip(completions, answer, options, strict=True):
+        fn = mc_accuracy_reward if o else open_accuracy_reward
+        out.append(fn([c], [a])[0])
+    return out
+
+
+BUILTIN: dict[str, RewardFn] = {
+    "format": format_reward,
+    "accuracy": accuracy_reward,
+    "mc_accuracy": mc_accuracy_reward,
+    "open_accuracy": open_accuracy_reward,
+}
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One weighted reward component."""
+
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+def load_reward_fn(path: str) -> RewardFn:
+    """Resolve a built-in name ("accuracy") or a dotted path ("mypkg.mod:func" or "mypkg.mod.func").
+
+    Raises:
+        RewardError: The module or attribute does not exist, or is not callable.
+
+    >>> load_reward_fn("format") is format_reward
+    True
+    """
+    if path in BUILTIN:
+        return BUILTIN[path]
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    if not module or not attr:
+        raise RewardError(
+            f"reward {path!r} is neither a built-in ({', '.join(BUILTIN)}) nor 'package.module:function'"
+        )
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise RewardError(f"reward {path!r}: cannot import module {module!r} ({exc})") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise RewardError(f"reward {path!r}: module {module!r} has no function {attr!r}")
+    return fn
+
+
+def build_reward_specs(entries: Sequence[dict[str, Any]]) -> list[RewardSpec]:
+    """Turn config entries `{fn: ..., weight: ..., name?: ...}` into `RewardSpec`s.
+
+    Raises:
+        RewardError: A missing `fn`, a non-numeric weight, unknown keys or duplicate names.
+    """
+    specs: list[RewardSpec] = []
+    for i, e in enumerate(entries):
+        unknown = set(e) - {"fn", "weight", "name"}
+        if "fn" not in e or unknown:
+            raise RewardError(
+                f"rewards[{i}] needs keys fn, weight (and optional name); got {sorted(e)}"
+            )
+        try:
+            weight = float(e.get("weight", 1.0))
+        except (TypeError, ValueError):
+            raise RewardError(
+                f"rewards[{i}].weight must be a number, got {e['weight']!r}"
+            ) from None
+        name = str(e.get("name") or str(e["fn"]).replace(":", ".").rsplit(".", 1)[-1])
+        if any(s.name == name for s in specs):
+            raise RewardError(f"rewards[{i}]: duplicate reward name {name!r}; set `name`")
+        specs.append(RewardSpec(name, load_reward_fn(str(e["fn"])), weight))
+    if not specs:
+        raise RewardError("at least one reward is needed")
+    return specs
+
+
+def compute_rewards(
+    specs: Sequence[RewardSpec], completions: list[str], columns: dict[str, list[Any]]
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Score completions with every component and their weighted sum.
+
+    Args:
+        specs: Reward components.
+        completions: Decoded responses.
+        columns: Dataset columns, each a list aligned with `completions`.
+
+    Returns:
+        (total per completion, {component name: its rewards}).
+
+    Raises:
+        RewardError: A component returned the wrong number of values or a non-finite one.
+
+    >>> specs = build_reward_specs([{"fn": "accuracy", "weight": 0.9}, {"fn": "format", "weight": 0.1}])
+    >>> total, parts = compute_rewards(specs, ["<think>r</think><answer>A</answer>"], {"answer": ["A"]})
+    >>> round(total[0], 6), parts
+    (1.0, {'accuracy': [1.0], 'format': [1.0]})
+    """
+    parts: dict[str, list[float]] = {}
+    total = [0.0] * len(completions)
+    for spec in specs:
+        values = [float(v) for v in spec.fn(completions, **columns)]
+        if len(values) != len(completions):
+            raise RewardError(
+                f"reward {spec.name!r} returned {len(values)} values for {len(completions)} completions"
+            )
+        if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+            raise RewardError(f"reward {spec.name!r} returned a non-finite value")
+        parts[spec.name] = values
+        total = [t + spec.weight * v for t, v in zip(total, values, strict=True)]
+    return total, parts

@@ -1,0 +1,858 @@
+"""`lvr rl`: GRPO-family RL of a vision-language model on long videos, with MR-SP, in one file.
+
+Read top to bottom: the config dataclasses, `run_rl` (setup, loop, save) and the helpers it calls.
+One RL step:
+
+1. take the next `rollout_batch` questions of the `rl` split (a seeded order; the cursor is saved);
+2. decode frames (`lvr.media`) and encode each video ONCE (`lvr.mrsp.encode.EmbeddingCache`, frames
+   split over the SP group); the embeddings serve every rollout and every prefill of the step;
+3. roll out G responses per prompt from the cached embeddings (`lvr.mrsp.rollout`, same 3-D
+   M-RoPE positions as training) and score them (`lvr.train.rewards`);
+4. advantages per group (`lvr.train.algos`; DAPO's dynamic sampling drops all-equal groups and
+   draws further prompts to refill the batch);
+5. old-policy and reference log-probs, then `update_epochs` passes of mini-batches of `update_batch`
+   prompts: clipped surrogate + KL loss, aggregated over the whole mini-batch, clipped gradients,
+   non-finite steps skipped (counted). Log-probs come from the sequence-parallel prefill
+   (`lvr.mrsp.prefill.sp_prefill_logprobs`: logits only at response positions);
+6. log metrics (`rl/metrics.jsonl`, `rl/metrics.parquet`), checkpoint (`rl/checkpoint-NNNNNN/`: an HF
+   folder loadable by `lvr eval` plus optimizer/scheduler/RNG/cursor state for exact resume).
+
+Launch lines::
+
+    # CPU, tiny model (tests, demo)
+    lvr rl --config configs/rl/tiny_cpu.yaml --run runs/demo
+    # 1 GPU, Qwen2.5-VL-7B from an `lvr sft` checkpoint, LoRA, 64 frames
+    lvr rl --config configs/rl/qwen25vl_1gpu.yaml --run runs/exp1
+    # 8 GPUs, one SP group of 8 (hour-long videos: up to 3,600 frames), full fine-tuning
+    torchrun --nproc_per_node 8 -m lvr.cli rl --config configs/rl/qwen25vl_8gpu_long.yaml --run runs/exp1
+    # continue from the latest checkpoint in runs/exp1/rl/
+    ... --resume
+
+Long-video settings: `data.frames` sets the frames per video (the paper trains with 512 and reaches
+3,600 on 8 GPUs); every process of the run joins ONE sequence-parallel group (`sp_size` = world
+size), which splits the vision encoding by frames and the prefill by sequence, so the per-GPU
+activation memory falls roughly as 1/SP. Keep `micro_batch` small (1-2 rows) for long videos.
+
+Deliberate simplifications:
+- All ranks form one SP group holding the same samples (no data parallelism across SP groups yet);
+  rank 0 generates and scores, then broadcasts the rollouts to the group.
+- The vision tower and projector are frozen (the paper's embedding reuse); the language model is
+  trained fully or with LoRA (the reference is then the adapter-disabled base).
+- Only the `hf` rollout engine is wired in (vLLM: `lvr.mrsp` GPU extra, not yet connected here).
+- A video that fails to decode drops its question from the step (counted, logged to
+  `rl/skipped.jsonl`), never replaced by another video.
+- No LLM judge for open-ended rewards yet (normalized exact match).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lvr.config import to_dict
+from lvr.train import algos as A
+from lvr.train import common as C
+from lvr.train import rewards as R
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    """Which model, and what of it trains."""
+
+    # "tiny" builds lvr's tiny Qwen2.5-VL in <run>/models/; "sft" = latest checkpoint of <run>/sft/;
+    # else a hub id or an HF folder (e.g. runs/exp1/sft/checkpoint-000500).
+    path: str = "sft"
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    attn_implementation: str = "auto"  # auto | sdpa | eager (the SP prefill needs sdpa/eager)
+
+
+@dataclass
+class DataSection:
+    """Questions and frames."""
+
+    qa: str = ""  # qa table (file or folder); "" = <run>/filter/qa
+    split: str = "rl"
+    frames: int = 64  # uniform frames per video (with fps > 0: the maximum)
+    fps: float = 0.0
+    max_pixels: int = 0  # per-frame pixel cap at decode time (0 = as decoded)
+    mode: Literal["think", "direct"] = "think"
+    cache_dir: str = ""  # on-disk embedding cache shared across steps ("" = in memory, per step)
+
+
+@dataclass
+class RolloutSection:
+    """Sampling of the G responses per prompt."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = 8  # G
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_new_tokens: int = 512
+
+
+@dataclass
+class AlgoSection:
+    """Advantage estimator, loss and KL (DAPO = dapo + clip_high 0.28 + kl none + dynamic)."""
+
+    advantage: Literal["grpo", "drgrpo", "dapo", "rloo"] = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float = 3.0  # 0 disables
+    kl: Literal["k1", "k2", "k3", "low_var_kl", "none"] = "low_var_kl"
+    kl_coef: float = 1e-2
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
+    entropy_coef: float = 0.0
+    update_epochs: int = 1
+    dynamic_sampling: bool = False
+    max_gen_batches: int = 3  # draws per step when refilling (dynamic sampling)
+    invert_advantage: bool = False  # ONLY for the learning check's negative control
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the schedule (per optimizer step)."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    """Config of `lvr rl` (see configs/rl/*.yaml). Defaults are the paper's."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    rewards: list[dict] = field(
+        default_factory=lambda: [{"fn": "accuracy", "weight": 0.9}, {"fn": "format", "weight": 0.1}]
+    )
+    rollout_batch: int = 512  # prompts per RL step
+    update_batch: int = 128  # prompts per optimizer step
+    micro_batch: int = 8  # rows (prompt + response) per forward
+    steps: int = 100  # RL steps
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    reuse_embeddings: bool = True  # False re-encodes the video for every use (benchmark baseline)
+    save_every: int = 0  # RL steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    progress: bool = True
+    tensorboard: bool = False
+    wandb_project: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """One question of a step: the row, its video inputs and (after encoding) its embeddings."""
+
+    row: Any  # lvr.train.data.QARow
+    inputs: Any  # lvr.mrsp.batch.PromptInput
+    pixels: torch.Tensor  # [t*h*w, C*2*p*p]
+    key: Any  # lvr.mrsp.encode.VideoKey
+
+
+@dataclass
+class Group:
+    """The G rollouts of one prompt, scored."""
+
+    prompt: Prompt
+    responses: list[torch.Tensor]  # G x [R_i]
+    rewards: list[float]
+    parts: dict[str, list[float]]
+
+
+@dataclass
+class State:
+    """Everything the loop touches (a plain record, not a trainer)."""
+
+    cfg: RLConfig
+    info: C.DistInfo
+    group: Any  # SP process group (None in one process)
+    out_dir: Path
+    model: torch.nn.Module  # policy; PEFT-wrapped with LoRA
+    base: torch.nn.Module  # the transformers model the MR-SP functions run (LoRA injected in it)
+    ref: torch.nn.Module | None  # frozen reference copy (None with LoRA or without KL)
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    cache: Any  # EmbeddingCache
+    engine: Any  # rollout engine
+    rows: list
+    reward_specs: list[R.RewardSpec]
+    pad_id: int
+    eos_ids: list[int]
+    cursor: int = 0  # questions drawn so far (the data position to resume from)
+    opt_steps: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train with RL and write `run_dir/rl/` (manifest, metrics, checkpoints).
+
+    Args:
+        cfg: The recipe config.
+        run_dir: Run folder; outputs go to `run_dir/rl/`.
+        resume: Continue from the latest finished checkpoint there (fresh start if none).
+
+    Returns:
+        The manifest dict (also written to `rl/manifest.json`).
+    """
+    st = setup(cfg, Path(run_dir))
+    ckpt = C.latest_checkpoint(st.out_dir) if resume else None
+    start = _resume(st, ckpt) if ckpt is not None else 0
+    logger = C.MetricsLogger(
+        st.out_dir, st.info.is_main, cfg.tensorboard, cfg.wandb_project or None,
+        Path(run_dir).name, to_dict(cfg), start_step=start,
+    )  # fmt: skip
+    t0 = time.time()
+    _loop(st, start, logger)
+    logger.close()
+    return _write_manifest(st, start, ckpt, time.time() - t0, logger)
+
+
+def setup(cfg: RLConfig, run_dir: Path) -> State:
+    """Processes, model, reference, optimizer, embedding cache, rollout engine and data."""
+    from lvr.mrsp.encode import EmbeddingCache
+    from lvr.train import data as D
+
+    _check_config(cfg)
+    info = C.init_distributed(cfg.device)
+    group = torch.distributed.group.WORLD if info.distributed else None
+    C.seed_everything(cfg.seed)
+    specs = R.build_reward_specs(cfg.rewards)  # bad reward paths fail before any loading
+    rows = D.read_qa(cfg.data.qa or run_dir / "filter" / "qa", cfg.data.split)
+    model, processor = _load_policy(cfg, info, run_dir)
+    model, ref = _trainable_and_reference(cfg, model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+    )
+    total = cfg.steps * cfg.algo.update_epochs * max(1, cfg.rollout_batch // cfg.update_batch)
+    scheduler = C.build_scheduler(optimizer, o.schedule, o.warmup_steps, total)
+    cache = EmbeddingCache(base, group, cfg.data.cache_dir or None)
+    pad_id, eos_ids = _special_ids(base, processor)
+    engine = _rollout_engine(cfg, base, eos_ids, pad_id)
+    return State(
+        cfg, info, group, run_dir / "rl", model, base, ref, processor, optimizer, scheduler,
+        cache, engine, rows, specs, pad_id, eos_ids,
+    )  # fmt: skip
+
+
+def _check_config(cfg: RLConfig) -> None:
+    if cfg.rollout_batch % cfg.update_batch:
+        raise C.TrainError(
+            f"rollout_batch ({cfg.rollout_batch}) must be a multiple of update_batch ({cfg.update_batch})"
+        )
+    if cfg.rollout.n < 2:
+        raise C.TrainError("rollout.n (G) must be >= 2: group-relative advantages need a group")
+    if cfg.micro_batch < 1 or cfg.steps < 1 or cfg.algo.update_epochs < 1:
+        raise C.TrainError("micro_batch, steps and algo.update_epochs must be >= 1")
+
+
+def _load_policy(cfg: RLConfig, info: C.DistInfo, run_dir: Path) -> tuple[torch.nn.Module, Any]:
+    """Load the starting weights in fp32 (masters; bf16 autocast on GPU)."""
+    from lvr.models.loading import load_vlm
+
+    source: str | Path = cfg.model.path
+    if source == "tiny":
+        from lvr.models.tiny import build_tiny_vlm
+
+        source = run_dir / "models" / "tiny-vlm"
+        if info.is_main:
+            build_tiny_vlm(source)
+        C.barrier(info)
+    elif source == "sft":
+        source = C.latest_checkpoint(run_dir / "sft")
+        if source is None:
+            raise C.TrainError(f"model.path=sft but {run_dir / 'sft'} has no finished checkpoint")
+    attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    if attn is None and info.device.type == "cuda":
+        attn = "sdpa"  # the SP prefill runs the decoder layers itself (sdpa/eager, Ulysses)
+    return load_vlm(source, device=info.device, dtype=torch.float32, attn_implementation=attn)
+
+
+def _trainable_and_reference(
+    cfg: RLConfig, model: torch.nn.Module
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """Freeze vision + projector; LoRA or full language model; the frozen reference if KL is on."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".visual." not in name and not name.startswith("visual."))
+    use_kl = cfg.algo.kl != "none" and cfg.algo.kl_coef > 0
+    if cfg.model.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(cfg.model.lora_targets)
+        lcfg = LoraConfig(
+            r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
+            target_modules=rf".*language_model.*\.({targets})",
+        )  # fmt: skip
+        return get_peft_model(model, lcfg), None  # reference = adapters disabled
+    ref = None
+    if use_kl:
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+    model.train()
+    return model, ref
+
+
+def _special_ids(model: torch.nn.Module, processor: Any) -> tuple[int, list[int]]:
+    """Padding id and the ids that end a response (end of turn + the model's eos ids)."""
+    from lvr.models.inputs import end_of_turn_ids
+
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos_ids = list(
+        dict.fromkeys(
+            [*end_of_turn_ids(processor), *([eos] if isinstance(eos, int) else eos or [])]
+        )
+    )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    return int(pad), [int(i) for i in eos_ids]
+
+
+def _rollout_engine(cfg: RLConfig, base: torch.nn.Module, eos_ids: list[int], pad_id: int) -> Any:
+    from lvr.mrsp.rollout import HFRolloutEngine
+
+    if cfg.rollout.engine != "hf":
+        raise C.TrainError(
+            "rollout.engine=vllm is not wired into lvr rl yet; use rollout.engine=hf"
+        )
+    return HFRolloutEngine(base, eos_ids, pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _loop(st: State, start: int, logger: C.MetricsLogger) -> None:
+    """RL steps `start..steps-1`: collect, update, log, checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cfg = st.cfg
+    cols = (TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("reward {task.fields[reward]:.3f}"))  # fmt: skip
+    with Progress(*cols, disable=not (cfg.progress and st.info.is_main)) as bar:
+        task = bar.add_task("rl", total=cfg.steps, completed=start, reward=float("nan"))
+        for step in range(start, cfg.steps):
+            metrics = rl_step(st, step)
+            logger.log(step + 1, metrics)
+            bar.update(task, advance=1, reward=metrics.get("reward/mean", float("nan")))
+            if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                _save_checkpoint(st, step + 1)
+
+
+def rl_step(st: State, step: int) -> dict[str, float]:
+    """One RL step: collect scored groups, compute advantages, update. Returns its metrics."""
+    t0 = time.time()
+    timers: dict[str, float] = {}
+    encodes0 = st.cache.encodes
+    groups, ds = _collect(st, step, timers)
+    metrics: dict[str, float] = {"groups": float(len(groups)), "gen_rounds": float(ds.rounds)}
+    metrics["groups_dropped"] = float(ds.dropped)
+    if not groups:
+        st.counts["steps_skipped"] = st.counts.get("steps_skipped", 0) + 1
+        return {**metrics, "skipped_step": 1.0, **_counts(st)}
+    metrics.update(_reward_metrics(st, groups))
+    rows = _flatten(groups)
+    rewards = torch.tensor([r for g in groups for r in g.rewards])  # [P*G]
+    adv = A.compute_advantages(rewards, st.cfg.rollout.n, st.cfg.algo.advantage)  # [P*G]
+    if st.cfg.algo.invert_advantage:
+        adv = -adv  # negative control of the learning check only
+    with _timed(timers, "prefill_s"):
+        old = _prefill_all(st, rows, st.base)
+        ref = _reference_logprobs(st, rows)
+    with _timed(timers, "update_s"):
+        metrics.update(_update(st, rows, adv, old.logprobs, ref, step))
+    metrics.update({k: round(v, 4) for k, v in timers.items()})
+    metrics["encodes"] = float(st.cache.encodes - encodes0)
+    metrics["step_s"] = round(time.time() - t0, 4)
+    metrics["lr"] = float(st.scheduler.get_last_lr()[0])
+    return {**metrics, **_counts(st)}
+
+
+class _timed:
+    """Add the elapsed seconds of a `with` block to `timers[name]`."""
+
+    def __init__(self, timers: dict[str, float], name: str) -> None:
+        self.timers, self.name = timers, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.time()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timers[self.name] = self.timers.get(self.name, 0.0) + time.time() - self.t0
+
+
+def _counts(st: State) -> dict[str, float]:
+    keys = ("skipped_decode", "skipped_nonfinite", "steps_skipped")
+    return {k: float(st.counts.get(k, 0)) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Collect: prompts -> embeddings -> rollouts -> rewards (-> dynamic sampling)
+# ---------------------------------------------------------------------------------------------
+
+
+def _collect(
+    st: State, step: int, timers: dict[str, float]
+) -> tuple[list[Group], A.DynamicSampling]:
+    """Scored groups for one step (refilled by dynamic sampling when enabled)."""
+    cfg = st.cfg
+    st.cache.new_step()
+
+    def draw(round_: int) -> list[tuple[Group, list[float]]]:
+        prompts = _next_prompts(st, cfg.rollout_batch, timers)
+        groups = _rollout_and_score(st, prompts, step, round_, timers)
+        return [(g, g.rewards) for g in groups]
+
+    if cfg.algo.dynamic_sampling:
+        res = A.dynamic_sampling(draw, cfg.rollout_batch, cfg.algo.max_gen_batches)
+        return res.groups, res
+    batch = draw(0)
+    return [g for g, _ in batch], A.DynamicSampling(groups=[], rounds=1, drawn=len(batch))
+
+
+def _next_prompts(st: State, k: int, timers: dict[str, float]) -> list[Prompt]:
+    """The next `k` decodable questions in the seeded order (each epoch reshuffled)."""
+    import random
+
+    out: list[Prompt] = []
+    n = len(st.rows)
+    for _ in range(k + n):  # bounded: a table of undecodable videos cannot loop forever
+        if len(out) == k:
+            break
+        epoch, pos = divmod(st.cursor, n)
+        order = list(range(n))
+        random.Random(st.cfg.seed * 7919 + epoch).shuffle(order)
+        st.cursor += 1
+        prompt = _prepare_prompt(st, st.rows[order[pos]], timers)
+        if prompt is not None:
+            out.append(prompt)
+    return out
+
+
+def _prepare_prompt(st: State, row: Any, timers: dict[str, float]) -> Prompt | None:
+    """Decode frames, build the prompt tokens and encode the video once (None: decode failed)."""
+    from lvr.artifacts import content_id
+    from lvr.media import VideoDecodeError, sample_frames
+    from lvr.models.inputs import build_sample
+    from lvr.mrsp.batch import PromptInput
+    from lvr.mrsp.encode import VideoKey
+
+    d = st.cfg.data
+    with _timed(timers, "data_s"):
+        try:
+            how = {"fps": d.fps, "max_frames": d.frames} if d.fps > 0 else {"num_frames": d.frames}
+            fr = sample_frames(row.video_path, max_pixels=d.max_pixels or None, **how)
+        except (VideoDecodeError, OSError) as exc:
+            _skip(st, row, f"decode: {type(exc).__name__}: {exc}")
+            return None
+        ts = [float(t) for t in fr.timestamps_s]
+        rate: dict[str, Any] = {"timestamps": ts} if len(ts) >= 2 else {"fps": 1.0}
+        sample = build_sample(
+            st.processor, row.question, row.options or None, frames=fr.frames, mode=d.mode, **rate
+        )
+    grid = sample["video_grid_thw"][0]  # [3]
+    pixels = sample["pixel_values_videos"].to(st.info.device)  # [t*h*w, C*2*p*p]
+    key = VideoKey(
+        content_id(row.video_path), tuple(int(i) for i in fr.indices), tuple(fr.frames.shape[1:3])
+    )
+    with _timed(timers, "encode_s"):
+        emb = st.cache.get(key, pixels, grid)  # [N_video_tokens, D], once per video per step
+    inputs = PromptInput(
+        sample["input_ids"][0], sample["mm_token_type_ids"][0], grid,
+        float(sample["second_per_grid_ts"][0]), emb, key=row.qa_id,
+    )  # fmt: skip
+    return Prompt(row, inputs, pixels, key)
+
+
+def _skip(st: State, row: Any, reason: str) -> None:
+    """Count a dropped question and append why to `rl/skipped.jsonl` (main rank)."""
+    st.counts["skipped_decode"] = st.counts.get("skipped_decode", 0) + 1
+    if st.info.is_main:
+        st.out_dir.mkdir(parents=True, exist_ok=True)
+        line = {"qa_id": row.qa_id, "video_path": row.video_path, "reason": reason}
+        with (st.out_dir / "skipped.jsonl").open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+def _reencoded(st: State, p: Prompt) -> Any:
+    """`p.inputs`, or with `reuse_embeddings=False` a copy whose video is encoded again."""
+    import dataclasses
+
+    if st.cfg.reuse_embeddings:
+        return p.inputs
+    st.cache.new_step()  # forget: the next get runs the vision tower again
+    emb = st.cache.get(p.key, p.pixels, p.inputs.video_grid_thw)
+    return dataclasses.replace(p.inputs, video_embeds=emb)
+
+
+def _rollout_and_score(
+    st: State, prompts: list[Prompt], step: int, round_: int, timers: dict[str, float]
+) -> list[Group]:
+    """G responses per prompt (rank 0 samples, the SP group receives them), scored."""
+    cfg = st.cfg
+    g = cfg.rollout.n
+    seed = ((cfg.seed * 100_003 + step) * 16 + round_) * 1_000_000  # prompt i uses seed + i
+    with _timed(timers, "rollout_s"):
+        if not cfg.reuse_embeddings:  # baseline: the tower runs again for every rollout
+            for p in prompts:
+                for _ in range(g - 1):
+                    _reencoded(st, p)
+        payload: list[Any] = [None]
+        if st.info.is_main and prompts:
+            r = cfg.rollout
+            ro = st.engine.generate(
+                [p.inputs for p in prompts], n=g, temperature=r.temperature, top_p=r.top_p,
+                max_new_tokens=r.max_new_tokens, seed=seed,
+            )  # fmt: skip
+            with _timed(timers, "reward_s"):
+                total, parts = _score(st, prompts, ro.response_ids)
+            payload = [(ro.response_ids, total, parts)]
+        if st.group is not None:
+            torch.distributed.broadcast_object_list(payload, src=0, group=st.group)
+    if payload[0] is None:
+        return []
+    responses, total, parts = payload[0]
+    return [
+        Group(p, responses[i * g : (i + 1) * g], total[i * g : (i + 1) * g],
+              {k: v[i * g : (i + 1) * g] for k, v in parts.items()})
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+
+
+def _score(
+    st: State, prompts: list[Prompt], responses: list[torch.Tensor]
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Decode the responses (prompt-major) and apply the weighted rewards."""
+    g = st.cfg.rollout.n
+    texts = [st.processor.tokenizer.decode(_strip_eos(r, st.eos_ids)) for r in responses]
+    rows = [p.row for p in prompts for _ in range(g)]
+    columns = {
+        "answer": [r.answer for r in rows],
+        "options": [list(r.options) for r in rows],
+        "format": [r.format for r in rows],
+        "question": [r.question for r in rows],
+        "qa_id": [r.qa_id for r in rows],
+        "video_path": [r.video_path for r in rows],
+    }
+    return R.compute_rewards(st.reward_specs, texts, columns)
+
+
+def _strip_eos(ids: torch.Tensor, eos_ids: Sequence[int]) -> list[int]:
+    out = ids.tolist()
+    return out[:-1] if out and out[-1] in eos_ids else out
+
+
+def _reward_metrics(st: State, groups: list[Group]) -> dict[str, float]:
+    """Reward mean/std overall and per component, accuracy, format rate, response lengths."""
+    rewards = torch.tensor([r for g in groups for r in g.rewards])
+    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False))}
+    for name in groups[0].parts:
+        vals = torch.tensor([v for g in groups for v in g.parts[name]])
+        out[f"reward/{name}/mean"] = float(vals.mean())
+        out[f"reward/{name}/std"] = float(vals.std(unbiased=False))
+    for name, key in (("accuracy", "accuracy"), ("format", "format_rate")):
+        if f"reward/{name}/mean" in out:
+            out[key] = out[f"reward/{name}/mean"]
+    lengths = torch.tensor([float(r.numel()) for g in groups for r in g.responses])
+    ended = [int(r[-1]) in st.eos_ids for g in groups for r in g.responses]
+    out["response_len/mean"] = float(lengths.mean())
+    out["response_len/max"] = float(lengths.max())
+    out["truncated_rate"] = 1.0 - sum(ended) / len(ended)
+    out["identical_groups"] = float(sum(len(set(g.rewards)) <= 1 for g in groups))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs (MR-SP prefill) and the policy update
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(groups: list[Group]) -> list[tuple[Prompt, torch.Tensor]]:
+    """Prompt-major (prompt, response) rows, aligned with the flat rewards."""
+    return [(g.prompt, r) for g in groups for r in g.responses]
+
+
+def _prefill(st: State, model: torch.nn.Module, rows: list[tuple[Prompt, torch.Tensor]]) -> Any:
+    """`PrefillOutput` ([b, R] logprobs, entropy, mask) of a micro-batch of rows."""
+    import dataclasses
+
+    from lvr.mrsp.batch import pack_batch
+    from lvr.mrsp.prefill import sp_prefill_logprobs
+
+    inputs = [_reencoded(st, p) for p, _ in rows]
+    batch = pack_batch(model, inputs, [r for _, r in rows], st.pad_id)
+    dev = st.info.device
+    batch = dataclasses.replace(
+        batch, **{f.name: getattr(batch, f.name).to(dev) for f in dataclasses.fields(batch)
+                  if isinstance(getattr(batch, f.name), torch.Tensor)},
+    )  # fmt: skip
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if _bf16(st) else nullcontext()
+    with amp:
+        return sp_prefill_logprobs(model, batch, st.group, temperature=st.cfg.rollout.temperature)
+
+
+def _bf16(st: State) -> bool:
+    p = st.cfg.precision
+    return p == "bf16" or (p == "auto" and st.info.device.type == "cuda")
+
+
+@torch.no_grad()
+def _prefill_all(st: State, rows: list[tuple[Prompt, torch.Tensor]], model: torch.nn.Module) -> Any:
+    """Per-row `[R_i]` log-probs of every row under `model` (no grad), in micro-batches."""
+    out = []
+    mb = st.cfg.micro_batch
+    for i in range(0, len(rows), mb):
+        res = _prefill(st, model, rows[i : i + mb])
+        for b, (_, r) in enumerate(rows[i : i + mb]):
+            out.append(res.logprobs[b, : r.numel()].float().cpu())
+    return _LogProbs(out)
+
+
+@dataclass
+class _LogProbs:
+    logprobs: list[torch.Tensor]  # per row [R_i]
+
+
+def _reference_logprobs(
+    st: State, rows: list[tuple[Prompt, torch.Tensor]]
+) -> list[torch.Tensor] | None:
+    """Reference log-probs: the frozen copy, or the LoRA policy with adapters disabled."""
+    if st.cfg.algo.kl == "none" or st.cfg.algo.kl_coef <= 0:
+        return None
+    if st.ref is not None:
+        return _prefill_all(st, rows, st.ref).logprobs
+    with st.model.disable_adapter():
+        return _prefill_all(st, rows, st.base).logprobs
+
+
+def _padded(values: list[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
+    """Stack `[R_i]` tensors into `[b, length]`, zero-padded."""
+    out = torch.zeros(len(values), length)
+    for i, v in enumerate(values):
+        out[i, : v.numel()] = v
+    return out.to(device)
+
+
+def _update(
+    st: State,
+    rows: list[tuple[Prompt, torch.Tensor]],
+    adv: torch.Tensor,
+    old: list[torch.Tensor],
+    ref: list[torch.Tensor] | None,
+    step: int,
+) -> dict[str, float]:
+    """`update_epochs` passes over shuffled mini-batches of `update_batch` prompts (whole groups)."""
+    cfg, g = st.cfg, st.cfg.rollout.n
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    sums: dict[str, float] = {}
+    norms = []
+    n_prompts = len(rows) // g
+    for _ in range(cfg.algo.update_epochs):
+        order = torch.randperm(n_prompts, generator=gen).tolist()
+        for s in range(0, n_prompts, cfg.update_batch):
+            ids = [p * g + j for p in order[s : s + cfg.update_batch] for j in range(g)]
+            n_tok = sum(rows[i][1].numel() for i in ids)  # global normalisers of this mini-batch
+            for m in range(0, len(ids), cfg.micro_batch):
+                _micro_step(
+                    st, rows, ids[m : m + cfg.micro_batch], adv, old, ref, n_tok, len(ids), sums
+                )
+            norms.append(_optimizer_step(st))
+    tokens = max(sums.pop("tokens", 1.0), 1.0)
+    out = {k: v / tokens for k, v in sums.items()}
+    out["grad_norm"] = float(sum(norms) / len(norms))
+    out["opt_steps"] = float(st.opt_steps)
+    return out
+
+
+def _micro_step(
+    st: State,
+    rows: list[tuple[Prompt, torch.Tensor]],
+    ids: list[int],
+    adv: torch.Tensor,
+    old: list[torch.Tensor],
+    ref: list[torch.Tensor] | None,
+    n_tok: int,
+    n_seq: int,
+    sums: dict[str, float],
+) -> None:
+    """Forward + backward of one micro-batch; adds token sums of the statistics to `sums`."""
+    a = st.cfg.algo
+    out = _prefill(st, st.base, [rows[i] for i in ids])  # logprobs/entropy/mask [b, R]
+    logp, mask = out.logprobs, out.mask
+    length, dev = logp.shape[1], logp.device
+    old_b = _padded([old[i] for i in ids], length, dev)  # [b, R]
+    pl = A.policy_loss(logp, old_b, adv[ids].to(dev), a.clip_low, a.clip_high, a.dual_clip or None)
+    per_tok = pl.loss  # [b, R]
+    kl = None
+    if ref is not None:
+        kl = A.kl_penalty(logp, _padded([ref[i] for i in ids], length, dev), a.kl)
+        per_tok = per_tok + a.kl_coef * kl
+    if a.entropy_coef:
+        per_tok = per_tok - a.entropy_coef * out.entropy
+    A.aggregate(per_tok, mask, a.loss_agg, num_tokens=n_tok, num_seqs=n_seq).backward()
+    m = mask.detach()
+    stats = {
+        "pg_loss": pl.loss.detach(), "entropy": out.entropy.detach(),
+        "clip_frac/low": pl.clipped_low.float(), "clip_frac/high": pl.clipped_high.float(),
+        "clip_frac/dual": pl.dual_clipped.float(), "ratio/mean": pl.ratio,
+    }  # fmt: skip
+    if kl is not None:
+        stats["kl"] = kl.detach()
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + float((v * m).sum())
+    sums["tokens"] = sums.get("tokens", 0.0) + float(m.sum())
+
+
+def _optimizer_step(st: State) -> float:
+    """Sum SP gradients, clip, and step unless the gradient is not finite (then skip, counted)."""
+    from lvr.mrsp.comm import sync_sp_grads
+
+    params = [p for p in st.model.parameters() if p.requires_grad]
+    sync_sp_grads(params, st.group)
+    clip = st.cfg.optim.grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        st.counts["skipped_nonfinite"] = st.counts.get("skipped_nonfinite", 0) + 1
+    else:
+        st.optimizer.step()
+        st.scheduler.step()
+        st.opt_steps += 1
+    st.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_state(st: State) -> dict[str, torch.Tensor] | None:
+    if not st.cfg.model.lora:
+        return None
+    return C.merge_lora_state_dict(
+        st.model.state_dict(), st.cfg.model.lora_alpha / st.cfg.model.lora_r
+    )
+
+
+def _save_checkpoint(st: State, step: int) -> Path:
+    """`checkpoint-<step>/`: HF export, optimizer/scheduler/RNG/cursor, then the marker."""
+    ckpt = C.checkpoint_dir(st.out_dir, step)
+    if st.info.is_main:
+        C.save_hf_export(st.base, st.processor, ckpt, _export_state(st))
+        (ckpt / "training_state").mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu() for n, p in st.model.named_parameters() if p.requires_grad}
+        torch.save(
+            {"trainable": trainable, "optimizer": st.optimizer.state_dict(),
+             "scheduler": st.scheduler.state_dict()},
+            ckpt / "training_state" / "train.pt",
+        )  # fmt: skip
+    C.save_rng(ckpt, st.info.rank)
+    C.barrier(st.info)
+    if st.info.is_main:
+        state = {"step": step, "cursor": st.cursor, "opt_steps": st.opt_steps,
+                 "counts": st.counts, "world_size": st.info.world_size}  # fmt: skip
+        C.write_trainer_state(ckpt, state)
+        _prune(st.out_dir, st.cfg.keep_last)
+    C.barrier(st.info)
+    return ckpt
+
+
+def _prune(out_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(
+        p for p in out_dir.glob(f"{C.CHECKPOINT_PREFIX}*") if (p / C.STATE_FILE).is_file()
+    )
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(st: State, ckpt: Path) -> int:
+    """Restore weights, optimizer, scheduler, data cursor, counters and RNG; return the step."""
+    state = C.read_trainer_state(ckpt)
+    if state.get("world_size", 1) != st.info.world_size:
+        raise C.TrainError(
+            f"{ckpt} was written by {state.get('world_size')} ranks; resume with as many"
+        )
+    saved = torch.load(ckpt / "training_state" / "train.pt", weights_only=False)
+    mine = {n for n, p in st.model.named_parameters() if p.requires_grad}
+    if set(saved["trainable"]) != mine:
+        raise C.TrainError(f"{ckpt} was trained with other trainable parameters (LoRA vs full?)")
+    st.model.load_state_dict(saved["trainable"], strict=False)
+    st.optimizer.load_state_dict(saved["optimizer"])
+    st.scheduler.load_state_dict(saved["scheduler"])
+    st.cursor, st.opt_steps = int(state["cursor"]), int(state["opt_steps"])
+    st.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
+    C.load_rng(ckpt, st.info.rank)
+    return int(state["step"])
+
+
+def _write_manifest(
+    st: State, start: int, ckpt: Path | None, seconds: float, logger: C.MetricsLogger
+) -> dict[str, Any]:
+    """`rl/manifest.json`: config + hash, data, counts, final checkpoint, last metrics."""
+    from lvr.artifacts import atomic_write_json, package_versions
+    from lvr.config import config_hash
+
+    manifest = {
+        "stage": "rl",
+        "status": "done",
+        "config": to_dict(st.cfg),
+        "config_hash": config_hash(st.cfg),
+        "rows": len(st.rows),
+        "steps": st.cfg.steps,
+        "optimizer_steps": st.opt_steps,
+        "resumed_from": str(ckpt) if ckpt else None,
+        "start_step": start,
+        "world_size": st.info.world_size,
+        "counts": _counts(st),
+        "final_checkpoint": str(C.checkpoint_dir(st.out_dir, st.cfg.steps)),
+        "last_metrics": (logger.rows() or [{}])[-1] if st.info.is_main else {},
+        "seconds": round(seconds, 3),
+        "versions": package_versions(),
+    }
+    if st.info.is_main:
+        atomic_write_json(st.out_dir / "manifest.json", manifest)
+    return manifest

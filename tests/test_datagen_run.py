@@ -1,0 +1,126 @@
+"""`lvr datagen` end to end: the demo config through the real CLI, sharding over two "machines",
+config presets, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lvr.artifacts import read_table
+from lvr.config import load_config
+from lvr.datagen.caption import run_caption
+from lvr.datagen.config import DatagenConfig
+from lvr.datagen.qa import run_qa
+from lvr.datagen.segment import run_segment
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs" / "datagen").glob("*.yaml"))
+
+
+def lvr(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lvr.cli", *args], env=env, cwd=REPO, text=True,
+                          capture_output=True, check=check)  # fmt: skip
+
+
+def test_demo_config_end_to_end(tmp_path: Path) -> None:
+    run = tmp_path / "demo"
+    out = lvr("datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run), "-q")
+    assert "filter:" in out.stdout, out.stdout + out.stderr
+    videos = read_table(run / "segment" / "videos", "videos")
+    clips = read_table(run / "segment" / "clips", "clips")
+    caps = read_table(run / "caption" / "captions", "captions")
+    raw = read_table(run / "qa" / "qa_raw", "qa_raw")
+    qa = read_table(run / "filter" / "qa", "qa")
+    assert videos.num_rows == 6 and clips.num_rows > 12 and caps.num_rows == clips.num_rows
+    assert raw.num_rows == 48 and qa.num_rows > 24
+    assert set(qa.column("split").to_pylist()) <= {"sft", "rl", "eval"}
+    for stage in ("segment", "caption", "qa", "filter"):
+        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done"
+    again = lvr("datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run), "-q")
+    assert again.stdout.count("0 shards run") == 3  # everything resumed from markers
+    exported = lvr("datagen", "export", "--run", str(run), "--split", "rl")
+    records = (run / "export" / "rl.jsonl").read_text().splitlines()
+    assert records and str(len(records)) in exported.stdout
+    rec = json.loads(records[0])
+    assert list(rec) == [
+        "problem_id",
+        "problem",
+        "data_type",
+        "problem_type",
+        "reasoning",
+        "videos",
+        "answer",
+    ]
+
+
+def test_two_machines_equal_one(tmp_path: Path) -> None:
+    """Shards k % 2 == i on machine i, each running the whole chain, give the single-run rows."""
+    from lvr.datagen.synthetic import make_videos
+
+    src = tmp_path / "videos"
+    make_videos(src, 5, seed=4, duration_s=6.0, width=96, height=64, fps=12.0, encoder_threads=1)
+    sets = [f"input.source={src}", "shards.videos_per_shard=1", "segment.stride_s=2",
+            "caption.backend=annotations", "caption.annotations=sidecar", "qa.backend=template",
+            "qa.categories=[{name: temporal, share: 1}]", "filter.category_shares={}"]  # fmt: skip
+    cfg = load_config(DatagenConfig, None, sets)
+
+    def chain(run: Path, i: int, n: int) -> None:
+        run_segment(cfg, run, i, n, progress=False)
+        run_caption(cfg, run, i, n, progress=False)
+        run_qa(cfg, run, i, n, progress=False)
+
+    chain(tmp_path / "one", 0, 1)
+    shared = tmp_path / "two"
+    chain(shared, 1, 2)  # machine 1 first: it must not need machine 0's outputs
+    assert sorted(p.name for p in (shared / "qa" / "qa_raw").glob("*.parquet")) == [
+        "00001.parquet",
+        "00003.parquet",
+    ]
+    chain(shared, 0, 2)
+    for stage, table, key in (("segment", "videos", "video_id"), ("segment", "clips", "clip_id"),
+                              ("caption", "captions", "clip_id"), ("qa", "qa_raw", "qa_id")):  # fmt: skip
+        a = read_table(tmp_path / "one" / stage / table, table).sort_by(key).to_pylist()
+        b = read_table(shared / stage / table, table).sort_by(key).to_pylist()
+        assert a == b, (stage, table)
+        assert len({r[key] for r in b}) == len(b)
+
+
+def test_show_config_and_user_errors(tmp_path: Path) -> None:
+    shown = lvr("datagen", "segment", "--config", "configs/datagen/demo.yaml", "--show-config")
+    assert "method: shots" in shown.stdout and "backend: template" in shown.stdout
+    bad = lvr("datagen", "segment", "--set", "segment.stide_s=3", check=False)
+    assert bad.returncode == 2 and "segment.stride_s" in bad.stderr
+    missing = lvr("datagen", "caption", "--run", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode == 2 and "lvr datagen segment" in missing.stderr
+    shard = lvr(
+        "datagen",
+        "segment",
+        "--set",
+        f"input.source={tmp_path}",
+        "--shard",
+        "2",
+        "--num-shards",
+        "2",
+        check=False,
+    )
+    assert shard.returncode == 2 and "--shard" in shard.stderr
+    cats = lvr("datagen", "qa", "--set", "qa.categories=[{name: cooking, share: 1}]", check=False)
+    assert cats.returncode == 2 and "filter.category_shares" in cats.stderr
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_load_and_open_with_their_command(preset: Path) -> None:
+    first = preset.read_text().splitlines()[0]
+    assert first.startswith("# lvr datagen ") and f"configs/datagen/{preset.name}" in first
+    cfg = load_config(DatagenConfig, preset)
+    assert cfg.qa.categories and cfg.segment.max_clip_s > 0
+
+
+def test_presets_cover_the_domains() -> None:
+    assert {p.stem for p in PRESETS} >= {"demo", "general", "sports", "games", "vlogs"}

@@ -1,0 +1,70 @@
+"""vLLM rollout engine vs the HF engine (opt-in: `pytest -m vllm` inside the venv made by
+scripts/vllm_env.sh, or on a GPU machine with the `gpu` extra). Skipped when vLLM is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm")
+
+from lvr.models.loading import load_vlm  # noqa: E402
+from lvr.models.tiny import build_tiny_vlm  # noqa: E402
+from lvr.mrsp.batch import PromptInput  # noqa: E402
+from lvr.mrsp.encode import encode_video  # noqa: E402
+from lvr.mrsp.rollout import HFRolloutEngine  # noqa: E402
+from lvr.mrsp.synthetic import synthetic_prompt, synthetic_video  # noqa: E402
+from lvr.mrsp.vllm_engine import VLLMRolloutEngine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine inside pytest's process
+    folder = build_tiny_vlm(Path(tmp_path_factory.mktemp("vlm")) / "tiny")
+    model, _ = load_vlm(folder, dtype=torch.float32)
+    cfg = model.config
+    v = synthetic_video(4, size=112, seed=1)
+    special = (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id)
+    ids, types = synthetic_prompt(v.grid_thw, vocab=cfg.text_config.vocab_size, special=special)
+    with torch.no_grad():
+        emb = encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw)
+    prompt = PromptInput(ids, types, v.grid_thw, 1.0, emb, key=v.video_id)
+    eos = cfg.text_config.eos_token_id
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    hf = HFRolloutEngine(model, eos_ids, cfg.text_config.pad_token_id)
+    vl = VLLMRolloutEngine(folder, cfg.video_token_id, dtype="float32", max_model_len=2048)
+    return model, prompt, hf, vl
+
+
+def test_first_token_logprobs_match_hf(setup: tuple) -> None:
+    _, prompt, hf, vl = setup
+    a = hf.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
+    b = vl.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
+    assert int(a.response_ids[0][0]) == int(b.response_ids[0][0])
+    assert abs(float(a.logprobs[0][0]) - float(b.logprobs[0][0])) < 1e-2
+
+
+def test_n_samples_with_logprobs(setup: tuple) -> None:
+    _, prompt, _, vl = setup
+    out = vl.generate([prompt], n=4, temperature=1.0, max_new_tokens=5, seed=3)
+    assert out.prompt_index == [0, 0, 0, 0]
+    assert all(
+        lp.numel() == ids.numel() and (lp <= 0).all()
+        for lp, ids in zip(out.logprobs, out.response_ids, strict=True)
+    )
+
+
+def test_weight_update_changes_output(setup: tuple) -> None:
+    model, prompt, _, vl = setup
+    before = vl.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    vl.update_weights(model)
+    after = vl.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
+    assert float(before.logprobs[0][0]) != pytest.approx(float(after.logprobs[0][0]), abs=1e-4)

@@ -1,0 +1,123 @@
+"""SFT data: labels, video tokens, truncation by frames, decode failures, step plans."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lvr.train import data as D  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _task_module():
+    spec = importlib.util.spec_from_file_location(
+        "sft_color_task", REPO / "benchmarks/sft_color_task.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from lvr.models.loading import load_vlm
+    from lvr.models.tiny import build_tiny_vlm
+
+    tmp = tmp_path_factory.mktemp("sftdata")
+    qa = _task_module().make_color_qa(tmp / "data", 4, 0, seed=3, size=56, bad_videos=1)
+    _, processor = load_vlm(build_tiny_vlm(tmp / "tiny"))
+    return qa, processor
+
+
+def test_read_qa_keeps_split_and_sorts(setup):
+    qa, _ = setup
+    rows = D.read_qa(qa, "sft")
+    assert len(rows) == 5
+    assert [r.qa_id for r in rows] == sorted(r.qa_id for r in rows)
+    with pytest.raises(D.DataError, match="split='rl'"):
+        D.read_qa(qa, "rl")
+
+
+def test_labels_cover_exactly_the_assistant_answer(setup):
+    qa, processor = setup
+    from lvr.models.inputs import end_of_turn_ids
+
+    row = D.read_qa(qa, "sft")[0]
+    s = D.load_sample(processor, row, D.FrameSpec(frames=8), max_seq_len=4096)
+    ids, labels = s.inputs["input_ids"][0], s.inputs["labels"][0]
+    target = D.target_text(row, "think")
+    assert target.startswith("<think>The first object is") and target.endswith(
+        f"<answer>{row.answer}</answer>"
+    )
+    expected = processor.tokenizer(target, add_special_tokens=False)["input_ids"]
+    expected = expected + end_of_turn_ids(processor)
+    n = len(expected)
+    # Token by token: the last n positions are labelled with themselves, everything else is -100.
+    assert labels[-n:].tolist() == expected == ids[-n:].tolist()
+    assert (labels[:-n] == -100).all()
+    assert processor.tokenizer.decode(labels[-n:]).startswith("<think>")
+    # The prompt (system, video, question, options) carries no label at all.
+    prompt = processor.tokenizer.decode(ids[:-n])
+    assert "Which color appears first?" in prompt and prompt.rstrip().endswith("assistant")
+
+
+def test_video_tokens_match_processor_count(setup):
+    qa, processor = setup
+    row = D.read_qa(qa, "sft")[1]
+    s = D.load_sample(processor, row, D.FrameSpec(frames=8), max_seq_len=4096)
+    frames, _ = D._sample_frames(row.video_path, 8, 0.0, 0)
+    out = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    merge = processor.video_processor.merge_size
+    expected = int(out["video_grid_thw"].prod()) // merge**2
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert int((s.inputs["input_ids"] == video_id).sum()) == expected == s.video_tokens
+    assert torch.equal(s.inputs["video_grid_thw"], out["video_grid_thw"])
+    assert s.frames == 8 and expected == (8 // 2) * (56 // 28) ** 2
+
+
+def test_overlong_sample_is_truncated_by_frames_not_tokens(setup):
+    qa, processor = setup
+    row = D.read_qa(qa, "sft")[2]
+    full = D.load_sample(processor, row, D.FrameSpec(frames=16), max_seq_len=4096)
+    limit = full.inputs["input_ids"].shape[1] - 10  # 16 frames no longer fit
+    cut = D.load_sample(processor, row, D.FrameSpec(frames=16), max_seq_len=limit)
+    assert cut.error is None and cut.truncated
+    assert cut.frames < 16 and cut.frames % 2 == 0
+    assert cut.inputs["input_ids"].shape[1] <= limit
+    # Text (prompt and target) is intact: only video tokens went away.
+    text = lambda s: s.inputs["input_ids"][s.inputs["mm_token_type_ids"] == 0].tolist()  # noqa: E731
+    assert text(cut) == text(full)
+    assert cut.video_tokens < full.video_tokens
+    # Cannot fit even min_frames: an error, not a token cut.
+    tiny = D.load_sample(processor, row, D.FrameSpec(frames=16, min_frames=2), max_seq_len=40)
+    assert tiny.inputs is None and tiny.error.startswith("too long")
+
+
+def test_undecodable_video_is_an_error_not_a_substitute(setup):
+    qa, processor = setup
+    bad = [r for r in D.read_qa(qa, "sft") if "bad_" in r.video_path][0]
+    s = D.load_sample(processor, bad, D.FrameSpec(frames=8), max_seq_len=4096)
+    assert s.inputs is None and s.error.startswith("decode: VideoDecodeError")
+    assert bad.video_path in s.error
+
+
+def test_plan_is_seeded_length_grouped_and_rank_split():
+    lengths = [5, 50, 7, 48, 6, 52, 9, 47]
+    plan = D.plan_steps(lengths, global_batch=4, num_steps=5, seed=1)
+    assert plan == D.plan_steps(lengths, global_batch=4, num_steps=5, seed=1)
+    assert plan != D.plan_steps(lengths, global_batch=4, num_steps=5, seed=2)
+    assert sorted(plan[0] + plan[1]) == list(range(8))  # one epoch = every row once
+    for step in plan:
+        assert [lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True)
+    # The micro-batches of 2 ranks x 2 accumulation steps cover the step's rows exactly once.
+    parts = [D.rank_micro_batches(plan[0], 1, 2, r, 2) for r in range(2)]
+    assert sorted(i for p in parts for mb in p for i in mb) == sorted(plan[0])
+    with pytest.raises(D.DataError, match="cannot fill"):
+        D.plan_steps([1, 2], global_batch=4, num_steps=1, seed=0)
