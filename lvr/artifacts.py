@@ -446,18 +446,21 @@ def run_stage(
     inputs: Sequence[str | Path] = (),
     description: str = "",
     progress: bool = True,
+    manifest: str = "manifest.json",
 ) -> StageResult:
     """Run ``fn`` on every unfinished shard, then write the stage manifest.
 
     Finished shards (marker present, same input fingerprint) are skipped, so rerunning after a
     crash or Ctrl-C re-does only what was in flight. Row-level failures must be rows with an
     ``error``; an exception from ``fn`` is a bug and stops the stage (its shard stays unfinished).
+    When several machines share a stage folder, each passes its own ``manifest`` name
+    (:func:`manifest_name`) so that none overwrites another's counts.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     start = time.time()
     todo = [s for s in shards if not stage.is_done(s)]
-    _write_manifest(stage, config, inputs, shards, status="running", seconds=0.0)
+    _write_manifest(stage, config, inputs, shards, "running", 0.0, manifest)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -470,14 +473,14 @@ def run_stage(
             stage.write_shard(shard, fn(shard))
             bar.advance(task)
     seconds = time.time() - start
-    manifest = _write_manifest(stage, config, inputs, shards, status="done", seconds=seconds)
+    info = _write_manifest(stage, config, inputs, shards, "done", seconds, manifest)
     return StageResult(
         stage_dir=stage.dir,
         shards_total=len(shards),
         shards_run=len(todo),
         shards_skipped=len(shards) - len(todo),
-        rows=manifest["rows"],
-        errors=manifest["errors"],
+        rows=info["rows"],
+        errors=info["errors"],
         seconds=seconds,
     )
 
@@ -489,6 +492,7 @@ def _write_manifest(
     shards: Sequence[Shard],
     status: str,
     seconds: float,
+    name: str,
 ) -> dict[str, Any]:
     rows: dict[str, int] = dict.fromkeys(stage.tables, 0)
     errors: dict[str, int] = dict.fromkeys(stage.tables, 0)
@@ -515,8 +519,13 @@ def _write_manifest(
         "versions": package_versions(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_json(stage.dir / "manifest.json", manifest)
+    atomic_write_json(stage.dir / name, manifest)
     return manifest
+
+
+def manifest_name(shard: int = 0, num_shards: int = 1) -> str:
+    """``manifest.json`` for a one-machine run, ``manifest.<i>-of-<n>.json`` for machine i of n."""
+    return "manifest.json" if num_shards == 1 else f"manifest.{shard}-of-{num_shards}.json"
 
 
 def fingerprint(path: str | Path) -> str:

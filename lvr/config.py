@@ -44,9 +44,16 @@ def load_config(
     Raises:
         ConfigError: On unknown keys, wrong types, or an unreadable file.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_yaml(Path(path))
+    return from_dict(cls, _read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from a nested mapping (as a YAML file would hold), then ``key=value`` overrides.
+
+    Raises:
+        ConfigError: On unknown keys or wrong types, as :func:`load_config`.
+    """
+    data = json.loads(json.dumps(data, default=str))  # deep copy; overrides must not mutate it
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -168,6 +175,11 @@ def _coerce_plain(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):

@@ -18,6 +18,7 @@ from lvr.artifacts import (
     SchemaError,
     Stage,
     clip_id,
+    manifest_name,
     plan_shards,
     qa_id,
     read_table,
@@ -142,3 +143,23 @@ def test_killed_stage_resumes_without_loss_or_duplicates(tmp_path: Path) -> None
     assert got.equals(want) and got.num_rows == 12
     assert len(set(got.column("clip_id").to_pylist())) == 12
     assert not list(killed.rglob(".*.tmp-*")), "temp files of redone shards are cleaned up"
+
+
+def test_machines_sharing_a_stage_keep_their_own_manifests(tmp_path: Path) -> None:
+    stage = Stage(tmp_path / "segment", ["clips"])
+    items = ["a", "b", "c", "d", "e"]
+    for i in range(2):
+        run_stage(
+            stage,
+            plan_shards(items, 1, shard=i, num_shards=2),
+            lambda s: {"clips": _clips(1, vid=s.items[0])},
+            config=None,
+            progress=False,
+            manifest=manifest_name(i, 2),
+        )
+    counts = [
+        json.loads((stage.dir / f"manifest.{i}-of-2.json").read_text())["rows"]["clips"]
+        for i in range(2)
+    ]
+    assert counts == [3, 2] and not (stage.dir / "manifest.json").exists()
+    assert read_table(stage.dir / "clips").num_rows == 5

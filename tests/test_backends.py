@@ -361,6 +361,16 @@ def test_sigkill_during_cached_run_then_rerun(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
+def test_doctests() -> None:
+    import doctest
+
+    from lvr.backends import json_grammar, limits, schema
+
+    for module in (json_grammar, limits, schema):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
 def test_validate_and_parse() -> None:
     good = {
         "question": "Why so?",

@@ -81,3 +81,11 @@ def test_yaml_round_trip_and_hash(tmp_path: Path) -> None:
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(Cfg, None, ["caption.frames=4"])) != config_hash(cfg)
+
+
+def test_float_fields_accept_exponents_yaml_reads_as_strings() -> None:
+    # YAML 1.1 parses "1e-4" (no dot) as a string; a float field must still take it.
+    cfg = load_config(Cfg, None, ["clip_s=1e-4"])
+    assert cfg.clip_s == 1e-4
+    with pytest.raises(ConfigError, match="expects a number"):
+        load_config(Cfg, None, ["clip_s=fast"])

@@ -103,7 +103,9 @@ def test_annotation_files_shot2story_csv_and_misses(videos: Path, tmp_path: Path
 
 
 def test_openai_backend_with_faults_then_retry_only_failures(videos: Path, tmp_path: Path) -> None:
-    faults = FaultConfig(rate=0.2, seed=7, timeout_sleep_s=1.5)
+    # Faults are drawn from hash(seed, body, attempt): deterministic for these (deterministic)
+    # videos; 35% keeps "some but not all of 12 fail" far from luck (P(none) ~ 0.6%).
+    faults = FaultConfig(rate=0.35, seed=7, timeout_sleep_s=1.5)
     with fake_server(faults=faults) as server:
         cfg = segmented(videos, tmp_path, "segment.stride_s=1", "caption.backend=openai",
                         "caption.model=fake-model", "caption.frames=2",
@@ -115,7 +117,7 @@ def test_openai_backend_with_faults_then_retry_only_failures(videos: Path, tmp_p
         assert sorted(r["clip_id"] for r in rows) == sorted(c["clip_id"] for c in clips)  # 12 clips
         assert all((r["caption"] is None) != (r["error"] is None) for r in rows)
         failed = {r["clip_id"] for r in rows if r["error"]}
-        assert 0 < len(failed) < len(rows), "20% faults on 12 single-attempt calls should fail some"
+        assert 0 < len(failed) < len(rows), "35% faults on 12 single-attempt calls should fail some"
         assert first.errors["captions"] == len(failed)
         bodies_first = {a.body_hash for a in server.log}
         failed_bodies = {a.body_hash for a in server.log if a.body_hash not in

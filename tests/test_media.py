@@ -88,6 +88,14 @@ def test_probe_counts_packets_without_container_index(
     )
 
 
+@needs_decord
+def test_decord_refuses_containers_without_index(short_video: Path, tmp_path: Path) -> None:
+    """decord skipped the first GOP of an MPEG-TS file (wrong frames): it must refuse, not return them."""
+    ts = remux(short_video, tmp_path / "short.ts")
+    with pytest.raises(ValueError, match="backend='pyav'"):
+        sample_frames(ts, num_frames=4, backend="decord")
+
+
 def test_truncated_matroska_raises(short_video: Path, tmp_path: Path) -> None:
     """No index to check against the file size, but the header's duration gives truncation away."""
     data = remux(short_video, tmp_path / "full.mkv").read_bytes()

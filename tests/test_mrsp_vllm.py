@@ -37,7 +37,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     eos = cfg.text_config.eos_token_id
     eos_ids = eos if isinstance(eos, list) else [eos]
     hf = HFRolloutEngine(model, eos_ids, cfg.text_config.pad_token_id)
-    vl = VLLMRolloutEngine(folder, cfg.video_token_id, dtype="float32", max_model_len=2048)
+    vl = VLLMRolloutEngine(
+        folder,
+        cfg.video_token_id,
+        dtype="float32",
+        max_model_len=2048,
+        kv_cache_memory_bytes=1 << 28,
+    )
     return model, prompt, hf, vl
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,25 +15,17 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lvr.config import load_config  # noqa: E402
+from lvr.datagen.color_task import make_color_qa
 from lvr.train.rewards import RewardError  # noqa: E402
 from lvr.train.rl import RLConfig, run_rl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _task_module():
-    spec = importlib.util.spec_from_file_location(
-        "sft_color_task", REPO / "benchmarks/sft_color_task.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("rlqa")
-    return _task_module().make_color_qa(tmp / "data", 3, 0, seed=0, size=56, bad_videos=1)
+    return make_color_qa(tmp / "data", 3, 0, seed=0, size=56, bad_videos=1)
 
 
 @pytest.fixture
@@ -145,3 +136,25 @@ def test_lora_reference_is_the_adapter_free_base(qa, tmp_path, varied_reward):
     w0 = load_file(tmp_path / "lora/models/tiny-vlm/model.safetensors")
     name = next(k for k in w if "layers.0.self_attn.q_proj.weight" in k)
     assert not torch.equal(w0[name], w[name])  # the merged adapter moved the weights
+
+
+def test_dapo_dynamic_sampling_drops_flat_groups_and_refills(qa, tmp_path, monkeypatch):
+    (tmp_path / "rl_flat_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def half_flat(completions, qa_id, **kwargs):
+                # questions q..0 and q..2 always score 1 (a flat group), the others vary
+                return [1.0 if q[-1] in "02" else float(len(c) % 3) for c, q in zip(completions, qa_id)]
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _cfg(qa, "algo.advantage=dapo", "algo.kl=none", "algo.kl_coef=0.0",
+               "algo.clip_high=0.28", "algo.dynamic_sampling=true", "algo.max_gen_batches=3",
+               "steps=1", "update_batch=2")  # fmt: skip
+    cfg.rewards = [{"fn": "rl_flat_rewards:half_flat", "weight": 1.0}]
+    run_rl(cfg, tmp_path / "dapo")
+    row = _metrics(tmp_path / "dapo")[0]
+    assert row["groups_dropped"] >= 1 and row["gen_rounds"] >= 2  # refilled from more prompts
+    assert row["groups"] <= 2 and row["identical_groups"] == 0  # only groups with signal train
+    assert "kl" not in row  # no reference model with kl=none

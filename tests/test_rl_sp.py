@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from lvr.datagen.color_task import make_color_qa
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,12 +42,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed")  # fmt: skip
 def test_sp2_step_matches_single_process(tmp_path: Path) -> None:
-    spec = __import__("importlib.util").util.spec_from_file_location(
-        "sft_color_task", REPO / "benchmarks/sft_color_task.py"
-    )
-    task = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(task)
-    qa = task.make_color_qa(tmp_path / "data", 2, 0, seed=0, size=56)
+    qa = make_color_qa(tmp_path / "data", 2, 0, seed=0, size=56)
     (tmp_path / "sp_rewards.py").write_text(
         "def by_length(completions, **kw):\n    return [float(len(c) % 3) for c in completions]\n"
     )

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lvr.config import load_config  # noqa: E402
+from lvr.datagen.color_task import make_color_qa
+from lvr.train.common import TrainError  # noqa: E402
 from lvr.train.sft import SFTConfig, run_sft  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ def _task_module():
 @pytest.fixture(scope="module")
 def qa(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sftqa")
-    return _task_module().make_color_qa(tmp / "data", 8, 0, seed=0, size=56, bad_videos=1)
+    return make_color_qa(tmp / "data", 8, 0, seed=0, size=56, bad_videos=1)
 
 
 def _cfg(qa: Path, *sets: str) -> SFTConfig:
@@ -90,6 +92,8 @@ def test_resume_reproduces_uninterrupted_losses(qa, tmp_path, engine):
     full = _losses(tmp_path)
     weights = load_file(tmp_path / "sft/checkpoint-000004/model.safetensors")
     shutil.rmtree(tmp_path / "sft/checkpoint-000004")  # "crash" after step 2's checkpoint
+    with pytest.raises(TrainError, match="pass --resume"):
+        run_sft(_cfg(qa, *sets), tmp_path)  # a fresh run never overwrites checkpoints
     manifest = run_sft(_cfg(qa, *sets), tmp_path, resume=True)
     assert manifest["start_step"] == 2
     resumed = _losses(tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -11,18 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from lvr.datagen.color_task import make_color_qa
 from lvr.train import data as D  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _task_module():
-    spec = importlib.util.spec_from_file_location(
-        "sft_color_task", REPO / "benchmarks/sft_color_task.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def setup(tmp_path_factory):
     from lvr.models.tiny import build_tiny_vlm
 
     tmp = tmp_path_factory.mktemp("sftdata")
-    qa = _task_module().make_color_qa(tmp / "data", 4, 0, seed=3, size=56, bad_videos=1)
+    qa = make_color_qa(tmp / "data", 4, 0, seed=3, size=56, bad_videos=1)
     _, processor = load_vlm(build_tiny_vlm(tmp / "tiny"))
     return qa, processor
 
@@ -53,7 +44,7 @@ def test_labels_cover_exactly_the_assistant_answer(setup):
     s = D.load_sample(processor, row, D.FrameSpec(frames=8), max_seq_len=4096)
     ids, labels = s.inputs["input_ids"][0], s.inputs["labels"][0]
     target = D.target_text(row, "think")
-    assert target.startswith("<think>The first object is") and target.endswith(
+    assert target.startswith("<think>The first color is") and target.endswith(
         f"<answer>{row.answer}</answer>"
     )
     expected = processor.tokenizer(target, add_special_tokens=False)["input_ids"]

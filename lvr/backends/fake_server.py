@@ -3,7 +3,7 @@
 Real HTTP/1.1 with keep-alive on 127.0.0.1 (asyncio streams: one thread serves hundreds of concurrent
 connections without a thread each, so at 2 cores the server is not the bottleneck of the benchmark).
 Routes: `GET /v1/models`, `POST /v1/chat/completions` (n choices, usage, plausible content from
-`fake_content`). Every response waits `latency_s`.
+`fake_content`). Every answer except a 429 waits `latency_s`.
 
 Faults are deterministic: the k-th arrival of a given request body is faulty when
 hash(seed, body, k) < rate, and the fault kind is drawn the same way from `kinds`:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lvr.artifacts import Shard, Stage, StageResult, rows_to_table, run_stage
+from lvr.artifacts import Shard, Stage, StageResult, manifest_name, rows_to_table, run_stage
 from lvr.datagen.common import (
     drop_orphans,
     error_line,
@@ -288,7 +288,7 @@ def run_caption(
 
     try:
         return run_stage(stage, shards, fn, cfg, inputs=[upstream.dir / "clips"],
-                         description="caption", progress=progress)  # fmt: skip
+                         description="caption", progress=progress, manifest=manifest_name(shard, num_shards))  # fmt: skip
     finally:
         if hasattr(captioner, "close"):
             captioner.close()

@@ -21,7 +21,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from lvr.artifacts import Shard, Stage, StageResult, content_id, qa_id, rows_to_table, run_stage
+from lvr.artifacts import (
+    Shard,
+    Stage,
+    StageResult,
+    content_id,
+    manifest_name,
+    qa_id,
+    rows_to_table,
+    run_stage,
+)
 from lvr.datagen.caption import cache_path
 from lvr.datagen.common import (
     drop_orphans,
@@ -384,7 +393,7 @@ def run_qa(
 
     try:
         return run_stage(stage, shards, fn, cfg, inputs=[upstream.dir / "captions"],
-                         description="qa", progress=progress)  # fmt: skip
+                         description="qa", progress=progress, manifest=manifest_name(shard, num_shards))  # fmt: skip
     finally:
         if hasattr(writer, "close"):
             writer.close()

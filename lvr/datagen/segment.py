@@ -15,7 +15,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from lvr.artifacts import Shard, Stage, StageResult, clip_id, content_id, rows_to_table, run_stage
+from lvr.artifacts import (
+    Shard,
+    Stage,
+    StageResult,
+    clip_id,
+    content_id,
+    manifest_name,
+    rows_to_table,
+    run_stage,
+)
 from lvr.artifacts import video_id as file_video_id
 from lvr.datagen.common import error_line, settings_id, shards_for
 from lvr.datagen.config import DatagenConfig, SegmentConfig
@@ -256,7 +265,7 @@ def run_segment(
         return run_stage(
             stage, shards, lambda s: run_shard(s, cfg, run_dir, pool), cfg,
             inputs=[cfg.input.source] if Path(cfg.input.source).exists() else [],
-            description="segment", progress=progress,
+            description="segment", progress=progress, manifest=manifest_name(shard, num_shards),
         )  # fmt: skip
     finally:
         if pool is not None:

@@ -1,7 +1,8 @@
 """Exact and keyframe-only decoding with decord 0.6 (never decord2 3.x: it returns wrong frames).
 
 decord numbers frames like ``VideoIndex`` (presentation order) and, as tested, returns the same pixels
-as PyAV. It runs the same decode plan: ``seek_accurate`` opens a segment, ``skip_frames`` + ``next``
+as PyAV on MP4. On an MPEG-TS file it silently skipped the first GOP (its frame 0 was frame 12), so
+this backend refuses files without a container index (anything but MP4/MOV). It runs the same decode plan: ``seek_accurate`` opens a segment, ``skip_frames`` + ``next``
 walk forward through it. decord indexes the whole file when it opens it (one pass over the packets).
 """
 
@@ -25,6 +26,12 @@ def _open(index: VideoIndex, threads: int):  # -> decord.VideoReader
     import decord  # lazy: optional dependency (x86_64 Linux wheels only)
 
     path = index.info.path
+    if index.info.index_source != "container":
+        # On an MPEG-TS copy of a test video decord's frame 0 was frame 12 (it skips the first GOP).
+        raise ValueError(
+            f"backend='decord' is limited to MP4/MOV (container-indexed) files; decord returned "
+            f"wrong frames on other containers in tests. Use backend='pyav' for {path}"
+        )
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     except (decord.DECORDError, RuntimeError) as e:
@@ -56,6 +63,7 @@ def decode_exact(
 
     Raises:
         VideoDecodeError: decord fails to open or decode.
+        ValueError: The file is not MP4/MOV (see the module docstring).
     """
     path, out = index.info.path, {}
     vr = _open(index, threads)

@@ -192,7 +192,7 @@ def sample_frames(
         approx: Snap each frame to the nearest keyframe (ties: the earlier) and decode keyframes
             only; ``indices``/``timestamps_s`` of the result are the keyframes'. Targets sharing a
             nearest keyframe give repeated frames. ``strategy`` does not apply.
-        backend: ``auto`` (PyAV, the faster here), ``pyav`` or ``decord`` (identical frames).
+        backend: ``auto`` (PyAV, the faster here), ``pyav`` or ``decord`` (same frames; MP4/MOV only).
         strategy: ``auto`` (cost model), ``sequential`` or ``seek``; see ``lvr.media.indices``.
         threads: Decoder threads; 1 suits data loaders with many workers, 0 = all cores.
 
@@ -202,7 +202,8 @@ def sample_frames(
     Raises:
         VideoDecodeError: The file is missing, empty, corrupt, truncated, audio-only, not a video, or a
             requested frame cannot be decoded. Never black frames or frames of another video.
-        ValueError: A malformed request: indices or times out of range, bad range, unknown backend.
+        ValueError: A malformed request: indices or times out of range, bad range, unknown backend,
+            or decord asked for a file that is not MP4/MOV.
     """
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")

@@ -61,15 +61,20 @@ def _special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     }
 
 
-def _text_config_kwargs(vocab_size: int, ids: dict[str, int]) -> dict:
-    """Shared text-decoder shape: hidden 128, 2 layers, 2 heads of head_dim 64, 1 KV head."""
+def _text_config_kwargs(
+    vocab_size: int, ids: dict[str, int], hidden: int = _TEXT_HIDDEN, layers: int = 2
+) -> dict:
+    """Text-decoder shape: heads of head_dim 64, half as many KV heads (default 128 / 2 layers)."""
+    if hidden % 64:
+        raise ValueError(f"hidden must be a multiple of the head size 64, got {hidden}")
+    heads = hidden // 64
     return {
         "vocab_size": vocab_size,
-        "hidden_size": _TEXT_HIDDEN,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
         "bos_token_id": ids["bos"],
@@ -88,11 +93,15 @@ def _generation_config(ids: dict[str, int]) -> GenerationConfig:
     )
 
 
-def tiny_vlm_config(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+def tiny_vlm_config(
+    tok: PreTrainedTokenizerFast, hidden: int = _TEXT_HIDDEN, layers: int = 2
+) -> Qwen2_5_VLConfig:
     """Build the tiny Qwen2.5-VL config for a tokenizer.
 
     Args:
         tok: The tiny tokenizer (its special-token ids go into the config).
+        hidden: Text hidden size (a multiple of the head size 64).
+        layers: Text decoder layers.
 
     Returns:
         A `Qwen2_5_VLConfig`: text hidden 128, 2 layers, 2x64 heads, 1 KV head, M-RoPE sections
@@ -100,7 +109,7 @@ def tiny_vlm_config(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
         temporal patch 2, 2 tokens per second as in the released Qwen2.5-VL.
     """
     ids = _special_ids(tok)
-    text = _text_config_kwargs(len(tok), ids)
+    text = _text_config_kwargs(len(tok), ids, hidden, layers)
     text["rope_parameters"] = {
         "rope_type": "default",
         "rope_theta": 1_000_000.0,
@@ -117,7 +126,7 @@ def tiny_vlm_config(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
         "tokens_per_second": 2,
         "window_size": 112,
         "fullatt_block_indexes": [1],
-        "out_hidden_size": _TEXT_HIDDEN,
+        "out_hidden_size": hidden,
     }
     return Qwen2_5_VLConfig(
         text_config=text,
@@ -152,10 +161,10 @@ def tiny_processor(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
     )
 
 
-def _save_vlm(tmp: Path, seed: int) -> None:
+def _save_vlm(tmp: Path, seed: int, hidden: int, layers: int) -> None:
     tok = tk.train_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_vlm_config(tok)).eval()
+    model = Qwen2_5_VLForConditionalGeneration(tiny_vlm_config(tok, hidden, layers)).eval()
     model.generation_config = _generation_config(_special_ids(tok))
     model.save_pretrained(tmp)
     tiny_processor(tok).save_pretrained(tmp)
@@ -244,17 +253,25 @@ def cached_build(out_dir: Path, marker: dict, save: Callable[[Path], None]) -> P
     return out_dir
 
 
-def build_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_vlm(
+    out_dir: str | Path, seed: int = 0, hidden: int = _TEXT_HIDDEN, layers: int = 2
+) -> Path:
     """Build (or reuse) the tiny Qwen2.5-VL with its processor and tokenizer in `out_dir`.
 
     Args:
         out_dir: Folder to write; reused when it already holds this build.
         seed: Seed of the random weights (the tokenizer is deterministic).
+        hidden: Text hidden size; the learning checks use 256 (4 heads, 2 KV heads), which
+            learns the color-order lookup within minutes where 128 is slow to.
+        layers: Text decoder layers (learning checks: 4).
 
     Returns:
         The absolute folder path, loadable with `load_vlm`.
     """
-    return cached_build(Path(out_dir), _marker("vlm", seed), lambda tmp: _save_vlm(tmp, seed))
+    marker = _marker("vlm", seed)
+    if (hidden, layers) != (_TEXT_HIDDEN, 2):  # default builds keep their marker (no rebuild)
+        marker |= {"hidden": hidden, "layers": layers}
+    return cached_build(Path(out_dir), marker, lambda tmp: _save_vlm(tmp, seed, hidden, layers))
 
 
 def build_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:

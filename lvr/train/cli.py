@@ -1,4 +1,4 @@
-"""``lvr sft`` and ``lvr rl``: thin commands; the recipes live in lvr/train/sft.py and rl.py.
+"""``lvr sft``: a thin command; the recipe lives in lvr/train/sft.py (``lvr rl``: rl_cli.py).
 
 Only light imports at module level (typer, lvr.config): torch and transformers load inside the
 commands, so ``lvr --help`` stays fast.
@@ -46,8 +46,3 @@ def sft(
         )
     # ZeRO-3 with several processes can abort in interpreter teardown: barrier, then os._exit(0).
     finish_distributed(info, hard_exit=True)
-
-
-def rl() -> None:
-    """GRPO-family RL with MR-SP on long videos (not built yet)."""
-    raise SystemExit("lvr rl is not built yet")

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,33 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def init_deepspeed_distributed(info: DistInfo) -> None:
+    """Start DeepSpeed's process group; for a single process, a local one-rank gloo/NCCL group.
+
+    DeepSpeed needs a process group even without a launcher, so the usual launcher variables
+    are filled in (free local port) when they are missing.
+    """
+    import deepspeed
+
+    if not info.distributed:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def all_reduce_sum(value: float, info: DistInfo) -> float:
@@ -288,6 +316,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
         if m and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
     return max(found)[1] if found else None
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
+    """Delete all but the `keep_last` newest finished checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    done = sorted(
+        p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()
+    )
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -28,6 +28,15 @@ Launch lines::
     # continue from the latest checkpoint in runs/exp1/rl/
     ... --resume
 
+Metrics per RL step (`rl/metrics.jsonl`): `reward/mean|std`, `reward/<component>/mean|std`,
+`accuracy`, `format_rate`, `response_len/mean|max`, `truncated_rate` (no end token),
+`identical_groups`, `groups`, `groups_dropped` / `gen_rounds` (dynamic sampling), `pg_loss`, `kl`,
+`entropy`, `clip_frac/low|high|dual`, `ratio/mean` (token means over the update), `grad_norm`,
+`opt_steps`, `lr`, seconds `data_s` (decode + tokenize), `encode_s`, `rollout_s` (includes
+`reward_s`), `prefill_s` (old-policy + reference), `update_s`, `step_s`, `encodes` (vision-tower
+runs this step: one per video with reuse), and cumulative `skipped_decode`, `skipped_nonfinite`,
+`steps_skipped`.
+
 Long-video settings: `data.frames` sets the frames per video (the paper trains with 512 and reaches
 3,600 on 8 GPUs); every process of the run joins ONE sequence-parallel group (`sp_size` = world
 size), which splits the vision encoding by frames and the prefill by sequence, so the per-GPU
@@ -284,6 +293,10 @@ def _check_config(cfg: RLConfig) -> None:
         )
     if cfg.rollout.n < 2:
         raise C.TrainError("rollout.n (G) must be >= 2: group-relative advantages need a group")
+    if cfg.rollout.temperature <= 0:
+        raise C.TrainError(
+            "rollout.temperature must be > 0 (log-probs are taken at that temperature)"
+        )
     if cfg.micro_batch < 1 or cfg.steps < 1 or cfg.algo.update_epochs < 1:
         raise C.TrainError("micro_batch, steps and algo.update_epochs must be >= 1")
 

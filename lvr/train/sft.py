@@ -36,9 +36,6 @@ Deliberate simplifications:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +166,7 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     """
     info = C.init_distributed(cfg.device)
     if cfg.deepspeed:
-        _init_deepspeed_dist(info)
+        C.init_deepspeed_distributed(info)
     C.seed_everything(cfg.seed)
     out_dir = Path(run_dir) / "sft"
     ckpt = _checkpoint_to_resume(out_dir, resume, info)
@@ -203,26 +200,6 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool, info: C.DistInfo) -> Path
     for old in out_dir.glob(f"skipped_rank{info.rank:05d}.jsonl"):
         old.unlink()  # reasons logged by an earlier attempt that never reached a checkpoint
     return None
-
-
-def _init_deepspeed_dist(info: C.DistInfo) -> None:
-    """DeepSpeed needs a process group even for one process: make a local one-rank group."""
-    import deepspeed
-
-    if not info.distributed:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if info.device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _load_model(cfg: SFTConfig, info: C.DistInfo, run_dir: Path) -> tuple[torch.nn.Module, Any]:
@@ -574,19 +551,9 @@ def _save_checkpoint(st: State, step: int) -> Path:
         C.write_trainer_state(
             ckpt, {"step": step, "counts": counts, "world_size": st.info.world_size}
         )
-        _prune(st.out_dir, st.cfg.keep_last)
+        C.prune_checkpoints(st.out_dir, st.cfg.keep_last)
     C.barrier(st.info)
     return ckpt
-
-
-def _prune(out_dir: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    done = sorted(
-        p for p in out_dir.glob(f"{C.CHECKPOINT_PREFIX}*") if (p / C.STATE_FILE).is_file()
-    )
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume(st: State, ckpt: Path) -> int:

@@ -1,0 +1,112 @@
+"""The color-order learning task: "Which color appears first?" on synthetic videos.
+
+A question whose answer depends on what the frames show (not on the text), with a known ground
+truth from the renderer, so that SFT and RL learning checks can fail: chance is 25% (4 options,
+gold letters balanced over A-D). Used by ``lvr demo``, the learning checks in ``benchmarks/`` and
+the training tests. The table is written directly in the ``qa`` contract (the renderer is the
+ground truth); ``lvr datagen`` shows the general pipeline on richer videos.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from lvr.artifacts import rows_to_table, write_parquet
+from lvr.datagen.synthetic import render_color_order_video
+
+# Colors that are single tokens for the tiny tokenizer (" red", " orange", ...).
+TASK_COLORS = ["red", "green", "blue", "yellow", "cyan", "orange"]
+QUESTION = "Which color appears first?"
+PROMPT_VERSION = "color-order-v1"
+
+
+def make_color_qa(
+    out_dir: str | Path,
+    n_train: int,
+    n_eval: int = 0,
+    seed: int = 0,
+    size: int = 56,
+    fps: float = 8.0,
+    duration_s: float = 2.0,
+    bad_videos: int = 0,
+    n_rl: int = 0,
+    gold: str | None = None,
+) -> Path:
+    """Render color-order videos and write a ``qa`` table (``out_dir/qa/00000.parquet``).
+
+    Rows come in the order sft (``n_train``), rl (``n_rl``), eval (``n_eval``); videos already
+    rendered are reused, so a rerun costs nothing.
+
+    Args:
+        out_dir: Folder for videos and the table.
+        n_train: Rows with split "sft".
+        n_eval: Rows with split "eval".
+        seed: Seed of colors, letters and videos.
+        size: Frame side in pixels.
+        fps: Video frame rate.
+        duration_s: Video length.
+        bad_videos: Extra "sft" rows pointing to files that are not videos (decode failures).
+        n_rl: Rows with split "rl".
+        gold: Always put the answer at this letter (a biased set for RL checks); default cycles
+            A-D so that every letter is gold equally often.
+
+    Returns:
+        The table folder.
+    """
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    splits = ["sft"] * n_train + ["rl"] * n_rl + ["eval"] * n_eval
+    rows: list[dict[str, Any]] = []
+    for i, split in enumerate(splits):
+        colors = rng.sample(TASK_COLORS, 4)
+        path = out_dir / "videos" / f"c{seed}_{i:05d}.mp4"
+        if not path.is_file():
+            render_color_order_video(
+                path, colors, seed=seed * 100003 + i, duration_s=duration_s, size=size, fps=fps
+            )
+        rows.append(color_row(i, str(path), colors, gold or "ABCD"[i % 4], rng, split, duration_s))
+    for j in range(bad_videos):
+        bad = out_dir / "videos" / f"bad_{j}.mp4"
+        bad.parent.mkdir(parents=True, exist_ok=True)
+        bad.write_bytes(b"this is not a video")
+        rows.append(color_row(10**6 + j, str(bad), TASK_COLORS[:4], "A", rng, "sft", duration_s))
+    table_dir = out_dir / "qa"
+    write_parquet(table_dir / "00000.parquet", rows_to_table(rows, "qa"), "qa")
+    return table_dir
+
+
+def color_row(
+    i: int,
+    path: str,
+    colors: list[str],
+    gold: str,
+    rng: random.Random,
+    split: str,
+    duration_s: float = 2.0,
+) -> dict[str, Any]:
+    """One question: the first color sits at the gold letter, the other three shuffled around it."""
+    others = colors[1:]
+    rng.shuffle(others)
+    options = others[:]
+    options.insert("ABCD".index(gold), colors[0])
+    return {
+        "qa_id": f"q{i:07d}",
+        "video_id": f"v{i:07d}",
+        "video_path": path,
+        "duration_s": duration_s,
+        "category": "temporal",
+        "format": "mc",
+        "question": QUESTION,
+        "options": options,
+        "answer": gold,
+        "reasoning": f"The first color is {colors[0]} ({gold}), then {colors[1]}.",
+        "evidence": [],
+        "generator": "synthetic",
+        "prompt_version": PROMPT_VERSION,
+        "raw": None,
+        "error": None,
+        "split": split,
+        "pass_rate": None,
+    }

@@ -1,0 +1,49 @@
+"""`lvr demo` end to end at toy sizes: every step runs, the summary prints, a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TOY = ["task_train=12", "task_rl=4", "task_eval=4", "sft_epochs=1", "rl_steps=1", "llm_questions=0"]
+
+
+def _demo(run: Path) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "lvr.cli", "demo", "--run", str(run)]
+    for item in TOY:
+        args += ["--set", item]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(args, capture_output=True, text=True, env=env)
+
+
+def test_demo_runs_every_step_then_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "demo"
+    first = _demo(run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for step in ("datagen", "task", "eval base", "sft", "eval sft", "rl", "eval rl", "report"):
+        assert f"│ {step}" in first.stdout
+    assert "held-out accuracy (chance 25%): untrained" in first.stdout
+    assert (run / "eval" / "report.md").is_file()
+    assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "done"
+
+    kept = [run / "rl" / "manifest.json", run / "datagen" / "segment" / "clips" / "00000.parquet"]
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    again = _demo(run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in kept] == stamps, "finished work must be reused"
+
+
+def test_demo_show_config_and_bad_key() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lvr.cli", "demo", "--show-config"], capture_output=True, text=True
+    )
+    assert "task_train: 320" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lvr.cli", "demo", "--set", "task_trian=3"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "did you mean 'task_train'" in bad.stderr
