@@ -1,6 +1,7 @@
 """`lvr rl`: GRPO-family RL of a vision-language model on long videos, with MR-SP, in one file.
 
-Read top to bottom: the config dataclasses, `run_rl` (setup, loop, save) and the helpers it calls.
+Read top to bottom: `run_rl` (setup, loop, save) and the helpers it calls; the config dataclasses
+live in lvr/train/rl_config.py.
 One RL step:
 
 1. take the next `rollout_batch` questions of the `rl` split (a seeded order; the cursor is saved);
@@ -57,13 +58,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -71,116 +71,14 @@ from lvr.config import to_dict
 from lvr.train import algos as A
 from lvr.train import common as C
 from lvr.train import rewards as R
-
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSection:
-    """Which model, and what of it trains."""
-
-    # "tiny" builds lvr's tiny Qwen2.5-VL in <run>/models/; "sft" = latest checkpoint of <run>/sft/;
-    # else a hub id or an HF folder (e.g. runs/exp1/sft/checkpoint-000500).
-    path: str = "sft"
-    lora: bool = False
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_targets: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
-    attn_implementation: str = "auto"  # auto | sdpa | eager (the SP prefill needs sdpa/eager)
-
-
-@dataclass
-class DataSection:
-    """Questions and frames."""
-
-    qa: str = ""  # qa table (file or folder); "" = <run>/filter/qa
-    split: str = "rl"
-    frames: int = 64  # uniform frames per video (with fps > 0: the maximum)
-    fps: float = 0.0
-    max_pixels: int = 0  # per-frame pixel cap at decode time (0 = as decoded)
-    mode: Literal["think", "direct"] = "think"
-    cache_dir: str = ""  # on-disk embedding cache shared across steps ("" = in memory, per step)
-
-
-@dataclass
-class RolloutSection:
-    """Sampling of the G responses per prompt."""
-
-    engine: Literal["hf", "vllm"] = "hf"
-    n: int = 8  # G
-    temperature: float = 1.0
-    top_p: float = 0.99
-    max_new_tokens: int = 512
-
-
-@dataclass
-class AlgoSection:
-    """Advantage estimator, loss and KL (DAPO = dapo + clip_high 0.28 + kl none + dynamic)."""
-
-    advantage: Literal["grpo", "drgrpo", "dapo", "rloo"] = "grpo"
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    dual_clip: float = 3.0  # 0 disables
-    kl: Literal["k1", "k2", "k3", "low_var_kl", "none"] = "low_var_kl"
-    kl_coef: float = 1e-2
-    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
-    entropy_coef: float = 0.0
-    update_epochs: int = 1
-    dynamic_sampling: bool = False
-    max_gen_batches: int = 3  # draws per step when refilling (dynamic sampling)
-    invert_advantage: bool = False  # ONLY for the learning check's negative control
-
-
-@dataclass
-class OptimSection:
-    """AdamW and the schedule (per optimizer step)."""
-
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: Literal["cosine", "linear", "constant"] = "constant"
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-
-
-@dataclass
-class RLConfig:
-    """Config of `lvr rl` (see configs/rl/*.yaml). Defaults are the paper's."""
-
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    algo: AlgoSection = field(default_factory=AlgoSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    rewards: list[dict] = field(
-        default_factory=lambda: [{"fn": "accuracy", "weight": 0.9}, {"fn": "format", "weight": 0.1}]
-    )
-    rollout_batch: int = 512  # prompts per RL step
-    update_batch: int = 128  # prompts per optimizer step
-    micro_batch: int = 8  # rows (prompt + response) per forward
-    steps: int = 100  # RL steps
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    reuse_embeddings: bool = True  # False re-encodes the video for every use (benchmark baseline)
-    save_every: int = 0  # RL steps between checkpoints; 0 = only at the end
-    keep_last: int = 2
-    progress: bool = True
-    tensorboard: bool = False
-    wandb_project: str = ""
-
+from lvr.train.rl_config import (  # noqa: F401  (re-exported: `from lvr.train.rl import RLConfig`)
+    AlgoSection,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    RLConfig,
+    RolloutSection,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Setup
@@ -807,19 +705,9 @@ def _save_checkpoint(st: State, step: int) -> Path:
         state = {"step": step, "cursor": st.cursor, "opt_steps": st.opt_steps,
                  "counts": st.counts, "world_size": st.info.world_size}  # fmt: skip
         C.write_trainer_state(ckpt, state)
-        _prune(st.out_dir, st.cfg.keep_last)
+        C.prune_checkpoints(st.out_dir, st.cfg.keep_last)
     C.barrier(st.info)
     return ckpt
-
-
-def _prune(out_dir: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    done = sorted(
-        p for p in out_dir.glob(f"{C.CHECKPOINT_PREFIX}*") if (p / C.STATE_FILE).is_file()
-    )
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume(st: State, ckpt: Path) -> int:

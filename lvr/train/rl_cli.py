@@ -28,7 +28,7 @@ def rl(
     `torchrun --nproc_per_node 8 -m lvr.cli rl -c configs/rl/qwen25vl_8gpu_long.yaml`.
     """
     from lvr.config import resolve_cli_config
-    from lvr.train.rl import RLConfig
+    from lvr.train.rl_config import RLConfig
 
     cfg = resolve_cli_config(RLConfig, config, sets, show_config)
     if cfg is None:
