@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lvr.train import LORA_TARGETS
+
 
 @dataclass
 class ModelSection:
@@ -20,17 +22,7 @@ class ModelSection:
     lora: bool = False
     lora_r: int = 64
     lora_alpha: int = 128
-    lora_targets: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     attn_implementation: str = "auto"  # auto | sdpa | eager (the SP prefill needs sdpa/eager)
 
 

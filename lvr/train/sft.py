@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lvr.config import to_dict
+from lvr.train import LORA_TARGETS
 from lvr.train import common as C
 from lvr.train import data as D
 
@@ -64,17 +65,7 @@ class ModelSection:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     gradient_checkpointing: bool = False
     attn_implementation: str = "auto"  # auto | sdpa | flash_attention_2 | eager
 
