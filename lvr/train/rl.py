@@ -1,7 +1,7 @@
-"""`lvr rl`: GRPO-family RL of a vision-language model on long videos, with MR-SP, in one file.
+"""`lvr rl`: GRPO-family RL of a vision-language model on long videos, with MR-SP.
 
 Read top to bottom: `run_rl` (setup, loop, save) and the helpers it calls; the config dataclasses
-live in lvr/train/rl_config.py.
+live in lvr/train/rl_config.py, the run state, checkpoints and manifest in rl_state.py.
 One RL step:
 
 1. take the next `rollout_batch` questions of the `rl` split (a seeded order; the cursor is saved);
@@ -61,7 +61,7 @@ import json
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ from lvr.config import to_dict
 from lvr.train import algos as A
 from lvr.train import common as C
 from lvr.train import rewards as R
+from lvr.train import rl_state as S
 from lvr.train.rl_config import (  # noqa: F401  (re-exported: `from lvr.train.rl import RLConfig`)
     AlgoSection,
     DataSection,
@@ -79,55 +80,11 @@ from lvr.train.rl_config import (  # noqa: F401  (re-exported: `from lvr.train.r
     RLConfig,
     RolloutSection,
 )
+from lvr.train.rl_state import Group, Prompt, State
 
 # ---------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prompt:
-    """One question of a step: the row, its video inputs and (after encoding) its embeddings."""
-
-    row: Any  # lvr.train.data.QARow
-    inputs: Any  # lvr.mrsp.batch.PromptInput
-    pixels: torch.Tensor  # [t*h*w, C*2*p*p]
-    key: Any  # lvr.mrsp.encode.VideoKey
-
-
-@dataclass
-class Group:
-    """The G rollouts of one prompt, scored."""
-
-    prompt: Prompt
-    responses: list[torch.Tensor]  # G x [R_i]
-    rewards: list[float]
-    parts: dict[str, list[float]]
-
-
-@dataclass
-class State:
-    """Everything the loop touches (a plain record, not a trainer)."""
-
-    cfg: RLConfig
-    info: C.DistInfo
-    group: Any  # SP process group (None in one process)
-    out_dir: Path
-    model: torch.nn.Module  # policy; PEFT-wrapped with LoRA
-    base: torch.nn.Module  # the transformers model the MR-SP functions run (LoRA injected in it)
-    ref: torch.nn.Module | None  # frozen reference copy (None with LoRA or without KL)
-    processor: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    cache: Any  # EmbeddingCache
-    engine: Any  # rollout engine
-    rows: list
-    reward_specs: list[R.RewardSpec]
-    pad_id: int
-    eos_ids: list[int]
-    cursor: int = 0  # questions drawn so far (the data position to resume from)
-    opt_steps: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -143,7 +100,7 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     """
     st = setup(cfg, Path(run_dir))
     ckpt = C.latest_checkpoint(st.out_dir) if resume else None
-    start = _resume(st, ckpt) if ckpt is not None else 0
+    start = S.resume(st, ckpt) if ckpt is not None else 0
     logger = C.MetricsLogger(
         st.out_dir, st.info.is_main, cfg.tensorboard, cfg.wandb_project or None,
         Path(run_dir).name, to_dict(cfg), start_step=start,
@@ -151,7 +108,7 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     t0 = time.time()
     _loop(st, start, logger)
     logger.close()
-    return _write_manifest(st, start, ckpt, time.time() - t0, logger)
+    return S.write_manifest(st, start, ckpt, time.time() - t0, logger)
 
 
 def setup(cfg: RLConfig, run_dir: Path) -> State:
@@ -289,7 +246,7 @@ def _loop(st: State, start: int, logger: C.MetricsLogger) -> None:
             logger.log(step + 1, metrics)
             bar.update(task, advance=1, reward=metrics.get("reward/mean", float("nan")))
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                _save_checkpoint(st, step + 1)
+                S.save_checkpoint(st, step + 1)
 
 
 def rl_step(st: State, step: int) -> dict[str, float]:
@@ -302,7 +259,7 @@ def rl_step(st: State, step: int) -> dict[str, float]:
     metrics["groups_dropped"] = float(ds.dropped)
     if not groups:
         st.counts["steps_skipped"] = st.counts.get("steps_skipped", 0) + 1
-        return {**metrics, "skipped_step": 1.0, **_counts(st)}
+        return {**metrics, "skipped_step": 1.0, **S.counts(st)}
     metrics.update(_reward_metrics(st, groups))
     rows = _flatten(groups)
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [P*G]
@@ -318,7 +275,7 @@ def rl_step(st: State, step: int) -> dict[str, float]:
     metrics["encodes"] = float(st.cache.encodes - encodes0)
     metrics["step_s"] = round(time.time() - t0, 4)
     metrics["lr"] = float(st.scheduler.get_last_lr()[0])
-    return {**metrics, **_counts(st)}
+    return {**metrics, **S.counts(st)}
 
 
 class _timed:
@@ -332,11 +289,6 @@ class _timed:
 
     def __exit__(self, *exc: object) -> None:
         self.timers[self.name] = self.timers.get(self.name, 0.0) + time.time() - self.t0
-
-
-def _counts(st: State) -> dict[str, float]:
-    keys = ("skipped_decode", "skipped_nonfinite", "steps_skipped")
-    return {k: float(st.counts.get(k, 0)) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,88 +624,3 @@ def _optimizer_step(st: State) -> float:
         st.opt_steps += 1
     st.optimizer.zero_grad(set_to_none=True)
     return float(norm)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and manifest
-# ---------------------------------------------------------------------------------------------
-
-
-def _export_state(st: State) -> dict[str, torch.Tensor] | None:
-    if not st.cfg.model.lora:
-        return None
-    return C.merge_lora_state_dict(
-        st.model.state_dict(), st.cfg.model.lora_alpha / st.cfg.model.lora_r
-    )
-
-
-def _save_checkpoint(st: State, step: int) -> Path:
-    """`checkpoint-<step>/`: HF export, optimizer/scheduler/RNG/cursor, then the marker."""
-    ckpt = C.checkpoint_dir(st.out_dir, step)
-    if st.info.is_main:
-        C.save_hf_export(st.base, st.processor, ckpt, _export_state(st))
-        (ckpt / "training_state").mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu() for n, p in st.model.named_parameters() if p.requires_grad}
-        torch.save(
-            {"trainable": trainable, "optimizer": st.optimizer.state_dict(),
-             "scheduler": st.scheduler.state_dict()},
-            ckpt / "training_state" / "train.pt",
-        )  # fmt: skip
-    C.save_rng(ckpt, st.info.rank)
-    C.barrier(st.info)
-    if st.info.is_main:
-        state = {"step": step, "cursor": st.cursor, "opt_steps": st.opt_steps,
-                 "counts": st.counts, "world_size": st.info.world_size}  # fmt: skip
-        C.write_trainer_state(ckpt, state)
-        C.prune_checkpoints(st.out_dir, st.cfg.keep_last)
-    C.barrier(st.info)
-    return ckpt
-
-
-def _resume(st: State, ckpt: Path) -> int:
-    """Restore weights, optimizer, scheduler, data cursor, counters and RNG; return the step."""
-    state = C.read_trainer_state(ckpt)
-    if state.get("world_size", 1) != st.info.world_size:
-        raise C.TrainError(
-            f"{ckpt} was written by {state.get('world_size')} ranks; resume with as many"
-        )
-    saved = torch.load(ckpt / "training_state" / "train.pt", weights_only=False)
-    mine = {n for n, p in st.model.named_parameters() if p.requires_grad}
-    if set(saved["trainable"]) != mine:
-        raise C.TrainError(f"{ckpt} was trained with other trainable parameters (LoRA vs full?)")
-    st.model.load_state_dict(saved["trainable"], strict=False)
-    st.optimizer.load_state_dict(saved["optimizer"])
-    st.scheduler.load_state_dict(saved["scheduler"])
-    st.cursor, st.opt_steps = int(state["cursor"]), int(state["opt_steps"])
-    st.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
-    C.load_rng(ckpt, st.info.rank)
-    return int(state["step"])
-
-
-def _write_manifest(
-    st: State, start: int, ckpt: Path | None, seconds: float, logger: C.MetricsLogger
-) -> dict[str, Any]:
-    """`rl/manifest.json`: config + hash, data, counts, final checkpoint, last metrics."""
-    from lvr.artifacts import atomic_write_json, package_versions
-    from lvr.config import config_hash
-
-    manifest = {
-        "stage": "rl",
-        "status": "done",
-        "config": to_dict(st.cfg),
-        "config_hash": config_hash(st.cfg),
-        "rows": len(st.rows),
-        "steps": st.cfg.steps,
-        "optimizer_steps": st.opt_steps,
-        "resumed_from": str(ckpt) if ckpt else None,
-        "start_step": start,
-        "world_size": st.info.world_size,
-        "counts": _counts(st),
-        "final_checkpoint": str(C.checkpoint_dir(st.out_dir, st.cfg.steps)),
-        "last_metrics": (logger.rows() or [{}])[-1] if st.info.is_main else {},
-        "seconds": round(seconds, 3),
-        "versions": package_versions(),
-    }
-    if st.info.is_main:
-        atomic_write_json(st.out_dir / "manifest.json", manifest)
-    return manifest
