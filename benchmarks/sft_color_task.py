@@ -1,13 +1,17 @@
 """The SFT learning check: "which color appears first?" on synthetic color-order videos.
 
-Makes a `qa` table (sft + eval splits, 4 options, gold letters balanced) from
-`lvr.datagen.synthetic.render_color_order_video`, trains the tiny VLM with `lvr sft` (settings in
+Makes a `qa` table (sft + eval splits, gold letters balanced over A-D) with
+`lvr.datagen.color_task.make_color_qa`, trains a small tiny VLM with `lvr sft` (settings in
 configs/sft/color_order.yaml) and measures held-out accuracy with greedy generation and the letter
 inside `<answer>X</answer>`. Chance is 25%.
 
-    .venv/bin/python benchmarks/sft_color_task.py            # train + evaluate, last line JSON
+The default variant ("fixed") shows red, green, blue and yellow in a random order and always
+offers them as A-D: the question and options are the same text for every video, so only the
+frames can lift accuracy above chance. `--options shuffled` runs the harder variant (4 of 6
+colors, options shuffled), where the model must also find the option that names the color.
 
-The task data comes from `lvr.datagen.color_task` (shared with `lvr demo` and the tests).
+    .venv/bin/python benchmarks/sft_color_task.py                      # train + evaluate, last line JSON
+    .venv/bin/python benchmarks/sft_color_task.py --options shuffled epochs=60
 """
 
 from __future__ import annotations
@@ -15,23 +19,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
-from lvr.datagen.color_task import TASK_COLORS, make_color_qa  # noqa: E402, F401
-from lvr.datagen.color_task import color_row as _row  # noqa: E402, F401
+from lvr.datagen.color_task import make_color_qa  # noqa: E402
 
 
 def build_color_vlm(out_dir: Path, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
     """A slightly larger tiny Qwen2.5-VL for the learning check (same tokenizer and processor).
 
-    The default tiny model (hidden 128, 2 layers) learns the format but is slow to learn the
-    "find the option that names the first color" lookup; hidden 256 / 4 layers / 4 heads costs
-    about 1.5x per step (the LM head dominates) and learns it within the budget.
+    The default tiny model (hidden 128, 2 layers) learns the format but is slow to tie the video
+    to the answer; hidden 256 / 4 layers / 4 heads costs about 1.5x per step (the LM head
+    dominates) and learns the task well within the budget.
 
     Args:
         out_dir: Folder to write (reused when it already holds this build).
@@ -77,40 +79,57 @@ def extract_letter(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def evaluate(model_dir: Path, qa_dir: Path, frames: int, max_pixels: int = 0) -> dict[str, float]:
-    """Greedy-decode every "eval" row and score the extracted letter.
+def evaluate(
+    model_dir: Path, qa_dir: Path, frames: int, max_pixels: int = 0, samples: int = 0, seed: int = 0
+) -> dict[str, float]:
+    """Score every "eval" row by the letter inside `<answer>` (unparsable answers are wrong).
+
+    Greedy decoding by default; with `samples` > 0, that many responses per question at
+    temperature 1 (no top-k/top-p: the distribution RL samples from) and the accuracy is their
+    mean — the held-out counterpart of RL's mean accuracy reward, with `samples` x less variance
+    than one greedy answer per question.
 
     Returns:
-        {"accuracy", "n", "parsed"} (unparsable answers count as wrong).
+        {"accuracy", "n" (questions), "parsed" (answers with a letter)}.
     """
     import torch
 
     from lvr.models.batching import collate
+    from lvr.models.inputs import build_sample
     from lvr.models.loading import load_vlm
     from lvr.train import data as D
 
     model, processor = load_vlm(model_dir)
     rows = D.read_qa(qa_dir, "eval")
-    spec = D.FrameSpec(frames=frames, max_pixels=max_pixels)
-    correct = parsed = 0
     tok = processor.tokenizer
+    sampling = {"do_sample": False}
+    if samples:
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                    "num_return_sequences": samples}  # fmt: skip
+    torch.manual_seed(seed)
+    correct = parsed = total = 0
     for row in rows:
-        frames_, ts = D._sample_frames(row.video_path, spec.frames, 0.0, spec.max_pixels)
-        from lvr.models.inputs import build_sample
-
+        frames_, ts = D._sample_frames(row.video_path, frames, 0.0, max_pixels)
         sample = build_sample(processor, row.question, row.options, frames=frames_, timestamps=ts)
         batch = collate([sample], tok.pad_token_id, padding_side="left")
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=32, do_sample=False)
-        text = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        letter = extract_letter(text)
-        parsed += letter is not None
-        correct += letter == row.answer
-    return {"accuracy": correct / len(rows), "n": len(rows), "parsed": parsed}
+            out = model.generate(**batch, max_new_tokens=32, **sampling)
+        for seq in out:
+            letter = extract_letter(
+                tok.decode(seq[batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
+            parsed += letter is not None
+            correct += letter == row.answer
+            total += 1
+    return {"accuracy": correct / total, "n": len(rows), "parsed": parsed}
 
 
 def learning_check(
-    work: Path, config: Path | None = None, sets: list[str] | None = None, threads: int = 1
+    work: Path,
+    config: Path | None = None,
+    sets: list[str] | None = None,
+    threads: int = 1,
+    options: str = "fixed",
 ) -> dict:
     """Make data, train with `configs/sft/color_order.yaml`, evaluate on held-out videos.
 
@@ -120,6 +139,7 @@ def learning_check(
         sets: `key=value` overrides.
         threads: torch CPU threads; 1 is fastest on the shared 2-core machine (2 threads thrash
             when other processes compete for the cores).
+        options: Task variant of `make_color_qa` ("fixed" or "shuffled").
 
     Returns:
         The benchmark JSON dict (accuracy as "ours", chance 0.25 as "baseline").
@@ -134,7 +154,7 @@ def learning_check(
     cfg = load_config(SFTConfig, config or REPO / "configs/sft/color_order.yaml", sets)
     n_train, n_eval = 400, 60
     t0 = time.time()
-    qa = make_color_qa(work / "data", n_train, n_eval, seed=1, size=56)
+    qa = make_color_qa(work / "data", n_train, n_eval, seed=1, size=56, options=options)
     cfg.data.qa = str(qa)
     if cfg.model.path.startswith("color-vlm"):  # "color-vlm" or "color-vlm-<hidden>-<layers>"
         dims = [int(x) for x in cfg.model.path.split("-")[2:]] or [256, 4]
@@ -157,11 +177,17 @@ def learning_check(
         "train_s": round(t_train, 1),
         "data_s": round(t_data, 1),
         "final_loss": manifest["last_metrics"].get("loss"),
+        "options": options,
     }
 
 
 if __name__ == "__main__":
+    import argparse
     import tempfile
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--options", choices=["fixed", "shuffled"], default="fixed")
+    parser.add_argument("sets", nargs="*", help="key=value overrides of the SFT config")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(learning_check(Path(tmp), sets=sys.argv[1:])))
+        print(json.dumps(learning_check(Path(tmp), sets=args.sets, options=args.options)))

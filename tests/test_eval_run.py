@@ -232,7 +232,7 @@ def test_openai_backend_and_malformed_judge(lvr_videos: Path, tmp_path: Path) ->
 
 def test_judge_yes_no_and_malformed_reply_is_an_error() -> None:
     from lvr.backends import make_backend
-    from lvr.backends.fake_server import FakeOpenAIServer
+    from lvr.backends.fake_server import FakeOpenAIServer, FaultConfig
     from lvr.eval.judge import judge_messages, judge_rows, parse_verdict
 
     assert [parse_verdict(t) for t in ["Yes", " no.", "**YES**", "<think>hm</think>No"]] == [
@@ -242,11 +242,24 @@ def test_judge_yes_no_and_malformed_reply_is_an_error() -> None:
     row = {"qa_id": "q", "pass_index": 0, "format": "open", "error": None, "correct": False,
            "extracted": "a crimson circle", "answer": "a red circle"}  # fmt: skip
     exact = {**row, "qa_id": "e", "correct": True}  # an exact match is never sent to the judge
+    close = {**row, "qa_id": "c", "extracted": "the red circle on the left"}
+    questions = {k: {"question": "What moves?"} for k in "qc"}
     with FakeOpenAIServer() as server:
         backend = make_backend("openai", "fake-model", base_url=server.url)
-        sent = judge_rows([row, exact], {"q": {"question": "What moves?"}}, backend)
-    assert sent == 1 and exact["error"] is None and exact["correct"]
-    assert row["error"].startswith("judge reply is not Yes/No") and row["correct"] is False
+        sent = judge_rows([row, exact, close], questions, backend)
+    assert sent == 2 and exact["error"] is None and exact["correct"]
+    assert (row["error"], row["correct"], close["error"], close["correct"]) == (
+        None,
+        False,
+        None,
+        True,
+    )
+    # A reply without content (a model that returned nothing usable) is an error row, not a guess.
+    row["correct"] = False
+    with FakeOpenAIServer(faults=FaultConfig(rate=1.0, kinds=("missing_fields",))) as server:
+        backend = make_backend("openai", "fake-model", base_url=server.url, max_retries=0)
+        judge_rows([row], questions, backend)
+    assert row["error"].startswith("judge") and row["correct"] is False
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(lvr_videos: Path, tmp_path: Path) -> None:

@@ -14,10 +14,8 @@ pytest.importorskip("vllm")
 
 from lvr.models.loading import load_vlm  # noqa: E402
 from lvr.models.tiny import build_tiny_vlm  # noqa: E402
-from lvr.mrsp.batch import PromptInput  # noqa: E402
-from lvr.mrsp.encode import encode_video  # noqa: E402
 from lvr.mrsp.rollout import HFRolloutEngine  # noqa: E402
-from lvr.mrsp.synthetic import synthetic_prompt, synthetic_video  # noqa: E402
+from lvr.mrsp.synthetic import model_prompt  # noqa: E402
 from lvr.mrsp.vllm_engine import VLLMRolloutEngine  # noqa: E402
 
 
@@ -28,12 +26,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     folder = build_tiny_vlm(Path(tmp_path_factory.mktemp("vlm")) / "tiny")
     model, _ = load_vlm(folder, dtype=torch.float32)
     cfg = model.config
-    v = synthetic_video(4, size=112, seed=1)
-    special = (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id)
-    ids, types = synthetic_prompt(v.grid_thw, vocab=cfg.text_config.vocab_size, special=special)
-    with torch.no_grad():
-        emb = encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw)
-    prompt = PromptInput(ids, types, v.grid_thw, 1.0, emb, key=v.video_id)
+    prompt = model_prompt(model, frames=4, size=112, seed=1)
     eos = cfg.text_config.eos_token_id
     eos_ids = eos if isinstance(eos, list) else [eos]
     hf = HFRolloutEngine(model, eos_ids, cfg.text_config.pad_token_id)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import lvr.train.rewards as R
+from lvr.errors import LvrError
 
 
 def test_doctests_pass() -> None:
@@ -95,3 +96,59 @@ def test_reward_returning_wrong_length_is_an_error() -> None:
     spec = R.RewardSpec("bad", lambda completions, **kw: [1.0], 1.0)
     with pytest.raises(R.RewardError, match="returned 1 values for 2"):
         R.compute_rewards([spec], ["a", "b"], {})
+
+
+def test_judged_accuracy_over_loopback_judge() -> None:
+    from lvr.backends.fake_server import FakeOpenAIServer
+
+    completions = [
+        "<think>t</think><answer>A red circle.</answer>",  # exact after normalization: no call
+        "<think>t</think><answer>the red circle moving left</answer>",  # judge says Yes
+        "<think>t</think><answer>a blue square</answer>",  # judge says No
+        "no answer span",  # nothing to judge
+        "<think>t</think><answer>B</answer>",  # multiple choice: never judged
+    ]
+    columns = {
+        "answer": ["a red circle"] * 4 + ["B"],
+        "question": ["What moves?"] * 5,
+        "options": [[], [], [], [], ["x", "y"]],
+    }
+    with FakeOpenAIServer() as server:
+        entry = {
+            "fn": "judged_accuracy",
+            "weight": 1.0,
+            "args": {"model": "fake-model", "base_url": server.url},
+        }
+        specs = R.build_reward_specs([entry])
+        total, _ = R.compute_rewards(specs, completions, columns)
+        sent = [a.user_text for a in server.log]
+    assert total == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert len(sent) == 2 and all("Reference answer: a red circle" in t for t in sent)
+
+
+def test_judged_accuracy_errors_are_one_line() -> None:
+    with pytest.raises(R.RewardError, match=r"needs args \['model'\]"):
+        R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0}])
+    with pytest.raises(R.RewardError, match="unknown args"):
+        R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1, "args": {"modle": "m"}}])
+    dead = {"model": "m", "base_url": "http://127.0.0.1:9/v1", "timeout_s": 1.0}
+    specs = R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0, "args": dead}])
+    with pytest.raises(LvrError, match="cannot reach .* http://127.0.0.1:9/v1") as err:
+        R.compute_rewards(specs, ["<answer>blue</answer>"], {"answer": ["red"], "question": ["Q"]})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["missing_fields", "500"])
+def test_judged_accuracy_dead_judge_stops_the_step(kind: str) -> None:
+    """A judge that never gives a usable reply (empty content, HTTP 500 after retries) stops RL
+    with one line naming the endpoint, instead of silently scoring every open answer 0."""
+    from lvr.backends.fake_server import FakeOpenAIServer, FaultConfig
+
+    columns = {"answer": ["a red circle"], "question": ["What moves?"]}
+    completion = ["<answer>the red circle moving left</answer>"]  # the judge would say Yes
+    with FakeOpenAIServer(faults=FaultConfig(rate=1.0, kinds=(kind,))) as server:
+        args = {"model": "fake-model", "base_url": server.url, "timeout_s": 5.0}
+        specs = R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0, "args": args}])
+        with pytest.raises(R.RewardError, match="all 1 judge requests .* failed") as err:
+            R.compute_rewards(specs, completion, columns)
+    assert "\n" not in str(err.value)

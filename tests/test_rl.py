@@ -28,21 +28,6 @@ def qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_color_qa(tmp / "data", 3, 0, seed=0, size=56, bad_videos=1)
 
 
-@pytest.fixture
-def varied_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A user reward (dotted path) whose values differ inside a group, so advantages are non-zero."""
-    (tmp_path / "rl_test_rewards.py").write_text(
-        textwrap.dedent(
-            """
-            def by_length(completions, **kwargs):
-                return [float(len(c) % 3) for c in completions]
-            """
-        )
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "rl_test_rewards:by_length"
-
-
 def _cfg(qa: Path, *sets: str) -> RLConfig:
     base = [
         "model.path=tiny", f"data.qa={qa}", "data.split=sft", "data.frames=4", "data.max_pixels=3136",
@@ -158,3 +143,15 @@ def test_dapo_dynamic_sampling_drops_flat_groups_and_refills(qa, tmp_path, monke
     assert row["groups_dropped"] >= 1 and row["gen_rounds"] >= 2  # refilled from more prompts
     assert row["groups"] <= 2 and row["identical_groups"] == 0  # only groups with signal train
     assert "kl" not in row  # no reference model with kl=none
+
+
+def test_vllm_engine_without_vllm_is_one_clear_error(qa, tmp_path):
+    import importlib.util
+
+    from lvr.train.common import TrainError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/test_rl_vllm.py covers the engine)")
+    with pytest.raises(TrainError, match="vLLM is not installed"):
+        run_rl(_cfg(qa, "rollout.engine=vllm"), tmp_path / "v")
+    assert not (tmp_path / "v/models").exists()  # failed before building/loading any model

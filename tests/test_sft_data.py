@@ -112,3 +112,30 @@ def test_plan_is_seeded_length_grouped_and_rank_split():
     assert sorted(i for p in parts for mb in p for i in mb) == sorted(plan[0])
     with pytest.raises(D.DataError, match="cannot fill"):
         D.plan_steps([1, 2], global_batch=4, num_steps=1, seed=0)
+
+
+@pytest.mark.parametrize("options", ["fixed", "shuffled"])
+def test_color_task_answer_follows_the_rendered_order(tmp_path: Path, options: str) -> None:
+    """The gold letter names the color the renderer showed first; letters are balanced; a
+    rerun reuses the videos and another variant renders new ones."""
+    import pyarrow.parquet as pq
+
+    from lvr.datagen.color_task import FIXED_OPTIONS
+    from lvr.datagen.synthetic import read_sidecar
+
+    qa = make_color_qa(tmp_path, 8, 0, seed=4, size=32, options=options)
+    rows = pq.read_table(qa / "00000.parquet").to_pylist()
+    for r in rows:
+        first = read_sidecar(r["video_path"])["facts"]["color_order"][0]
+        assert r["options"]["ABCD".index(r["answer"])] == first
+        assert f"The first color is {first} ({r['answer']})" in r["reasoning"]
+        if options == "fixed":
+            assert r["options"] == FIXED_OPTIONS
+    assert sorted(r["answer"] for r in rows) == sorted("ABCD" * 2)
+    mtimes = {r["video_path"]: os.path.getmtime(r["video_path"]) for r in rows}
+    make_color_qa(tmp_path, 8, 0, seed=4, size=32, options=options)
+    assert all(os.path.getmtime(p) == t for p, t in mtimes.items())
+    other = "shuffled" if options == "fixed" else "fixed"
+    again = pq.read_table(make_color_qa(tmp_path, 8, 0, seed=4, size=32, options=other)
+                          / "00000.parquet").to_pylist()  # fmt: skip
+    assert {r["video_path"] for r in again}.isdisjoint(mtimes)

@@ -201,6 +201,9 @@ def synthesize(schema: dict[str, Any], hint: Any, facts: PromptFacts, key: str, 
 def answer_text(body: dict[str, Any], k: int) -> str:
     """The k-th output of a chat-completions request: JSON when a schema is asked, else text."""
     facts = PromptFacts.of(body.get("messages", []))
+    judged = _JUDGE.search(facts.text)
+    if judged:
+        return judge_verdict(judged.group(1), judged.group(2))
     schema = schema_from_request(body)
     if schema is not None:
         return json.dumps(synthesize(schema, None, facts, "", k), ensure_ascii=False)
@@ -216,6 +219,20 @@ def answer_text(body: dict[str, Any], k: int) -> str:
     last = facts.text.splitlines()[-1] if facts.text else "a scene"
     text = f"The video shows {_clip(last, 120)}"
     return f"{text}. {caption_sentence(facts, k)}" if facts.images else text
+
+
+_JUDGE = re.compile(r"Reference answer: (.*)\nCandidate answer: (.*)\n")
+
+
+def judge_verdict(reference: str, candidate: str) -> str:
+    """A judge's reply: "Yes" when the candidate holds most of the reference's words, else "No".
+
+    >>> judge_verdict("a red circle", "the crimson red circle"), judge_verdict("a red circle", "blue")
+    ('Yes', 'No')
+    """
+    words = set(re.findall(r"\w+", reference.lower())) - {"a", "an", "the"}
+    found = words & set(re.findall(r"\w+", candidate.lower()))
+    return "Yes" if words and len(found) * 2 > len(words) else "No"
 
 
 def broken_answer(body: dict[str, Any], k: int) -> str:

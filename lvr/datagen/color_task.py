@@ -13,11 +13,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lvr.artifacts import rows_to_table, write_parquet
+from lvr.artifacts import content_id, rows_to_table, write_parquet
 from lvr.datagen.synthetic import render_color_order_video
 
 # Colors that are single tokens for the tiny tokenizer (" red", " orange", ...).
 TASK_COLORS = ["red", "green", "blue", "yellow", "cyan", "orange"]
+# The "fixed" variant: every video shows these four, options always list them in this order.
+FIXED_OPTIONS = ["red", "green", "blue", "yellow"]
 QUESTION = "Which color appears first?"
 PROMPT_VERSION = "color-order-v1"
 
@@ -33,11 +35,13 @@ def make_color_qa(
     bad_videos: int = 0,
     n_rl: int = 0,
     gold: str | None = None,
+    options: str = "shuffled",
 ) -> Path:
     """Render color-order videos and write a ``qa`` table (``out_dir/qa/00000.parquet``).
 
     Rows come in the order sft (``n_train``), rl (``n_rl``), eval (``n_eval``); videos already
-    rendered are reused, so a rerun costs nothing.
+    rendered with the same settings are reused (their names hold a hash of those settings), so a
+    rerun costs nothing.
 
     Args:
         out_dir: Folder for videos and the table.
@@ -51,22 +55,32 @@ def make_color_qa(
         n_rl: Rows with split "rl".
         gold: Always put the answer at this letter (a biased set for RL checks); default cycles
             A-D so that every letter is gold equally often.
+        options: "shuffled" — four of six colors, options in random order (the model must find
+            the option naming the first color: a text lookup on top of the visual skill);
+            "fixed" — always red, green, blue, yellow as options A-D, shown in random order (the
+            letter follows from the first color alone: a pure visual question).
 
     Returns:
         The table folder.
     """
+    if options not in ("shuffled", "fixed"):
+        raise ValueError(f"options must be 'shuffled' or 'fixed', got {options!r}")
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     splits = ["sft"] * n_train + ["rl"] * n_rl + ["eval"] * n_eval
     rows: list[dict[str, Any]] = []
     for i, split in enumerate(splits):
-        colors = rng.sample(TASK_COLORS, 4)
-        path = out_dir / "videos" / f"c{seed}_{i:05d}.mp4"
+        letter = gold or "ABCD"[i % 4]
+        colors = _pick_colors(rng, options, letter)
+        render = {"colors": colors, "seed": seed * 100003 + i, "duration_s": duration_s,
+                  "size": size, "fps": fps}  # fmt: skip
+        # The name holds a hash of everything the renderer sees: a file is reused only when
+        # it is this very video (another variant or size renders a new file).
+        path = out_dir / "videos" / f"c{seed}_{i:05d}_{content_id(render)}.mp4"
         if not path.is_file():
-            render_color_order_video(
-                path, colors, seed=seed * 100003 + i, duration_s=duration_s, size=size, fps=fps
-            )
-        rows.append(color_row(i, str(path), colors, gold or "ABCD"[i % 4], rng, split, duration_s))
+            render_color_order_video(path, **render)
+        opts = FIXED_OPTIONS if options == "fixed" else None
+        rows.append(color_row(i, str(path), colors, letter, rng, split, duration_s, opts))
     for j in range(bad_videos):
         bad = out_dir / "videos" / f"bad_{j}.mp4"
         bad.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +91,16 @@ def make_color_qa(
     return table_dir
 
 
+def _pick_colors(rng: random.Random, options: str, letter: str) -> list[str]:
+    """The colors of one video in order of appearance; the first one sits at ``letter``."""
+    if options == "shuffled":
+        return rng.sample(TASK_COLORS, 4)
+    first = FIXED_OPTIONS["ABCD".index(letter)]
+    rest = [c for c in FIXED_OPTIONS if c != first]
+    rng.shuffle(rest)
+    return [first, *rest]
+
+
 def color_row(
     i: int,
     path: str,
@@ -85,12 +109,22 @@ def color_row(
     rng: random.Random,
     split: str,
     duration_s: float = 2.0,
+    fixed_options: list[str] | None = None,
 ) -> dict[str, Any]:
-    """One question: the first color sits at the gold letter, the other three shuffled around it."""
-    others = colors[1:]
-    rng.shuffle(others)
-    options = others[:]
-    options.insert("ABCD".index(gold), colors[0])
+    """One question: the first color sits at the gold letter.
+
+    With ``fixed_options`` the options are those (the first color must already be at ``gold``);
+    otherwise the other three colors are shuffled around it.
+    """
+    if fixed_options is not None:
+        if fixed_options["ABCD".index(gold)] != colors[0]:
+            raise ValueError(f"first color {colors[0]!r} is not option {gold} of {fixed_options}")
+        options = list(fixed_options)
+    else:
+        others = colors[1:]
+        rng.shuffle(others)
+        options = others[:]
+        options.insert("ABCD".index(gold), colors[0])
     return {
         "qa_id": f"q{i:07d}",
         "video_id": f"v{i:07d}",

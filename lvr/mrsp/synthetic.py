@@ -10,6 +10,7 @@ exists so MR-SP numerics can be checked at any shape (heads, frames, resolution)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -160,3 +161,22 @@ def random_response(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     """`[n]` random text ids (a stand-in for sampled responses)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(FIRST_TEXT_ID, vocab, (n,), generator=g)
+
+
+def model_prompt(model: torch.nn.Module, frames: int = 4, size: int = 112, seed: int = 1) -> Any:
+    """A `PromptInput` for a real Qwen2.5-VL `model`: a synthetic video encoded by its own tower
+    and random text ids around it (the model's special ids and vocabulary).
+
+    Returns:
+        `lvr.mrsp.batch.PromptInput` with the video embeddings filled in.
+    """
+    from lvr.mrsp.batch import PromptInput
+    from lvr.mrsp.encode import encode_video
+
+    cfg = model.config
+    v = synthetic_video(frames, size=size, seed=seed)
+    special = (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id)
+    ids, types = synthetic_prompt(v.grid_thw, vocab=cfg.text_config.vocab_size, special=special)
+    with torch.no_grad():
+        emb = encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw)
+    return PromptInput(ids, types, v.grid_thw, 1.0, emb, key=v.video_id)

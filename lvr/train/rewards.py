@@ -17,13 +17,27 @@ The paper's reward (the default) is `0.9 * accuracy + 0.1 * format`:
 - accuracy, multiple choice: the letter inside the `<answer>` span equals the gold letter (the
   last closed span; "B", "(B)", "B." and "B. red" count as "B"; anything else, or no span, is 0).
 - accuracy, open-ended: normalized exact match of the `<answer>` span with the gold answer
-  (case, articles, punctuation ignored; `lvr.eval.extract.normalize_text`). An LLM judge for
-  open-ended answers is not wired into RL yet (see `lvr.eval.judge` for evaluation).
+  (case, articles, punctuation ignored; `lvr.eval.extract.normalize_text`).
+- judged_accuracy: like accuracy, but open-ended answers that do not match exactly are sent to an
+  LLM judge on an OpenAI-compatible endpoint (the same Yes/No question as `lvr eval`'s judge).
+  Settings go in the entry's `args`:
+
+    rewards:
+      - fn: judged_accuracy
+        weight: 0.9
+        args: {model: Qwen/Qwen2.5-7B-Instruct, base_url: "http://127.0.0.1:8000/v1"}
+
+  A reply that is not Yes/No scores 0 (never a guess in favour) and is counted in the
+  `judge_malformed` log line; if every judge call of a step fails, the step stops with one line
+  naming the endpoint (a dead judge must not silently turn accuracy into 0).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +46,7 @@ from typing import Any
 from lvr.errors import LvrError
 
 RewardFn = Callable[..., list[float]]
+log = logging.getLogger(__name__)
 
 _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -149,11 +164,92 @@ def accuracy_reward(
     return out
 
 
+@functools.cache
+def _judge_backend(model: str, base_url: str, timeout_s: float) -> Any:
+    from lvr.backends import make_backend
+
+    return make_backend("openai", model, base_url=base_url, timeout_s=timeout_s)
+
+
+def judged_accuracy_reward(
+    completions: list[str],
+    answer: Sequence[str],
+    question: Sequence[str],
+    options: Sequence[Sequence[str] | None] | None = None,
+    *,
+    model: str,
+    base_url: str = "http://127.0.0.1:8000/v1",
+    max_tokens: int = 8,
+    timeout_s: float = 60.0,
+    **kwargs: Any,
+) -> list[float]:
+    """`accuracy_reward`, with an LLM judge for open-ended answers that do not match exactly.
+
+    Args:
+        completions: Decoded responses.
+        answer: Gold letters / answers.
+        question: Question texts (shown to the judge).
+        options: Each row's options (empty or None = open-ended).
+        model: Judge model served at `base_url`.
+        base_url: OpenAI-compatible endpoint root including /v1.
+        max_tokens: Budget of each judge reply.
+        timeout_s: Per-request timeout.
+        **kwargs: Other dataset columns (unused).
+
+    Returns:
+        One reward per completion.
+
+    Raises:
+        RewardError: Every judge request of the call failed (endpoint down or misconfigured).
+    """
+    from lvr.backends import Request
+    from lvr.eval.judge import JUDGE_PROMPT_VERSION, judge_messages, parse_verdict
+
+    out = accuracy_reward(completions, answer, options)
+    options = options if options is not None else [None] * len(completions)
+    todo = [
+        (i, span)
+        for i, (c, o) in enumerate(zip(completions, options, strict=True))
+        if not o and out[i] == 0.0 and (span := _answer_span(c))
+    ]
+    if not todo:
+        return out
+    requests = [
+        Request(
+            item_id=f"judge-{i}",
+            messages=judge_messages(question[i], str(answer[i]), span),
+            max_tokens=max_tokens,
+            temperature=0.0,
+            prompt_version=JUDGE_PROMPT_VERSION,
+        )
+        for i, span in todo
+    ]
+    responses = _judge_backend(model, base_url, timeout_s).run(requests, progress=False)
+    failed = malformed = 0
+    for (i, _), resp in zip(todo, responses, strict=True):
+        verdict = None if resp.error else parse_verdict(resp.texts[0] if resp.texts else None)
+        failed += resp.error is not None
+        malformed += resp.error is None and verdict is None
+        out[i] = 1.0 if verdict else 0.0
+    if failed == len(todo):
+        raise RewardError(
+            f"judged_accuracy: all {failed} judge requests to {base_url} ({model}) failed, e.g. "
+            f"{responses[0].error}; start the judge server or fix rewards[].args"
+        )
+    if failed or malformed:
+        log.warning(
+            "judged_accuracy: %d of %d judge requests failed, %d replies were not Yes/No (scored 0)",
+            failed, len(todo), malformed,
+        )  # fmt: skip
+    return out
+
+
 BUILTIN: dict[str, RewardFn] = {
     "format": format_reward,
     "accuracy": accuracy_reward,
     "mc_accuracy": mc_accuracy_reward,
     "open_accuracy": open_accuracy_reward,
+    "judged_accuracy": judged_accuracy_reward,
 }
 
 
@@ -194,19 +290,43 @@ def load_reward_fn(path: str) -> RewardFn:
     return fn
 
 
+def _check_args(where: str, fn: RewardFn, args: dict[str, Any]) -> None:
+    """Unknown `args` and missing required keyword-only arguments fail before training starts.
+
+    >>> _check_args("r", judged_accuracy_reward, {"modle": "x"})
+    Traceback (most recent call last):
+    lvr.train.rewards.RewardError: r: unknown args ['modle']; valid: ['model', 'base_url', 'max_tokens', 'timeout_s']
+    """
+    params = inspect.signature(fn).parameters.values()
+    named = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(args) - set(named))
+    if unknown:
+        raise RewardError(f"{where}: unknown args {unknown}; valid: {named}")
+    missing = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    missing = [m for m in missing if m not in args]
+    if missing:
+        raise RewardError(f"{where}: needs args {missing} (e.g. args: {{{missing[0]}: ...}})")
+
+
 def build_reward_specs(entries: Sequence[dict[str, Any]]) -> list[RewardSpec]:
-    """Turn config entries `{fn: ..., weight: ..., name?: ...}` into `RewardSpec`s.
+    """Turn config entries `{fn: ..., weight: ..., name?: ..., args?: {...}}` into `RewardSpec`s.
+
+    `args` bind the function's keyword-only parameters (those after `*`, e.g. a judge's model and
+    endpoint); unknown or missing ones are errors here, before any model is loaded.
 
     Raises:
         RewardError: A missing `fn`, a non-numeric weight, unknown keys or duplicate names.
     """
     specs: list[RewardSpec] = []
     for i, e in enumerate(entries):
-        unknown = set(e) - {"fn", "weight", "name"}
+        unknown = set(e) - {"fn", "weight", "name", "args"}
         if "fn" not in e or unknown:
             raise RewardError(
-                f"rewards[{i}] needs keys fn, weight (and optional name); got {sorted(e)}"
+                f"rewards[{i}] needs keys fn, weight (optional: name, args); got {sorted(e)}"
             )
+        args = e.get("args") or {}
+        if not isinstance(args, dict):
+            raise RewardError(f"rewards[{i}].args must be a mapping, got {args!r}")
         try:
             weight = float(e.get("weight", 1.0))
         except (TypeError, ValueError):
@@ -216,7 +336,9 @@ def build_reward_specs(entries: Sequence[dict[str, Any]]) -> list[RewardSpec]:
         name = str(e.get("name") or str(e["fn"]).replace(":", ".").rsplit(".", 1)[-1])
         if any(s.name == name for s in specs):
             raise RewardError(f"rewards[{i}]: duplicate reward name {name!r}; set `name`")
-        specs.append(RewardSpec(name, load_reward_fn(str(e["fn"])), weight))
+        fn = load_reward_fn(str(e["fn"]))
+        _check_args(f"rewards[{i}] ({e['fn']})", fn, args)
+        specs.append(RewardSpec(name, functools.partial(fn, **args) if args else fn, weight))
     if not specs:
         raise RewardError("at least one reward is needed")
     return specs

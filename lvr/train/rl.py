@@ -34,9 +34,16 @@ Metrics per RL step (`rl/metrics.jsonl`): `reward/mean|std`, `reward/<component>
 `identical_groups`, `groups`, `groups_dropped` / `gen_rounds` (dynamic sampling), `pg_loss`, `kl`,
 `entropy`, `clip_frac/low|high|dual`, `ratio/mean` (token means over the update), `grad_norm`,
 `opt_steps`, `lr`, seconds `data_s` (decode + tokenize), `encode_s`, `rollout_s` (includes
-`reward_s`), `prefill_s` (old-policy + reference), `update_s`, `step_s`, `encodes` (vision-tower
-runs this step: one per video with reuse), and cumulative `skipped_decode`, `skipped_nonfinite`,
-`steps_skipped`.
+`reward_s`), `prefill_s` (old-policy + reference), `update_s`, `sync_s` (new weights into the vLLM
+engine; ~0 with `hf`), `step_s`, `encodes` (vision-tower runs this step: one per video with
+reuse), and cumulative `skipped_decode`, `skipped_nonfinite`, `steps_skipped`, `weight_syncs`.
+
+Rollout engines (`rollout.engine`): `hf` samples with the policy's own module (nothing to sync);
+`vllm` (the `gpu` extra, or the CPU venv of scripts/vllm_env.sh) runs a separate vLLM engine on
+rank 0, started from the folder the policy was loaded from (on resume: the checkpoint's HF folder),
+fed the cached video embeddings, and reloaded in place with the policy's weights (LoRA merged into
+plain weights) after every RL step that stepped the optimizer. Extra `vllm.LLM` arguments go in
+`rollout.vllm` (dtype, gpu_memory_utilization, max_model_len, ...).
 
 Long-video settings: `data.frames` sets the frames per video (the paper trains with 512 and reaches
 3,600 on 8 GPUs); every process of the run joins ONE sequence-parallel group (`sp_size` = world
@@ -48,10 +55,13 @@ Deliberate simplifications:
   rank 0 generates and scores, then broadcasts the rollouts to the group.
 - The vision tower and projector are frozen (the paper's embedding reuse); the language model is
   trained fully or with LoRA (the reference is then the adapter-disabled base).
-- Only the `hf` rollout engine is wired in (vLLM: `lvr.mrsp` GPU extra, not yet connected here).
+- Every rank holds the whole policy (no FSDP / ZeRO-3 parameter sharding, no DeepSpeed engine in
+  RL): full fine-tuning fits small models; a 7B policy on 80 GB GPUs needs LoRA
+  (configs/rl/qwen25vl_*.yaml).
+- The vLLM engine shares the training GPU(s) of rank 0 (no separate rollout workers), and weights
+  reach it through host memory after each RL step (no CUDA IPC / NCCL weight broadcast).
 - A video that fails to decode drops its question from the step (counted, logged to
   `rl/skipped.jsonl`), never replaced by another video.
-- No LLM judge for open-ended rewards yet (normalized exact match).
 """
 
 from __future__ import annotations
@@ -98,8 +108,8 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     Returns:
         The manifest dict (also written to `rl/manifest.json`).
     """
-    st = setup(cfg, Path(run_dir))
-    ckpt = C.latest_checkpoint(st.out_dir) if resume else None
+    ckpt = C.latest_checkpoint(Path(run_dir) / "rl") if resume else None
+    st = setup(cfg, Path(run_dir), ckpt)
     start = S.resume(st, ckpt) if ckpt is not None else 0
     logger = C.MetricsLogger(
         st.out_dir, st.info.is_main, cfg.tensorboard, cfg.wandb_project or None,
@@ -111,8 +121,12 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     return S.write_manifest(st, start, ckpt, time.time() - t0, logger)
 
 
-def setup(cfg: RLConfig, run_dir: Path) -> State:
-    """Processes, model, reference, optimizer, embedding cache, rollout engine and data."""
+def setup(cfg: RLConfig, run_dir: Path, ckpt: Path | None = None) -> State:
+    """Processes, model, reference, optimizer, embedding cache, rollout engine and data.
+
+    `ckpt` is the checkpoint a resume will load (`S.resume`): a vLLM engine starts from its HF
+    folder, which holds the weights the policy is about to get, so no reload is needed.
+    """
     from lvr.mrsp.encode import EmbeddingCache
     from lvr.train import data as D
 
@@ -122,7 +136,7 @@ def setup(cfg: RLConfig, run_dir: Path) -> State:
     C.seed_everything(cfg.seed)
     specs = R.build_reward_specs(cfg.rewards)  # bad reward paths fail before any loading
     rows = D.read_qa(cfg.data.qa or run_dir / "filter" / "qa", cfg.data.split)
-    model, processor = _load_policy(cfg, info, run_dir)
+    model, processor, folder = _load_policy(cfg, info, run_dir)
     model, ref = _trainable_and_reference(cfg, model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,7 +148,7 @@ def setup(cfg: RLConfig, run_dir: Path) -> State:
     scheduler = C.build_scheduler(optimizer, o.schedule, o.warmup_steps, total)
     cache = EmbeddingCache(base, group, cfg.data.cache_dir or None)
     pad_id, eos_ids = _special_ids(base, processor)
-    engine = _rollout_engine(cfg, base, eos_ids, pad_id)
+    engine = _rollout_engine(cfg, info, base, eos_ids, pad_id, ckpt or folder)
     return State(
         cfg, info, group, run_dir / "rl", model, base, ref, processor, optimizer, scheduler,
         cache, engine, rows, specs, pad_id, eos_ids,
@@ -154,10 +168,18 @@ def _check_config(cfg: RLConfig) -> None:
         )
     if cfg.micro_batch < 1 or cfg.steps < 1 or cfg.algo.update_epochs < 1:
         raise C.TrainError("micro_batch, steps and algo.update_epochs must be >= 1")
+    if cfg.rollout.engine == "vllm":  # every rank: one failing alone would leave the others waiting
+        _check_vllm(cfg.rollout.vllm)
 
 
-def _load_policy(cfg: RLConfig, info: C.DistInfo, run_dir: Path) -> tuple[torch.nn.Module, Any]:
-    """Load the starting weights in fp32 (masters; bf16 autocast on GPU)."""
+def _load_policy(
+    cfg: RLConfig, info: C.DistInfo, run_dir: Path
+) -> tuple[torch.nn.Module, Any, str | Path]:
+    """Load the starting weights in fp32 (masters; bf16 autocast on GPU).
+
+    Returns the model, its processor and where they came from (folder or hub id; a vLLM rollout
+    engine loads the same).
+    """
     from lvr.models.loading import load_vlm
 
     source: str | Path = cfg.model.path
@@ -175,7 +197,10 @@ def _load_policy(cfg: RLConfig, info: C.DistInfo, run_dir: Path) -> tuple[torch.
     attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
     if attn is None and info.device.type == "cuda":
         attn = "sdpa"  # the SP prefill runs the decoder layers itself (sdpa/eager, Ulysses)
-    return load_vlm(source, device=info.device, dtype=torch.float32, attn_implementation=attn)
+    model, processor = load_vlm(
+        source, device=info.device, dtype=torch.float32, attn_implementation=attn
+    )
+    return model, processor, source
 
 
 def _trainable_and_reference(
@@ -217,14 +242,73 @@ def _special_ids(model: torch.nn.Module, processor: Any) -> tuple[int, list[int]
     return int(pad), [int(i) for i in eos_ids]
 
 
-def _rollout_engine(cfg: RLConfig, base: torch.nn.Module, eos_ids: list[int], pad_id: int) -> Any:
+def _rollout_engine(
+    cfg: RLConfig,
+    info: C.DistInfo,
+    base: torch.nn.Module,
+    eos_ids: list[int],
+    pad_id: int,
+    folder: str | Path,
+) -> Any:
+    """The sampler. `hf` runs the policy module itself; `vllm` holds its own copy of the weights,
+    started from `folder`, on rank 0 only (rank 0 generates and broadcasts; None elsewhere)."""
     from lvr.mrsp.rollout import HFRolloutEngine
 
-    if cfg.rollout.engine != "hf":
+    if cfg.rollout.engine == "hf":
+        return HFRolloutEngine(base, eos_ids, pad_id)
+    if not info.is_main:
+        return None
+    from lvr.mrsp.vllm_engine import VLLMRolloutEngine
+
+    # In one process vLLM seeds the global RNGs with its `seed`: make that the run's seed.
+    kwargs = {"seed": cfg.seed, **cfg.rollout.vllm}
+    video_id = int(base.config.video_token_id)
+    return VLLMRolloutEngine(folder, video_id, stop_token_ids=eos_ids, **kwargs)
+
+
+def _check_vllm(kwargs: dict[str, Any]) -> None:
+    """vLLM must be importable, and `rollout.vllm` hold only arguments it takes (its own error is a
+    bare TypeError deep in the engine setup). `model` is ours: it is the policy's folder."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    try:
+        from vllm import LLM, EngineArgs
+    except ImportError:
         raise C.TrainError(
-            "rollout.engine=vllm is not wired into lvr rl yet; use rollout.engine=hf"
-        )
-    return HFRolloutEngine(base, eos_ids, pad_id)
+            "rollout.engine=vllm but vLLM is not installed here: use the `gpu` extra, or the CPU "
+            "venv built by scripts/vllm_env.sh (or rollout.engine=hf)"
+        ) from None
+
+    valid = {f.name for f in dataclasses.fields(EngineArgs)}
+    valid |= set(inspect.signature(LLM.__init__).parameters)
+    valid -= {"self", "kwargs", "model"}
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f" (did you mean 'rollout.vllm.{close[0]}'?)" if close else ""
+            raise C.TrainError(
+                f"unknown vLLM argument 'rollout.vllm.{key}'{hint}; the keys are `vllm.LLM` "
+                "arguments, e.g. dtype, gpu_memory_utilization, max_model_len, "
+                "kv_cache_memory_bytes, tensor_parallel_size (the model is set from model.path)"
+            )
+
+
+def _sync_engine(st: State) -> None:
+    """Load the policy's current weights into an engine that keeps its own copy (vLLM).
+
+    The HF engine samples with the policy module itself, and ranks other than 0 have no engine:
+    nothing to do. With LoRA the engine gets W + scale * B @ A under the plain model's names,
+    computed into fresh tensors so the PEFT modules that train stay as they are.
+    """
+    from lvr.mrsp.rollout import HFRolloutEngine
+
+    if st.engine is None or isinstance(st.engine, HFRolloutEngine):
+        return
+    merged = S.merged_state(st)
+    st.engine.update_weights(merged if merged is not None else st.base)
+    st.counts["weight_syncs"] = st.counts.get("weight_syncs", 0) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +337,7 @@ def rl_step(st: State, step: int) -> dict[str, float]:
     """One RL step: collect scored groups, compute advantages, update. Returns its metrics."""
     t0 = time.time()
     timers: dict[str, float] = {}
-    encodes0 = st.cache.encodes
+    encodes0, opt0 = st.cache.encodes, st.opt_steps
     groups, ds = _collect(st, step, timers)
     metrics: dict[str, float] = {"groups": float(len(groups)), "gen_rounds": float(ds.rounds)}
     metrics["groups_dropped"] = float(ds.dropped)
@@ -271,6 +355,10 @@ def rl_step(st: State, step: int) -> dict[str, float]:
         ref = _reference_logprobs(st, rows)
     with _timed(timers, "update_s"):
         metrics.update(_update(st, rows, adv, old.logprobs, ref, step))
+    with _timed(timers, "sync_s"):
+        if st.opt_steps > opt0:  # unchanged weights (all steps non-finite) need no reload
+            _sync_engine(st)
+    metrics["weight_syncs"] = float(st.counts.get("weight_syncs", 0))
     metrics.update({k: round(v, 4) for k, v in timers.items()})
     metrics["encodes"] = float(st.cache.encodes - encodes0)
     metrics["step_s"] = round(time.time() - t0, 4)

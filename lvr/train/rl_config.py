@@ -7,7 +7,7 @@ without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lvr.train import LORA_TARGETS
 
@@ -48,6 +48,11 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 0.99
     max_new_tokens: int = 512
+    # engine=vllm only: extra `vllm.LLM` arguments (checked against vLLM's EngineArgs at start),
+    # e.g. dtype (bfloat16 | float32), gpu_memory_utilization (the share of the GPU vLLM may take
+    # next to training, e.g. 0.3), max_model_len, kv_cache_memory_bytes, tensor_parallel_size,
+    # enforce_eager. In YAML a mapping; on the command line `--set rollout.vllm.dtype=bfloat16`.
+    vllm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class State:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     cache: Any  # EmbeddingCache
-    engine: Any  # rollout engine
+    engine: Any  # rollout engine (vLLM: only on rank 0, None elsewhere)
     rows: list
     reward_specs: list[R.RewardSpec]
     pad_id: int
@@ -69,7 +69,9 @@ def counts(st: State) -> dict[str, float]:
     return {k: float(st.counts.get(k, 0)) for k in keys}
 
 
-def _export_state(st: State) -> dict[str, torch.Tensor] | None:
+def merged_state(st: State) -> dict[str, torch.Tensor] | None:
+    """LoRA: the policy's weights with the adapters folded in, keyed like the plain model (what the
+    HF export and a vLLM engine load; the training modules are untouched). None without LoRA."""
     if not st.cfg.model.lora:
         return None
     return C.merge_lora_state_dict(
@@ -81,7 +83,7 @@ def save_checkpoint(st: State, step: int) -> Path:
     """`checkpoint-<step>/`: HF export, optimizer/scheduler/RNG/cursor, then the marker."""
     ckpt = C.checkpoint_dir(st.out_dir, step)
     if st.info.is_main:
-        C.save_hf_export(st.base, st.processor, ckpt, _export_state(st))
+        C.save_hf_export(st.base, st.processor, ckpt, merged_state(st))
         (ckpt / "training_state").mkdir(parents=True, exist_ok=True)
         trainable = {n: p.detach().cpu() for n, p in st.model.named_parameters() if p.requires_grad}
         torch.save(
