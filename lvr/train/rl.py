@@ -5,15 +5,18 @@ live in lvr/train/rl_config.py, the run state, checkpoints and manifest in rl_st
 One RL step:
 
 1. take the next `rollout_batch` questions of the `rl` split (a seeded order; the cursor is saved);
+   with dp > 1 SP groups each takes its rollout_batch/dp slice of them;
 2. decode frames (`lvr.media`) and encode each video ONCE (`lvr.mrsp.encode.EmbeddingCache`, frames
    split over the SP group); the embeddings serve every rollout and every prefill of the step;
 3. roll out G responses per prompt from the cached embeddings (`lvr.mrsp.rollout`, same 3-D
-   M-RoPE positions as training) and score them (`lvr.train.rewards`);
+   M-RoPE positions as training; the SP group's rank 0 samples, seeded by the global prompt
+   index) and score them (`lvr.train.rewards`);
 4. advantages per group (`lvr.train.algos`; DAPO's dynamic sampling drops all-equal groups and
    draws further prompts to refill the batch);
 5. old-policy and reference log-probs, then `update_epochs` passes of mini-batches of `update_batch`
-   prompts: clipped surrogate + KL loss, aggregated over the whole mini-batch, clipped gradients,
-   non-finite steps skipped (counted). Log-probs come from the sequence-parallel prefill
+   prompts: clipped surrogate + KL loss, aggregated over the whole mini-batch (all DP groups: global
+   token/sequence counts), gradients summed over the world and clipped, non-finite steps skipped
+   (counted). Log-probs come from the sequence-parallel prefill
    (`lvr.mrsp.prefill.sp_prefill_logprobs`: logits only at response positions);
 6. log metrics (`rl/metrics.jsonl`, `rl/metrics.parquet`), checkpoint (`rl/checkpoint-NNNNNN/`: an HF
    folder loadable by `lvr eval` plus optimizer/scheduler/RNG/cursor state for exact resume).
@@ -24,8 +27,10 @@ Launch lines::
     lvr rl --config configs/rl/tiny_cpu.yaml --run runs/demo
     # 1 GPU, Qwen2.5-VL-7B from an `lvr sft` checkpoint, LoRA, 64 frames
     lvr rl --config configs/rl/qwen25vl_1gpu.yaml --run runs/exp1
-    # 8 GPUs, one SP group of 8 (hour-long videos: up to 3,600 frames), full fine-tuning
+    # 8 GPUs, one SP group of 8 (hour-long videos: up to 3,600 frames), LoRA
     torchrun --nproc_per_node 8 -m lvr.cli rl --config configs/rl/qwen25vl_8gpu_long.yaml --run runs/exp1
+    # 8 GPUs as 4 data-parallel SP groups of 2 (shorter videos: more prompts in flight)
+    ... --config configs/rl/qwen25vl_8gpu_long.yaml --set sp_size=2 --set data.frames=128
     # continue from the latest checkpoint in runs/exp1/rl/
     ... --resume
 
@@ -39,20 +44,35 @@ engine; ~0 with `hf`), `step_s`, `encodes` (vision-tower runs this step: one per
 reuse), and cumulative `skipped_decode`, `skipped_nonfinite`, `steps_skipped`, `weight_syncs`.
 
 Rollout engines (`rollout.engine`): `hf` samples with the policy's own module (nothing to sync);
-`vllm` (the `gpu` extra, or the CPU venv of scripts/vllm_env.sh) runs a separate vLLM engine on
-rank 0, started from the folder the policy was loaded from (on resume: the checkpoint's HF folder),
-fed the cached video embeddings, and reloaded in place with the policy's weights (LoRA merged into
-plain weights) after every RL step that stepped the optimizer. Extra `vllm.LLM` arguments go in
-`rollout.vllm` (dtype, gpu_memory_utilization, max_model_len, ...).
+`vllm` (the `gpu` extra, or the CPU venv of scripts/vllm_env.sh; dp 1 only) runs a separate vLLM
+engine on rank 0, started from the folder the policy was loaded from (on resume: the checkpoint's
+HF folder), fed the cached video embeddings, and reloaded in place with the policy's weights (LoRA
+merged into plain weights) after every RL step that stepped the optimizer. Extra `vllm.LLM`
+arguments go in `rollout.vllm` (dtype, gpu_memory_utilization, max_model_len, ...).
 
 Long-video settings: `data.frames` sets the frames per video (the paper trains with 512 and reaches
-3,600 on 8 GPUs); every process of the run joins ONE sequence-parallel group (`sp_size` = world
-size), which splits the vision encoding by frames and the prefill by sequence, so the per-GPU
-activation memory falls roughly as 1/SP. Keep `micro_batch` small (1-2 rows) for long videos.
+3,600 on 8 GPUs). The world is split as dp x sp (`sp_size`; 0 = one SP group of all ranks): each
+sequence-parallel group (contiguous ranks) splits the vision encoding by frames and the prefill by
+sequence, so the per-GPU activation memory falls roughly as 1/SP; the dp groups take disjoint
+slices of every step's prompts (rollout_batch and update_batch must divide by dp). Use the
+smallest SP that fits the video length: every extra SP group samples its prompts in parallel.
+Keep `micro_batch` small (1-2 rows) for long videos.
+
+Data parallelism keeps the single-group result: the prompt order and the cursor are global (the
+groups together take what one process would), rollout seeds follow the global prompt index, the
+mini-batches are drawn from the global batch with global loss normalisers, and the gradients are
+summed over the world (the SP sum and the DP sum in one all-reduce). So dp 2 x sp 1 equals one
+process up to float rounding (tests/test_rl_sp.py). Advantages stay per prompt group (local), and
+the logged metrics cover the whole batch (gathered over the DP groups); only the timers
+(`*_s`) are rank 0's own.
 
 Deliberate simplifications:
-- All ranks form one SP group holding the same samples (no data parallelism across SP groups yet);
-  rank 0 generates and scores, then broadcasts the rollouts to the group.
+- Within an SP group all ranks hold the same samples: its rank 0 generates and scores, then
+  broadcasts the rollouts to the group (no rollout workers).
+- With dp > 1 a mini-batch's prompts stay on the DP group that sampled them (no re-sharding of
+  embeddings), so one optimizer step may give the groups uneven shares of rows; over an RL step
+  each group runs exactly its own rollout_batch/dp prompts. DAPO dynamic sampling and the vLLM
+  engine (started on global rank 0 only) need dp = 1: both are refused with dp > 1.
 - The vision tower and projector are frozen (the paper's embedding reuse); the language model is
   trained fully or with LoRA (the reference is then the adapter-disabled base).
 - Every rank holds the whole policy (no FSDP / ZeRO-3 parameter sharding, no DeepSpeed engine in
@@ -68,6 +88,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -130,9 +151,9 @@ def setup(cfg: RLConfig, run_dir: Path, ckpt: Path | None = None) -> State:
     from lvr.mrsp.encode import EmbeddingCache
     from lvr.train import data as D
 
-    _check_config(cfg)
+    _check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the world init_distributed joins
     info = C.init_distributed(cfg.device)
-    group = torch.distributed.group.WORLD if info.distributed else None
+    group, topo = _topology(cfg, info)
     C.seed_everything(cfg.seed)
     specs = R.build_reward_specs(cfg.rewards)  # bad reward paths fail before any loading
     rows = D.read_qa(cfg.data.qa or run_dir / "filter" / "qa", cfg.data.split)
@@ -151,11 +172,12 @@ def setup(cfg: RLConfig, run_dir: Path, ckpt: Path | None = None) -> State:
     engine = _rollout_engine(cfg, info, base, eos_ids, pad_id, ckpt or folder)
     return State(
         cfg, info, group, run_dir / "rl", model, base, ref, processor, optimizer, scheduler,
-        cache, engine, rows, specs, pad_id, eos_ids,
+        cache, engine, rows, specs, pad_id, eos_ids, topo=topo,
     )  # fmt: skip
 
 
-def _check_config(cfg: RLConfig) -> None:
+def _check_config(cfg: RLConfig, world: int) -> None:
+    _check_topology(cfg, world)
     if cfg.rollout_batch % cfg.update_batch:
         raise C.TrainError(
             f"rollout_batch ({cfg.rollout_batch}) must be a multiple of update_batch ({cfg.update_batch})"
@@ -170,6 +192,46 @@ def _check_config(cfg: RLConfig) -> None:
         raise C.TrainError("micro_batch, steps and algo.update_epochs must be >= 1")
     if cfg.rollout.engine == "vllm":  # every rank: one failing alone would leave the others waiting
         _check_vllm(cfg.rollout.vllm)
+
+
+def _check_topology(cfg: RLConfig, world: int) -> None:
+    """world = dp x sp: the split must be exact, and dp > 1 must avoid what only works with dp 1."""
+    sp = cfg.sp_size or world
+    if sp < 0 or world % sp:
+        raise C.TrainError(f"sp_size ({cfg.sp_size}) must divide the world size ({world})")
+    dp = world // sp
+    if dp == 1:
+        return
+    if cfg.rollout_batch % dp or cfg.update_batch % dp:
+        raise C.TrainError(
+            f"rollout_batch ({cfg.rollout_batch}) and update_batch ({cfg.update_batch}) must be "
+            f"multiples of the data-parallel size {dp} (world {world} / sp_size {sp})"
+        )
+    if cfg.algo.dynamic_sampling:  # refills would draw different prompt counts per DP group
+        raise C.TrainError("algo.dynamic_sampling needs one SP group (sp_size 0 or = world size)")
+    if cfg.rollout.engine == "vllm":  # the engine runs on global rank 0 only
+        raise C.TrainError("rollout.engine=vllm needs one SP group (sp_size 0 or = world size)")
+
+
+def _topology(cfg: RLConfig, info: C.DistInfo) -> tuple[Any, S.Topology]:
+    """This rank's SP group and its place among the DP replicas (contiguous SP groups).
+
+    `new_group` is collective over the whole world: every rank creates every group, in the same
+    order, even the ones it is not in.
+    """
+    import torch.distributed as dist
+
+    if not info.distributed:
+        return None, S.Topology()
+    world = info.world_size
+    sp = cfg.sp_size or world
+    dp = world // sp
+    if dp == 1:
+        return dist.group.WORLD, S.Topology()
+    sp_groups = [dist.new_group(list(range(k * sp, (k + 1) * sp))) for k in range(dp)]
+    dp_groups = [dist.new_group(list(range(j, world, sp))) for j in range(sp)]
+    k, j = divmod(info.rank, sp)
+    return sp_groups[k], S.Topology(dp_groups[j], k, dp, k * sp)
 
 
 def _load_policy(
@@ -339,13 +401,16 @@ def rl_step(st: State, step: int) -> dict[str, float]:
     timers: dict[str, float] = {}
     encodes0, opt0 = st.cache.encodes, st.opt_steps
     groups, ds = _collect(st, step, timers)
-    metrics: dict[str, float] = {"groups": float(len(groups)), "gen_rounds": float(ds.rounds)}
+    summary = [s for part in _dp_gather(st, [_summary(st, g) for g in groups]) for s in part]
+    metrics: dict[str, float] = {"groups": float(len(summary)), "gen_rounds": float(ds.rounds)}
     metrics["groups_dropped"] = float(ds.dropped)
-    if not groups:
+    # Decided on the global batch: a DP group without prompts still joins the update's collectives.
+    if not summary:
         st.counts["steps_skipped"] = st.counts.get("steps_skipped", 0) + 1
         return {**metrics, "skipped_step": 1.0, **S.counts(st)}
-    metrics.update(_reward_metrics(st, groups))
+    metrics.update(_reward_metrics(summary))
     rows = _flatten(groups)
+    lengths = [n for s in summary for n in s["lengths"]]  # [P_global*G] response tokens
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [P*G]
     adv = A.compute_advantages(rewards, st.cfg.rollout.n, st.cfg.algo.advantage)  # [P*G]
     if st.cfg.algo.invert_advantage:
@@ -354,13 +419,13 @@ def rl_step(st: State, step: int) -> dict[str, float]:
         old = _prefill_all(st, rows, st.base)
         ref = _reference_logprobs(st, rows)
     with _timed(timers, "update_s"):
-        metrics.update(_update(st, rows, adv, old.logprobs, ref, step))
+        metrics.update(_update(st, rows, adv, old.logprobs, ref, step, lengths))
     with _timed(timers, "sync_s"):
         if st.opt_steps > opt0:  # unchanged weights (all steps non-finite) need no reload
             _sync_engine(st)
     metrics["weight_syncs"] = float(st.counts.get("weight_syncs", 0))
     metrics.update({k: round(v, 4) for k, v in timers.items()})
-    metrics["encodes"] = float(st.cache.encodes - encodes0)
+    metrics["encodes"] = _dp_sum(st, {"e": float(st.cache.encodes - encodes0)})["e"]
     metrics["step_s"] = round(time.time() - t0, 4)
     metrics["lr"] = float(st.scheduler.get_last_lr()[0])
     return {**metrics, **S.counts(st)}
@@ -404,30 +469,85 @@ def _collect(
 
 
 def _next_prompts(st: State, k: int, timers: dict[str, float]) -> list[Prompt]:
-    """The next `k` decodable questions in the seeded order (each epoch reshuffled)."""
-    import random
+    """This SP group's share of the next `k` decodable questions in the seeded order.
 
-    out: list[Prompt] = []
-    n = len(st.rows)
-    for _ in range(k + n):  # bounded: a table of undecodable videos cannot loop forever
-        if len(out) == k:
-            break
-        epoch, pos = divmod(st.cursor, n)
-        order = list(range(n))
-        random.Random(st.cfg.seed * 7919 + epoch).shuffle(order)
-        st.cursor += 1
-        prompt = _prepare_prompt(st, st.rows[order[pos]], timers)
-        if prompt is not None:
-            out.append(prompt)
+    The order and the cursor are global: the DP groups try disjoint slices of the next candidates,
+    share which ones decoded, and draw again until `k` did, so the union over groups is what one
+    process takes (and the cursor ends after the k-th decodable question). DP group d then owns
+    the decodable questions `[d*k/dp, (d+1)*k/dp)`.
+    """
+    decoded: dict[int, Any] = {}  # candidate position -> decoded sample (this group's tries)
+    good: list[int] = []  # positions that decoded, in draw order (all groups)
+    budget = k + len(st.rows)  # bounded: a table of undecodable videos cannot loop forever
+    while len(good) < k and budget > 0:
+        cands = list(range(st.cursor, st.cursor + min(k - len(good), budget)))
+        st.cursor += len(cands)
+        budget -= len(cands)
+        tries = {pos: _decode(st, _row_at(st, pos), timers) for pos in _share(st, cands)}
+        decoded.update({pos: r for pos, r in tries.items() if not isinstance(r, str)})
+        reasons = {pos: r for pos, r in tries.items() if isinstance(r, str)}
+        failed = {p: r for part in _dp_gather(st, reasons) for p, r in part.items()}
+        for pos in cands:
+            if pos in failed:
+                _skip(st, _row_at(st, pos), failed[pos])
+            else:
+                good.append(pos)
+    per = k // st.topo.dp_size
+    mine = good[st.topo.dp_rank * per : (st.topo.dp_rank + 1) * per]
+    out = []
+    for pos in mine:
+        # A failure elsewhere shifts ownership: a question another group decoded is decoded again.
+        got = decoded.get(pos) or _decode(st, _row_at(st, pos), timers)
+        if isinstance(got, str):  # it decoded there but not here: the SP collectives stay aligned
+            raise C.TrainError(f"video decoded on another DP group but not here: {got}")
+        out.append(_encode(st, _row_at(st, pos), got, timers))
     return out
 
 
-def _prepare_prompt(st: State, row: Any, timers: dict[str, float]) -> Prompt | None:
-    """Decode frames, build the prompt tokens and encode the video once (None: decode failed)."""
+def _row_at(st: State, pos: int) -> Any:
+    """The row at global draw position `pos` (each epoch reshuffled with the run's seed)."""
+    import random
+
+    epoch, i = divmod(pos, len(st.rows))
+    if st.order_epoch != epoch:  # one shuffle per epoch, not per question
+        st.order = list(range(len(st.rows)))
+        random.Random(st.cfg.seed * 7919 + epoch).shuffle(st.order)
+        st.order_epoch = epoch
+    return st.rows[st.order[i]]
+
+
+def _share(st: State, items: list[int]) -> list[int]:
+    """This DP group's contiguous slice of `items` (the first groups take one more if uneven)."""
+    dp, d = st.topo.dp_size, st.topo.dp_rank
+    per, extra = divmod(len(items), dp)
+    lo = d * per + min(d, extra)
+    return items[lo : lo + per + (d < extra)]
+
+
+def _dp_gather(st: State, obj: Any) -> list[Any]:
+    """`obj` of every DP group, in DP order (SP groups hold the same objects on all their ranks)."""
+    if st.topo.dp_group is None:
+        return [obj]
+    out: list[Any] = [None] * st.topo.dp_size
+    torch.distributed.all_gather_object(out, obj, group=st.topo.dp_group)
+    return out
+
+
+def _dp_sum(st: State, values: dict[str, float]) -> dict[str, float]:
+    """Sum per-key float statistics over the DP groups (keys may be missing on some groups)."""
+    parts = _dp_gather(st, values)
+    keys = list(dict.fromkeys(k for part in parts for k in part))
+    return {k: sum(part.get(k, 0.0) for part in parts) for k in keys}
+
+
+def _decode(st: State, row: Any, timers: dict[str, float]) -> tuple[Any, dict] | str:
+    """The cache key and processed sample of a question, or why its video failed to decode.
+
+    The raw frames are not kept: a step holds many decoded questions before they are encoded.
+    """
     from lvr.artifacts import content_id
     from lvr.media import VideoDecodeError, sample_frames
     from lvr.models.inputs import build_sample
-    from lvr.mrsp.batch import PromptInput
     from lvr.mrsp.encode import VideoKey
 
     d = st.cfg.data
@@ -436,18 +556,25 @@ def _prepare_prompt(st: State, row: Any, timers: dict[str, float]) -> Prompt | N
             how = {"fps": d.fps, "max_frames": d.frames} if d.fps > 0 else {"num_frames": d.frames}
             fr = sample_frames(row.video_path, max_pixels=d.max_pixels or None, **how)
         except (VideoDecodeError, OSError) as exc:
-            _skip(st, row, f"decode: {type(exc).__name__}: {exc}")
-            return None
+            return f"decode: {type(exc).__name__}: {exc}"
         ts = [float(t) for t in fr.timestamps_s]
         rate: dict[str, Any] = {"timestamps": ts} if len(ts) >= 2 else {"fps": 1.0}
         sample = build_sample(
             st.processor, row.question, row.options or None, frames=fr.frames, mode=d.mode, **rate
         )
-    grid = sample["video_grid_thw"][0]  # [3]
-    pixels = sample["pixel_values_videos"].to(st.info.device)  # [t*h*w, C*2*p*p]
     key = VideoKey(
         content_id(row.video_path), tuple(int(i) for i in fr.indices), tuple(fr.frames.shape[1:3])
     )
+    return key, sample
+
+
+def _encode(st: State, row: Any, decoded: tuple[Any, dict], timers: dict[str, float]) -> Prompt:
+    """Encode a decoded question's video once (a collective over the SP group)."""
+    from lvr.mrsp.batch import PromptInput
+
+    key, sample = decoded
+    grid = sample["video_grid_thw"][0]  # [3]
+    pixels = sample["pixel_values_videos"].to(st.info.device)  # [t*h*w, C*2*p*p]
     with _timed(timers, "encode_s"):
         emb = st.cache.get(key, pixels, grid)  # [N_video_tokens, D], once per video per step
     inputs = PromptInput(
@@ -458,7 +585,8 @@ def _prepare_prompt(st: State, row: Any, timers: dict[str, float]) -> Prompt | N
 
 
 def _skip(st: State, row: Any, reason: str) -> None:
-    """Count a dropped question and append why to `rl/skipped.jsonl` (main rank)."""
+    """Count a dropped question and append why to `rl/skipped.jsonl` (main rank; every rank
+    counts every DP group's drops, so the counters are global)."""
     st.counts["skipped_decode"] = st.counts.get("skipped_decode", 0) + 1
     if st.info.is_main:
         st.out_dir.mkdir(parents=True, exist_ok=True)
@@ -481,17 +609,21 @@ def _reencoded(st: State, p: Prompt) -> Any:
 def _rollout_and_score(
     st: State, prompts: list[Prompt], step: int, round_: int, timers: dict[str, float]
 ) -> list[Group]:
-    """G responses per prompt (rank 0 samples, the SP group receives them), scored."""
+    """G responses per prompt (the SP leader samples, its SP group receives them), scored."""
+    from lvr.mrsp.comm import sp_rank, sp_size
+
     cfg = st.cfg
     g = cfg.rollout.n
     seed = ((cfg.seed * 100_003 + step) * 16 + round_) * 1_000_000  # prompt i uses seed + i
+    # i is the GLOBAL prompt index: a prompt gets the same samples whatever the DP split.
+    seed += st.topo.dp_rank * (cfg.rollout_batch // st.topo.dp_size)
     with _timed(timers, "rollout_s"):
         if not cfg.reuse_embeddings:  # baseline: the tower runs again for every rollout
             for p in prompts:
                 for _ in range(g - 1):
                     _reencoded(st, p)
         payload: list[Any] = [None]
-        if st.info.is_main and prompts:
+        if sp_rank(st.group) == 0 and prompts:
             r = cfg.rollout
             ro = st.engine.generate(
                 [p.inputs for p in prompts], n=g, temperature=r.temperature, top_p=r.top_p,
@@ -500,8 +632,8 @@ def _rollout_and_score(
             with _timed(timers, "reward_s"):
                 total, parts = _score(st, prompts, ro.response_ids)
             payload = [(ro.response_ids, total, parts)]
-        if st.group is not None:
-            torch.distributed.broadcast_object_list(payload, src=0, group=st.group)
+        if sp_size(st.group) > 1:  # src is a global rank
+            torch.distributed.broadcast_object_list(payload, src=st.topo.leader, group=st.group)
     if payload[0] is None:
         return []
     responses, total, parts = payload[0]
@@ -535,23 +667,33 @@ def _strip_eos(ids: torch.Tensor, eos_ids: Sequence[int]) -> list[int]:
     return out[:-1] if out and out[-1] in eos_ids else out
 
 
-def _reward_metrics(st: State, groups: list[Group]) -> dict[str, float]:
-    """Reward mean/std overall and per component, accuracy, format rate, response lengths."""
-    rewards = torch.tensor([r for g in groups for r in g.rewards])
+def _summary(st: State, g: Group) -> dict[str, Any]:
+    """What the step's metrics and loss normalisers need of a group (small: gathered over DP)."""
+    return {
+        "rewards": g.rewards, "parts": g.parts,
+        "lengths": [int(r.numel()) for r in g.responses],
+        "ended": [bool(r.numel()) and int(r[-1]) in st.eos_ids for r in g.responses],
+    }  # fmt: skip
+
+
+def _reward_metrics(summary: list[dict[str, Any]]) -> dict[str, float]:
+    """Reward mean/std overall and per component, accuracy, format rate, response lengths, over
+    the groups of the whole (global) batch."""
+    rewards = torch.tensor([r for s in summary for r in s["rewards"]])
     out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False))}
-    for name in groups[0].parts:
-        vals = torch.tensor([v for g in groups for v in g.parts[name]])
+    for name in summary[0]["parts"]:
+        vals = torch.tensor([v for s in summary for v in s["parts"][name]])
         out[f"reward/{name}/mean"] = float(vals.mean())
         out[f"reward/{name}/std"] = float(vals.std(unbiased=False))
     for name, key in (("accuracy", "accuracy"), ("format", "format_rate")):
         if f"reward/{name}/mean" in out:
             out[key] = out[f"reward/{name}/mean"]
-    lengths = torch.tensor([float(r.numel()) for g in groups for r in g.responses])
-    ended = [int(r[-1]) in st.eos_ids for g in groups for r in g.responses]
+    lengths = torch.tensor([float(n) for s in summary for n in s["lengths"]])
+    ended = [e for s in summary for e in s["ended"]]
     out["response_len/mean"] = float(lengths.mean())
     out["response_len/max"] = float(lengths.max())
     out["truncated_rate"] = 1.0 - sum(ended) / len(ended)
-    out["identical_groups"] = float(sum(len(set(g.rewards)) <= 1 for g in groups))
+    out["identical_groups"] = float(sum(len(set(s["rewards"])) <= 1 for s in summary))
     return out
 
 
@@ -633,23 +775,36 @@ def _update(
     old: list[torch.Tensor],
     ref: list[torch.Tensor] | None,
     step: int,
+    lengths: list[int],
 ) -> dict[str, float]:
-    """`update_epochs` passes over shuffled mini-batches of `update_batch` prompts (whole groups)."""
+    """`update_epochs` passes over shuffled mini-batches of `update_batch` prompts (whole groups).
+
+    The mini-batches are drawn from the GLOBAL batch (`lengths`: response tokens of every row of
+    every DP group, prompt-major in DP order); each DP group runs the rows of the mini-batch it
+    holds, with the mini-batch's global normalisers, and the gradients are summed over the world.
+    So the update is the single-process one whatever dp is (the price: a mini-batch's rows are
+    not spread evenly over the DP groups).
+    """
     cfg, g = st.cfg, st.cfg.rollout.n
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     sums: dict[str, float] = {}
     norms = []
-    n_prompts = len(rows) // g
+    n_prompts = len(lengths) // g
+    first = st.topo.dp_rank * (cfg.rollout_batch // st.topo.dp_size)  # global index of ours
+    held = range(first, first + len(rows) // g)
     for _ in range(cfg.algo.update_epochs):
         order = torch.randperm(n_prompts, generator=gen).tolist()
         for s in range(0, n_prompts, cfg.update_batch):
-            ids = [p * g + j for p in order[s : s + cfg.update_batch] for j in range(g)]
-            n_tok = sum(rows[i][1].numel() for i in ids)  # global normalisers of this mini-batch
+            batch = order[s : s + cfg.update_batch]
+            n_seq = len(batch) * g  # global normalisers of this mini-batch
+            n_tok = sum(lengths[p * g + j] for p in batch for j in range(g))
+            ids = [(p - first) * g + j for p in batch if p in held for j in range(g)]
             for m in range(0, len(ids), cfg.micro_batch):
                 _micro_step(
-                    st, rows, ids[m : m + cfg.micro_batch], adv, old, ref, n_tok, len(ids), sums
+                    st, rows, ids[m : m + cfg.micro_batch], adv, old, ref, n_tok, n_seq, sums
                 )
             norms.append(_optimizer_step(st))
+    sums = _dp_sum(st, sums)  # token sums of the statistics over the whole batch
     tokens = max(sums.pop("tokens", 1.0), 1.0)
     out = {k: v / tokens for k, v in sums.items()}
     out["grad_norm"] = float(sum(norms) / len(norms))
@@ -697,11 +852,16 @@ def _micro_step(
 
 
 def _optimizer_step(st: State) -> float:
-    """Sum SP gradients, clip, and step unless the gradient is not finite (then skip, counted)."""
+    """Sum gradients over the world, clip, and step unless the gradient is not finite (skipped,
+    counted).
+
+    Summing over the world is the SP sum (each SP rank holds the gradient of its shard) and the DP
+    sum (each DP group holds its rows' share of the globally normalised loss) in one all-reduce.
+    """
     from lvr.mrsp.comm import sync_sp_grads
 
     params = [p for p in st.model.parameters() if p.requires_grad]
-    sync_sp_grads(params, st.group)
+    sync_sp_grads(params, torch.distributed.group.WORLD if st.info.distributed else None)
     clip = st.cfg.optim.grad_clip
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     if not torch.isfinite(norm):

@@ -100,6 +100,11 @@ class RLConfig:
     rollout_batch: int = 512  # prompts per RL step
     update_batch: int = 128  # prompts per optimizer step
     micro_batch: int = 8  # rows (prompt + response) per forward
+    # Ranks per MR-SP group; world = dp x sp_size. 0 = every rank in ONE SP group (dp 1). With
+    # dp > 1 each SP group (contiguous ranks) takes rollout_batch/dp prompts of every step, and the
+    # update equals the single-group one on the same global batch (global loss normalisers,
+    # gradients summed over the world). rollout_batch and update_batch must divide by dp.
+    sp_size: int = 0
     steps: int = 100  # RL steps
     seed: int = 0
     device: str = "auto"

@@ -39,12 +39,22 @@ class Group:
 
 
 @dataclass
+class Topology:
+    """Where this rank sits in world = dp x sp: one MR-SP group per data-parallel replica."""
+
+    dp_group: Any = None  # ranks at the same SP position in every SP group (None when dp == 1)
+    dp_rank: int = 0  # which SP group this rank is in (= which slice of the step's prompts)
+    dp_size: int = 1
+    leader: int = 0  # global rank of SP rank 0 of this group (samples, scores, broadcasts)
+
+
+@dataclass
 class State:
     """Everything the loop touches (a plain record, not a trainer)."""
 
     cfg: RLConfig
     info: C.DistInfo
-    group: Any  # SP process group (None in one process)
+    group: Any  # this rank's SP process group (None in one process)
     out_dir: Path
     model: torch.nn.Module  # policy; PEFT-wrapped with LoRA
     base: torch.nn.Module  # the transformers model the MR-SP functions run (LoRA injected in it)
@@ -53,14 +63,17 @@ class State:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     cache: Any  # EmbeddingCache
-    engine: Any  # rollout engine (vLLM: only on rank 0, None elsewhere)
+    engine: Any  # rollout engine (vLLM: only on rank 0, dp 1; None elsewhere)
     rows: list
     reward_specs: list[R.RewardSpec]
     pad_id: int
     eos_ids: list[int]
-    cursor: int = 0  # questions drawn so far (the data position to resume from)
+    cursor: int = 0  # questions drawn so far by ALL DP groups (the global data position)
     opt_steps: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    topo: Topology = field(default_factory=Topology)
+    order: list[int] = field(default_factory=list)  # row order of epoch `order_epoch` (seeded)
+    order_epoch: int = -1
 
 
 def counts(st: State) -> dict[str, float]:
