@@ -186,9 +186,10 @@ def test_dp2_sp2_with_bad_video_matches_single_process(tmp_path: Path, varied_re
 def test_dp_sp_config_errors(sets: list[str], world: int, match: str) -> None:
     from lvr.config import load_config
     from lvr.train.common import TrainError
-    from lvr.train.rl import RLConfig, _check_topology
+    from lvr.train.rl import RLConfig
+    from lvr.train.rl_parallel import check_topology
 
     base = ["rollout_batch=4", "update_batch=2"]
     with pytest.raises(TrainError, match=match):
-        _check_topology(load_config(RLConfig, None, base + sets), world)
-    _check_topology(load_config(RLConfig, None, base + ["sp_size=2"]), 4)  # dp 2 x sp 2 is fine
+        check_topology(load_config(RLConfig, None, base + sets), world)
+    check_topology(load_config(RLConfig, None, base + ["sp_size=2"]), 4)  # dp 2 x sp 2 is fine

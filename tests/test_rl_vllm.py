@@ -27,7 +27,7 @@ from lvr.models.loading import load_vlm  # noqa: E402
 from lvr.mrsp.batch import PromptInput  # noqa: E402
 from lvr.mrsp.rollout import HFRolloutEngine  # noqa: E402
 from lvr.mrsp.synthetic import model_prompt  # noqa: E402
-from lvr.train import rl  # noqa: E402
+from lvr.train import rl, rl_engines  # noqa: E402
 from lvr.train.common import TrainError  # noqa: E402
 from lvr.train.rl import RLConfig, run_rl  # noqa: E402
 from lvr.train.rl_state import State  # noqa: E402
@@ -139,6 +139,6 @@ def test_vllm_rollouts_lora_sync(qa, tmp_path, varied_reward):
 
 def test_unknown_vllm_argument_is_a_clear_error():
     with pytest.raises(TrainError, match="did you mean 'rollout.vllm.gpu_memory_utilization'"):
-        rl._check_vllm({"gpu_memory_util": 0.3})
+        rl_engines.check_vllm({"gpu_memory_util": 0.3})
     with pytest.raises(TrainError, match="model is set from model.path"):
-        rl._check_vllm({"model": "x"})
+        rl_engines.check_vllm({"model": "x"})

@@ -1,7 +1,9 @@
 """`lvr rl`: GRPO-family RL of a vision-language model on long videos, with MR-SP.
 
 Read top to bottom: `run_rl` (setup, loop, save) and the helpers it calls; the config dataclasses
-live in lvr/train/rl_config.py, the run state, checkpoints and manifest in rl_state.py.
+live in lvr/train/rl_config.py, the run state, checkpoints and manifest in rl_state.py, the
+rollout engines (hf / vLLM, weight sync) in rl_engines.py, the dp x sp groups in rl_parallel.py.
+
 One RL step:
 
 1. take the next `rollout_batch` questions of the `rl` split (a seeded order; the cursor is saved);
@@ -102,6 +104,8 @@ from lvr.config import to_dict
 from lvr.train import algos as A
 from lvr.train import common as C
 from lvr.train import rewards as R
+from lvr.train import rl_engines as E
+from lvr.train import rl_parallel as P
 from lvr.train import rl_state as S
 from lvr.train.rl_config import (  # noqa: F401  (re-exported: `from lvr.train.rl import RLConfig`)
     AlgoSection,
@@ -153,7 +157,7 @@ def setup(cfg: RLConfig, run_dir: Path, ckpt: Path | None = None) -> State:
 
     _check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the world init_distributed joins
     info = C.init_distributed(cfg.device)
-    group, topo = _topology(cfg, info)
+    group, topo = P.topology(cfg, info)
     C.seed_everything(cfg.seed)
     specs = R.build_reward_specs(cfg.rewards)  # bad reward paths fail before any loading
     rows = D.read_qa(cfg.data.qa or run_dir / "filter" / "qa", cfg.data.split)
@@ -169,7 +173,7 @@ def setup(cfg: RLConfig, run_dir: Path, ckpt: Path | None = None) -> State:
     scheduler = C.build_scheduler(optimizer, o.schedule, o.warmup_steps, total)
     cache = EmbeddingCache(base, group, cfg.data.cache_dir or None)
     pad_id, eos_ids = _special_ids(base, processor)
-    engine = _rollout_engine(cfg, info, base, eos_ids, pad_id, ckpt or folder)
+    engine = E.rollout_engine(cfg, info, base, eos_ids, pad_id, ckpt or folder)
     return State(
         cfg, info, group, run_dir / "rl", model, base, ref, processor, optimizer, scheduler,
         cache, engine, rows, specs, pad_id, eos_ids, topo=topo,
@@ -177,7 +181,7 @@ def setup(cfg: RLConfig, run_dir: Path, ckpt: Path | None = None) -> State:
 
 
 def _check_config(cfg: RLConfig, world: int) -> None:
-    _check_topology(cfg, world)
+    P.check_topology(cfg, world)
     if cfg.rollout_batch % cfg.update_batch:
         raise C.TrainError(
             f"rollout_batch ({cfg.rollout_batch}) must be a multiple of update_batch ({cfg.update_batch})"
@@ -191,47 +195,7 @@ def _check_config(cfg: RLConfig, world: int) -> None:
     if cfg.micro_batch < 1 or cfg.steps < 1 or cfg.algo.update_epochs < 1:
         raise C.TrainError("micro_batch, steps and algo.update_epochs must be >= 1")
     if cfg.rollout.engine == "vllm":  # every rank: one failing alone would leave the others waiting
-        _check_vllm(cfg.rollout.vllm)
-
-
-def _check_topology(cfg: RLConfig, world: int) -> None:
-    """world = dp x sp: the split must be exact, and dp > 1 must avoid what only works with dp 1."""
-    sp = cfg.sp_size or world
-    if sp < 0 or world % sp:
-        raise C.TrainError(f"sp_size ({cfg.sp_size}) must divide the world size ({world})")
-    dp = world // sp
-    if dp == 1:
-        return
-    if cfg.rollout_batch % dp or cfg.update_batch % dp:
-        raise C.TrainError(
-            f"rollout_batch ({cfg.rollout_batch}) and update_batch ({cfg.update_batch}) must be "
-            f"multiples of the data-parallel size {dp} (world {world} / sp_size {sp})"
-        )
-    if cfg.algo.dynamic_sampling:  # refills would draw different prompt counts per DP group
-        raise C.TrainError("algo.dynamic_sampling needs one SP group (sp_size 0 or = world size)")
-    if cfg.rollout.engine == "vllm":  # the engine runs on global rank 0 only
-        raise C.TrainError("rollout.engine=vllm needs one SP group (sp_size 0 or = world size)")
-
-
-def _topology(cfg: RLConfig, info: C.DistInfo) -> tuple[Any, S.Topology]:
-    """This rank's SP group and its place among the DP replicas (contiguous SP groups).
-
-    `new_group` is collective over the whole world: every rank creates every group, in the same
-    order, even the ones it is not in.
-    """
-    import torch.distributed as dist
-
-    if not info.distributed:
-        return None, S.Topology()
-    world = info.world_size
-    sp = cfg.sp_size or world
-    dp = world // sp
-    if dp == 1:
-        return dist.group.WORLD, S.Topology()
-    sp_groups = [dist.new_group(list(range(k * sp, (k + 1) * sp))) for k in range(dp)]
-    dp_groups = [dist.new_group(list(range(j, world, sp))) for j in range(sp)]
-    k, j = divmod(info.rank, sp)
-    return sp_groups[k], S.Topology(dp_groups[j], k, dp, k * sp)
+        E.check_vllm(cfg.rollout.vllm)
 
 
 def _load_policy(
@@ -304,75 +268,6 @@ def _special_ids(model: torch.nn.Module, processor: Any) -> tuple[int, list[int]
     return int(pad), [int(i) for i in eos_ids]
 
 
-def _rollout_engine(
-    cfg: RLConfig,
-    info: C.DistInfo,
-    base: torch.nn.Module,
-    eos_ids: list[int],
-    pad_id: int,
-    folder: str | Path,
-) -> Any:
-    """The sampler. `hf` runs the policy module itself; `vllm` holds its own copy of the weights,
-    started from `folder`, on rank 0 only (rank 0 generates and broadcasts; None elsewhere)."""
-    from lvr.mrsp.rollout import HFRolloutEngine
-
-    if cfg.rollout.engine == "hf":
-        return HFRolloutEngine(base, eos_ids, pad_id)
-    if not info.is_main:
-        return None
-    from lvr.mrsp.vllm_engine import VLLMRolloutEngine
-
-    # In one process vLLM seeds the global RNGs with its `seed`: make that the run's seed.
-    kwargs = {"seed": cfg.seed, **cfg.rollout.vllm}
-    video_id = int(base.config.video_token_id)
-    return VLLMRolloutEngine(folder, video_id, stop_token_ids=eos_ids, **kwargs)
-
-
-def _check_vllm(kwargs: dict[str, Any]) -> None:
-    """vLLM must be importable, and `rollout.vllm` hold only arguments it takes (its own error is a
-    bare TypeError deep in the engine setup). `model` is ours: it is the policy's folder."""
-    import dataclasses
-    import difflib
-    import inspect
-
-    try:
-        from vllm import LLM, EngineArgs
-    except ImportError:
-        raise C.TrainError(
-            "rollout.engine=vllm but vLLM is not installed here: use the `gpu` extra, or the CPU "
-            "venv built by scripts/vllm_env.sh (or rollout.engine=hf)"
-        ) from None
-
-    valid = {f.name for f in dataclasses.fields(EngineArgs)}
-    valid |= set(inspect.signature(LLM.__init__).parameters)
-    valid -= {"self", "kwargs", "model"}
-    for key in kwargs:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f" (did you mean 'rollout.vllm.{close[0]}'?)" if close else ""
-            raise C.TrainError(
-                f"unknown vLLM argument 'rollout.vllm.{key}'{hint}; the keys are `vllm.LLM` "
-                "arguments, e.g. dtype, gpu_memory_utilization, max_model_len, "
-                "kv_cache_memory_bytes, tensor_parallel_size (the model is set from model.path)"
-            )
-
-
-def _sync_engine(st: State) -> None:
-    """Load the policy's current weights into an engine that keeps its own copy (vLLM).
-
-    The HF engine samples with the policy module itself, and ranks other than 0 have no engine:
-    nothing to do. With LoRA the engine gets W + scale * B @ A under the plain model's names,
-    computed into fresh tensors so the PEFT modules that train stay as they are.
-    """
-    from lvr.mrsp.rollout import HFRolloutEngine
-
-    if st.engine is None or isinstance(st.engine, HFRolloutEngine):
-        return
-    merged = S.merged_state(st)
-    st.engine.update_weights(merged if merged is not None else st.base)
-    st.counts["weight_syncs"] = st.counts.get("weight_syncs", 0) + 1
-
-
 # ---------------------------------------------------------------------------------------------
 # Loop
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +296,7 @@ def rl_step(st: State, step: int) -> dict[str, float]:
     timers: dict[str, float] = {}
     encodes0, opt0 = st.cache.encodes, st.opt_steps
     groups, ds = _collect(st, step, timers)
-    summary = [s for part in _dp_gather(st, [_summary(st, g) for g in groups]) for s in part]
+    summary = [s for part in P.dp_gather(st.topo, [_summary(st, g) for g in groups]) for s in part]
     metrics: dict[str, float] = {"groups": float(len(summary)), "gen_rounds": float(ds.rounds)}
     metrics["groups_dropped"] = float(ds.dropped)
     # Decided on the global batch: a DP group without prompts still joins the update's collectives.
@@ -422,10 +317,10 @@ def rl_step(st: State, step: int) -> dict[str, float]:
         metrics.update(_update(st, rows, adv, old.logprobs, ref, step, lengths))
     with _timed(timers, "sync_s"):
         if st.opt_steps > opt0:  # unchanged weights (all steps non-finite) need no reload
-            _sync_engine(st)
+            E.sync_engine(st)
     metrics["weight_syncs"] = float(st.counts.get("weight_syncs", 0))
     metrics.update({k: round(v, 4) for k, v in timers.items()})
-    metrics["encodes"] = _dp_sum(st, {"e": float(st.cache.encodes - encodes0)})["e"]
+    metrics["encodes"] = P.dp_sum(st.topo, {"e": float(st.cache.encodes - encodes0)})["e"]
     metrics["step_s"] = round(time.time() - t0, 4)
     metrics["lr"] = float(st.scheduler.get_last_lr()[0])
     return {**metrics, **S.counts(st)}
@@ -483,10 +378,10 @@ def _next_prompts(st: State, k: int, timers: dict[str, float]) -> list[Prompt]:
         cands = list(range(st.cursor, st.cursor + min(k - len(good), budget)))
         st.cursor += len(cands)
         budget -= len(cands)
-        tries = {pos: _decode(st, _row_at(st, pos), timers) for pos in _share(st, cands)}
+        tries = {pos: _decode(st, _row_at(st, pos), timers) for pos in P.share(st.topo, cands)}
         decoded.update({pos: r for pos, r in tries.items() if not isinstance(r, str)})
         reasons = {pos: r for pos, r in tries.items() if isinstance(r, str)}
-        failed = {p: r for part in _dp_gather(st, reasons) for p, r in part.items()}
+        failed = {p: r for part in P.dp_gather(st.topo, reasons) for p, r in part.items()}
         for pos in cands:
             if pos in failed:
                 _skip(st, _row_at(st, pos), failed[pos])
@@ -514,30 +409,6 @@ def _row_at(st: State, pos: int) -> Any:
         random.Random(st.cfg.seed * 7919 + epoch).shuffle(st.order)
         st.order_epoch = epoch
     return st.rows[st.order[i]]
-
-
-def _share(st: State, items: list[int]) -> list[int]:
-    """This DP group's contiguous slice of `items` (the first groups take one more if uneven)."""
-    dp, d = st.topo.dp_size, st.topo.dp_rank
-    per, extra = divmod(len(items), dp)
-    lo = d * per + min(d, extra)
-    return items[lo : lo + per + (d < extra)]
-
-
-def _dp_gather(st: State, obj: Any) -> list[Any]:
-    """`obj` of every DP group, in DP order (SP groups hold the same objects on all their ranks)."""
-    if st.topo.dp_group is None:
-        return [obj]
-    out: list[Any] = [None] * st.topo.dp_size
-    torch.distributed.all_gather_object(out, obj, group=st.topo.dp_group)
-    return out
-
-
-def _dp_sum(st: State, values: dict[str, float]) -> dict[str, float]:
-    """Sum per-key float statistics over the DP groups (keys may be missing on some groups)."""
-    parts = _dp_gather(st, values)
-    keys = list(dict.fromkeys(k for part in parts for k in part))
-    return {k: sum(part.get(k, 0.0) for part in parts) for k in keys}
 
 
 def _decode(st: State, row: Any, timers: dict[str, float]) -> tuple[Any, dict] | str:
@@ -804,7 +675,7 @@ def _update(
                     st, rows, ids[m : m + cfg.micro_batch], adv, old, ref, n_tok, n_seq, sums
                 )
             norms.append(_optimizer_step(st))
-    sums = _dp_sum(st, sums)  # token sums of the statistics over the whole batch
+    sums = P.dp_sum(st.topo, sums)  # token sums of the statistics over the whole batch
     tokens = max(sums.pop("tokens", 1.0), 1.0)
     out = {k: v / tokens for k, v in sums.items()}
     out["grad_norm"] = float(sum(norms) / len(norms))

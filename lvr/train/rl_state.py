@@ -16,6 +16,7 @@ from lvr.config import to_dict
 from lvr.train import common as C
 from lvr.train import rewards as R
 from lvr.train.rl_config import RLConfig
+from lvr.train.rl_parallel import Topology
 
 
 @dataclass
@@ -36,16 +37,6 @@ class Group:
     responses: list[torch.Tensor]  # G x [R_i]
     rewards: list[float]
     parts: dict[str, list[float]]
-
-
-@dataclass
-class Topology:
-    """Where this rank sits in world = dp x sp: one MR-SP group per data-parallel replica."""
-
-    dp_group: Any = None  # ranks at the same SP position in every SP group (None when dp == 1)
-    dp_rank: int = 0  # which SP group this rank is in (= which slice of the step's prompts)
-    dp_size: int = 1
-    leader: int = 0  # global rank of SP rank 0 of this group (samples, scores, broadcasts)
 
 
 @dataclass
