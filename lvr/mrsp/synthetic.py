@@ -10,10 +10,12 @@ exists so MR-SP numerics can be checked at any shape (heads, frames, resolution)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from lvr.mrsp.batch import PromptInput
+from lvr.mrsp.encode import encode_video
 
 PAD, BOS, EOS, VISION_START, VISION_END, IMAGE, VIDEO = 0, 1, 2, 3, 4, 5, 6
 FIRST_TEXT_ID = 8
@@ -163,16 +165,15 @@ def random_response(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     return torch.randint(FIRST_TEXT_ID, vocab, (n,), generator=g)
 
 
-def model_prompt(model: torch.nn.Module, frames: int = 4, size: int = 112, seed: int = 1) -> Any:
+def model_prompt(
+    model: torch.nn.Module, frames: int = 4, size: int = 112, seed: int = 1
+) -> PromptInput:
     """A `PromptInput` for a real Qwen2.5-VL `model`: a synthetic video encoded by its own tower
     and random text ids around it (the model's special ids and vocabulary).
 
     Returns:
-        `lvr.mrsp.batch.PromptInput` with the video embeddings filled in.
+        The prompt with the video embeddings filled in.
     """
-    from lvr.mrsp.batch import PromptInput
-    from lvr.mrsp.encode import encode_video
-
     cfg = model.config
     v = synthetic_video(frames, size=size, seed=seed)
     special = (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id)
