@@ -33,6 +33,11 @@ def test_latest_checkpoint_ignores_unfinished_folders(tmp_path):
     assert C.latest_checkpoint(tmp_path).name == "checkpoint-000004"  # 6 has no marker
     with pytest.raises(C.TrainError, match="not a finished checkpoint"):
         C.read_trainer_state(C.checkpoint_dir(tmp_path, 6))
+    ckpt = C.checkpoint_dir(tmp_path, 2)
+    C.write_trainer_state(ckpt, {"step": 2, "world_size": 2})
+    assert C.read_trainer_state(ckpt, world_size=2)["step"] == 2
+    with pytest.raises(C.TrainError, match="written by 2 ranks; resume with the same number"):
+        C.read_trainer_state(ckpt, world_size=1)  # per-rank RNG/data state would not fit
 
 
 def test_metrics_logger_jsonl_parquet_and_resume_truncation(tmp_path):

@@ -329,16 +329,27 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+def read_trainer_state(ckpt: Path, world_size: int | None = None) -> dict[str, Any]:
     """Read a checkpoint's `trainer_state.json`.
 
+    Args:
+        ckpt: The checkpoint folder.
+        world_size: When given, the number of ranks about to resume from it (per-rank RNG and
+            data state only fit the same number).
+
     Raises:
-        TrainError: The folder is not a finished checkpoint.
+        TrainError: The folder is not a finished checkpoint, or was written by another number of
+            ranks.
     """
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
         raise TrainError(f"{ckpt} is not a finished checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text())
+    if world_size is not None and state.get("world_size", 1) != world_size:
+        raise TrainError(
+            f"{ckpt} was written by {state.get('world_size')} ranks; resume with the same number"
+        )
+    return state
 
 
 def merge_lora_state_dict(

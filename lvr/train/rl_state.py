@@ -108,11 +108,7 @@ def save_checkpoint(st: State, step: int) -> Path:
 
 def resume(st: State, ckpt: Path) -> int:
     """Restore weights, optimizer, scheduler, data cursor, counters and RNG; return the step."""
-    state = C.read_trainer_state(ckpt)
-    if state.get("world_size", 1) != st.info.world_size:
-        raise C.TrainError(
-            f"{ckpt} was written by {state.get('world_size')} ranks; resume with as many"
-        )
+    state = C.read_trainer_state(ckpt, st.info.world_size)
     saved = torch.load(ckpt / "training_state" / "train.pt", weights_only=False)
     mine = {n for n, p in st.model.named_parameters() if p.requires_grad}
     if set(saved["trainable"]) != mine:

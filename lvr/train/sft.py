@@ -549,11 +549,7 @@ def _save_checkpoint(st: State, step: int) -> Path:
 
 def _resume(st: State, ckpt: Path) -> int:
     """Restore weights, optimizer, scheduler, counters and RNG from `ckpt`; return its step."""
-    state = C.read_trainer_state(ckpt)
-    if state.get("world_size", 1) != st.info.world_size:
-        raise C.TrainError(
-            f"{ckpt} was written by {state.get('world_size')} ranks; resume with the same number"
-        )
+    state = C.read_trainer_state(ckpt, st.info.world_size)
     if st.engine is not None:
         st.engine.load_checkpoint(str(ckpt / "training_state" / "deepspeed"), tag="state")
     else:
