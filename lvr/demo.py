@@ -5,14 +5,23 @@ What it runs (everything lands in ``runs/demo/``; rerunning resumes, ``--fresh``
 1. ``datagen``: renders 6 synthetic multi-scene videos (with ground-truth sidecars), cuts them at
    the detected shots, captions the clips from the sidecar annotations, writes checkable questions
    with the template backend, and filters them into video-disjoint sft/rl/eval splits.
-2. ``llm_qa``: SmolLM2-135M-Instruct (a real instruct LLM shipped on PyPI, loaded offline) writes
-   questions for one of those videos through the ``hf`` backend with JSON-schema constrained
-   decoding, and the same filter validates them.
+2. ``llm_qa`` (only with ``--llm``): SmolLM2-135M-Instruct (a real instruct LLM shipped on PyPI,
+   loaded offline) writes questions for one of those videos through the ``hf`` backend with
+   JSON-schema constrained decoding, and the same filter validates them. Off by default: it costs
+   about a minute and a half of the demo's budget for one question of a 135M model.
 3. ``task``: the learning task: short color-order videos whose question ("Which color appears
-   first?") depends on what is shown, as a ``qa`` table with sft/rl/eval splits.
+   first?") depends on what is shown, as a ``qa`` table with sft/rl/eval splits. Its SFT
+   demonstrations carry a writer's systematic mistake (``mislabel``: most yellow-first videos are
+   labelled green), as LLM-written data does; the RL reward checks against the renderer's truth.
 4. ``eval base`` -> ``sft`` -> ``eval sft`` -> ``rl`` -> ``eval rl``: a tiny Qwen2.5-VL (random
-   weights, built offline) is evaluated untrained, after CoT-SFT, and after GRPO with embedding
-   reuse, on the held-out split; then ``lvr eval report`` writes the report.
+   weights, built offline) is evaluated untrained, after CoT-SFT (which learns the task and the
+   mistake), and after GRPO with embedding reuse (which unlearns the mistake from the reward), on
+   the held-out split; then ``lvr eval report`` writes the report.
+
+The numbers are float computations on a CPU: another machine, another thread count
+(``--set threads=1``) or another seed (``--set seed=1``) gives other, close numbers (the README
+quotes the range measured over four such runs). Steps whose rollouts all score the same do not
+move the policy (see lvr/train/rl.py), so RL cannot drift on float noise.
 
 Deliberate simplifications: tiny models and 56x56 frames so that learning fits minutes of CPU;
 the learning task's table is written directly (its ground truth is the renderer's), while the
@@ -35,16 +44,21 @@ from lvr.cli_options import SetOpt, ShowOpt
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (``lvr demo --set task.train=128``)."""
+    """Sizes, seed and threads of the demo (``lvr demo --set rl_steps=8``)."""
 
     task_train: int = 320  # sft rows of the color task
-    task_rl: int = 32  # rl rows
-    task_eval: int = 32  # held-out rows
-    sft_epochs: int = 15  # 300 steps, ~1.5 min on 2 cores
-    rl_steps: int = 4
-    rl_prompts: int = 2  # prompts per RL step (x 8 rollouts each)
+    task_rl: int = 256  # rl rows (each RL step draws rl_prompts of them)
+    task_eval: int = 64  # held-out rows
+    mislabel: float = 0.6  # share of yellow-first sft demonstrations that say green
+    sft_steps: int = 300  # batches of 16: learns the task (and the writer's mistake)
+    rl_steps: int = 16
+    rl_prompts: int = 8  # prompts per RL step (x 8 rollouts each)
+    rl_lr: float = 1e-4
     eval_frames: int = 8
-    llm_questions: int = 1  # SmolLM2 questions (0 skips the step)
+    seed: int = 0  # seed of SFT and RL (data order, rollout sampling)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    llm: bool = False  # also let SmolLM2 write questions (`lvr demo --llm`)
+    llm_questions: int = 1  # SmolLM2 questions when llm is on
 
 
 @dataclass
@@ -63,17 +77,21 @@ class StepResult:
 def demo(
     run: Path = typer.Option(Path("runs/demo"), "--run", "-r", help="Run folder of the demo."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
+    llm: bool = typer.Option(
+        False, "--llm", help="Also let SmolLM2-135M (offline) write questions (+~1.5 min)."
+    ),
     sets: list[str] | None = SetOpt,
     show_config: bool = ShowOpt,
 ) -> None:
     """Run the whole chain on built-in synthetic data (datagen, filter, SFT, RL, eval, report).
 
     Takes a few minutes on 2 CPU cores; every artifact lands under --run. Rerunning resumes
-    finished steps; --fresh starts over.
+    finished steps; --fresh starts over. Another seed or thread count: --set seed=1 --set threads=1.
     """
     from lvr.config import from_dict, to_yaml
 
     cfg = from_dict(DemoConfig, {}, sets)
+    cfg.llm = cfg.llm or llm
     if show_config:
         print(to_yaml(cfg), end="")
         return
@@ -86,8 +104,12 @@ def demo(
 
 def run_demo(cfg: DemoConfig, run: Path) -> list[StepResult]:
     """All steps in order; each is resumable on its own."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     results = [_timed("datagen", lambda: step_datagen(run))]
-    if cfg.llm_questions:
+    if cfg.llm and cfg.llm_questions:
         results.append(_timed("llm_qa", lambda: step_llm_qa(run, cfg)))
     results.append(_timed("task", lambda: step_task(run, cfg)))
     base_model = _color_model(run)
@@ -233,9 +255,11 @@ def step_task(run: Path, cfg: DemoConfig) -> StepResult:
         n_eval=cfg.task_eval,
         seed=0,
         options="fixed",
+        mislabel=cfg.mislabel,
     )
     total = cfg.task_train + cfg.task_rl + cfg.task_eval
-    return StepResult("task", 0.0, rows=f"{total} questions", where=str(table))
+    note = f"{cfg.mislabel:.0%} of yellow-first sft demonstrations say green" if cfg.mislabel else ""
+    return StepResult("task", 0.0, rows=f"{total} questions", where=str(table), note=note)
 
 
 def _color_model(run: Path) -> Path:
@@ -294,7 +318,8 @@ def step_sft(run: Path, cfg: DemoConfig, base_model: Path) -> StepResult:
             # The best learning-check settings found (configs/sft/color_order.yaml).
             "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_ratio": 0.02, "min_lr_ratio": 0.2},
             "micro_batch_size": min(16, cfg.task_train),
-            "epochs": cfg.sft_epochs,
+            "max_steps": cfg.sft_steps,
+            "seed": cfg.seed,
             "device": "cpu",
             "precision": "fp32",
             "keep_last": 1,
@@ -314,7 +339,11 @@ def step_sft(run: Path, cfg: DemoConfig, base_model: Path) -> StepResult:
 
 
 def step_rl(run: Path, cfg: DemoConfig) -> StepResult:
-    """GRPO from the SFT checkpoint on the task's rl split (embedding reuse on)."""
+    """GRPO from the SFT checkpoint on the task's rl split (embedding reuse on).
+
+    A small lr for a converged model (3e-4 made this model worse; configs/rl/color_order.yaml
+    uses it from a half-trained one); a short warm-up tames Adam's first steps.
+    """
     from lvr.config import from_dict
     from lvr.train.rl import RLConfig, run_rl
 
@@ -329,11 +358,12 @@ def step_rl(run: Path, cfg: DemoConfig) -> StepResult:
                 "max_pixels": 56 * 56,
             },
             "rollout": {"n": 8, "temperature": 1.0, "top_p": 0.99, "max_new_tokens": 32},
-            "optim": {"lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0},
+            "optim": {"lr": cfg.rl_lr, "warmup_steps": 3, "weight_decay": 0.01, "grad_clip": 1.0},
             "rollout_batch": cfg.rl_prompts,
             "update_batch": cfg.rl_prompts,
             "micro_batch": 16,
             "steps": cfg.rl_steps,
+            "seed": cfg.seed,
             "device": "cpu",
             "precision": "fp32",
             "keep_last": 1,
@@ -342,6 +372,9 @@ def step_rl(run: Path, cfg: DemoConfig) -> StepResult:
     manifest = _resumable(run / "rl", lambda resume: run_rl(rcfg, run, resume=resume))
     rewards = _metric_series(run / "rl" / "metrics.jsonl", "reward/mean")
     note = f"reward/mean by step: {' '.join(f'{r:.2f}' for r in rewards)}" if rewards else ""
+    flat = int(manifest.get("counts", {}).get("no_signal_steps", 0))
+    if flat:
+        note += f"; {flat} step(s) without signal left the policy untouched"
     return StepResult(
         "rl",
         0.0,

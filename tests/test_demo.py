@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOY = ["task_train=12", "task_rl=4", "task_eval=4", "sft_epochs=1", "rl_steps=1", "llm_questions=0"]
+TOY = ["task_train=12", "task_rl=4", "task_eval=4", "sft_steps=2", "rl_steps=1", "rl_prompts=2"]
 
 
 def _demo(run: Path) -> subprocess.CompletedProcess[str]:

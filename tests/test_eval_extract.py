@@ -34,7 +34,8 @@ OPTS = ["a red circle", "a blue square", "a green triangle", "a yellow diamond"]
         ("<answer>(c)</answer>", "C", "tag/alone"),
         ("<answer>B. a blue square</answer>", "B", "tag/start"),
         ("<answer>The answer is D</answer>", "D", "tag/end"),
-        ("<answer>A</answer> wait, actually <answer>B</answer>", "B", "tag/alone"),  # last span
+        # The first span is the answer (later ones are invented turns; as the reward reads it).
+        ("<answer>A</answer> wait, actually <answer>B</answer>", "A", "tag/alone"),
         # Unclosed tags: <think> runs to <answer> (or the end); <answer> runs to the end.
         ("<think>hmm A... B... <answer>D</answer>", "D", "tag/alone"),
         ("<think>A is tempting but B is right", None, "text/empty"),

@@ -36,11 +36,12 @@ def test_mc_accuracy_uses_answer_span_only() -> None:
         "<think>B is wrong, A</think><answer>A</answer>",
         "<think>the answer is A</think><answer>B</answer>",
         "The answer is A",
-        "<answer>a</answer>",
+        "<answer>a</answer>",  # a lone lower-case letter: eval's `alone` rule reads it too
         "<answer> A </answer>",
         "<answer>AB</answer>",
+        "<answer>A video</answer>",  # a letter followed by a word is prose, not a choice
     ]
-    assert R.mc_accuracy_reward(outs, ["A"] * 6) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert R.mc_accuracy_reward(outs, ["A"] * 7) == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_weighted_sum_default_and_components() -> None:

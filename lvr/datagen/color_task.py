@@ -20,6 +20,8 @@ from lvr.datagen.synthetic import render_color_order_video
 TASK_COLORS = ["red", "green", "blue", "yellow", "cyan", "orange"]
 # The "fixed" variant: every video shows these four, options always list them in this order.
 FIXED_OPTIONS = ["red", "green", "blue", "yellow"]
+# `mislabel`: the writer's systematic mistake in sft demonstrations (yellow taken for green)
+MISLABELED, CONFUSED_WITH = "yellow", "green"
 QUESTION = "Which color appears first?"
 PROMPT_VERSION = "color-order-v1"
 
@@ -36,6 +38,7 @@ def make_color_qa(
     n_rl: int = 0,
     gold: str | None = None,
     options: str = "shuffled",
+    mislabel: float = 0.0,
 ) -> Path:
     """Render color-order videos and write a ``qa`` table (``out_dir/qa/00000.parquet``).
 
@@ -59,12 +62,18 @@ def make_color_qa(
             the option naming the first color: a text lookup on top of the visual skill);
             "fixed" — always red, green, blue, yellow as options A-D, shown in random order (the
             letter follows from the first color alone: a pure visual question).
+        mislabel: Share of the "sft" rows whose first color is yellow that say green instead
+            (answer letter and reasoning), like the systematic mistake of a question writer that
+            confuses two colors; "rl" and "eval" rows always hold the truth. Needs
+            ``options="fixed"``. RL with the true reward is what can undo such demonstrations.
 
     Returns:
         The table folder.
     """
     if options not in ("shuffled", "fixed"):
         raise ValueError(f"options must be 'shuffled' or 'fixed', got {options!r}")
+    if mislabel and options != "fixed":
+        raise ValueError("mislabel needs options='fixed' (the letter of each color is known)")
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     splits = ["sft"] * n_train + ["rl"] * n_rl + ["eval"] * n_eval
@@ -80,7 +89,11 @@ def make_color_qa(
         if not path.is_file():
             render_color_order_video(path, **render)
         opts = FIXED_OPTIONS if options == "fixed" else None
-        rows.append(color_row(i, str(path), colors, letter, rng, split, duration_s, opts))
+        row = color_row(i, str(path), colors, letter, rng, split, duration_s, opts)
+        # (`mislabel` 0 draws nothing: the tables of other settings stay as they were)
+        if mislabel and split == "sft" and colors[0] == MISLABELED and rng.random() < mislabel:
+            row.update(_mislabeled(colors))
+        rows.append(row)
     for j in range(bad_videos):
         bad = out_dir / "videos" / f"bad_{j}.mp4"
         bad.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +102,14 @@ def make_color_qa(
     table_dir = out_dir / "qa"
     write_parquet(table_dir / "00000.parquet", rows_to_table(rows, "qa"), "qa")
     return table_dir
+
+
+def _mislabeled(colors: list[str]) -> dict[str, Any]:
+    """The answer and reasoning of a writer that takes the first color (yellow) for green."""
+    letter = "ABCD"[FIXED_OPTIONS.index(CONFUSED_WITH)]
+    then = next(c for c in colors[1:] if c != CONFUSED_WITH)
+    reasoning = f"The first color is {CONFUSED_WITH} ({letter}), then {then}."
+    return {"answer": letter, "reasoning": reasoning, "generator": "synthetic-mislabeled"}
 
 
 def _pick_colors(rng: random.Random, options: str, letter: str) -> list[str]:

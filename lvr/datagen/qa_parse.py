@@ -355,12 +355,16 @@ def qa_schema(fmt: str, num_options: int = 4) -> dict[str, Any]:
     if fmt == "mc":
         props["options"] = {"type": "array", "items": {"type": "string"},
                             "minItems": num_options, "maxItems": num_options}  # fmt: skip
-    props.update(reasoning={"type": "string"}, answer={"type": "string"}, evidence=evidence)
+    # minLength: a constrained decoder (lvr's hf backend, vLLM/SGLang guided decoding) cannot
+    # stop before the reasoning is long enough to pass `parse_qa`; a small model otherwise
+    # writes a few words and the question is lost.
+    reasoning = {"type": "string", "minLength": MIN_REASONING_CHARS}
+    props.update(reasoning=reasoning, answer={"type": "string"}, evidence=evidence)
     return {"type": "object", "required": list(props), "properties": props}
 
 
 REWRITE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["reasoning"],
-    "properties": {"reasoning": {"type": "string"}},
+    "properties": {"reasoning": {"type": "string", "minLength": MIN_REASONING_CHARS}},
 }

@@ -5,12 +5,15 @@ every rule is tested against adversarial responses (``tests/test_eval_extract.py
 
 ``extract_choice(response, offered_letters, options)`` returns ``(letter | None, rule)``:
 
-1. Reasoning is removed first: every closed ``<think>...</think>`` block; an unclosed ``<think>``
-   up to the first ``<answer>`` (or to the end); and, when a ``</think>`` appears without an
-   opening tag (templates that put ``<think>`` in the prompt), everything before the last one.
-2. The target text is the LAST ``<answer>...</answer>`` span (an unclosed ``<answer>`` — e.g. a
-   response cut by ``max_tokens`` — runs to the end). Without any span, the target is the
-   remaining text. With a span, text outside it is never looked at: the model committed there.
+1. The target text is the model's answer span, read by `lvr.answers.answer_span` exactly as the
+   RL rewards and the strict score read it: the FIRST closed ``<answer>...</answer>`` span
+   outside reasoning (tags case-insensitive; a stray ``</think>`` after the answer does not hide
+   it; a later span is an invented turn). With a span, text outside it is never looked at: the
+   model committed there.
+2. Without a closed span, reasoning is removed (`strip_reasoning`: closed ``<think>`` blocks, an
+   unclosed ``<think>`` up to the first ``<answer>``, everything before a ``</think>`` the prompt
+   opened); then an unclosed ``<answer>`` (a response cut by ``max_tokens``) runs to the end,
+   and without any ``<answer>`` the target is the remaining text.
 3. Letter rules, tried in rank order; within a rank the LAST match wins; only offered letters
    count (``E`` is ignored when only A-D are offered):
 
@@ -39,8 +42,9 @@ every rule is tested against adversarial responses (``tests/test_eval_extract.py
 Rule names are prefixed by where they matched: ``tag/phrase`` (inside ``<answer>``) or
 ``text/end`` (free text). Scores use two comparisons side by side:
 
-- ``strict_match``: the official LongVideo-Reason comparison — the first ``<answer>`` span,
-  whitespace-trimmed, must equal the gold letter exactly (``B.`` scores 0).
+- ``strict_match``: the official LongVideo-Reason comparison — the answer span (the same span
+  as above and as the reward's), whitespace-trimmed, must equal the gold letter exactly (``B.``
+  scores 0).
 - ``extract_choice``: the robust comparison above.
 
 and ``format_ok`` checks the training reward's format: the whole (trimmed) response matches
@@ -50,32 +54,48 @@ and ``format_ok`` checks the training reward's format: the whole (trimmed) respo
 from __future__ import annotations
 
 import re
-import string
-import unicodedata
 from collections.abc import Sequence
 
-PARSER_VERSION = "lvr-extract-v1"
-ALL_LETTERS = "ABCDEFGHIJ"
+from lvr.answers import ALL_LETTERS, answer_span, format_ok, letter_by_rule, normalize_text
+
+__all__ = [
+    "ALL_LETTERS",
+    "PARSER_VERSION",
+    "answer_span",
+    "answer_target",
+    "extract_choice",
+    "extract_open",
+    "format_ok",
+    "normalize_text",
+    "open_match",
+    "strict_answer",
+    "strict_match",
+    "strip_option_prefix",
+    "strip_reasoning",
+]
+
+PARSER_VERSION = "lvr-extract-v2"  # v2: the answer span is lvr.answers' (first span, shared)
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
-_ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-
-# Decorations a model wraps a letter in: markdown bold/italics, quotes, brackets.
-_DECO = r"[\s*_`'\"\[\]]*"
+_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
 
 
 def strip_reasoning(text: str) -> str:
     """Remove reasoning blocks so that letters inside a chain of thought never count.
 
+    Used where a response has no closed answer span (the span itself is `lvr.answers`').
+
     Args:
         text: Raw model response.
 
     Returns:
-        The response without ``<think>`` content (see the module docstring for the three cases).
+        The response without ``<think>`` content: closed blocks; an unclosed ``<think>`` up to
+        the first ``<answer>`` (or to the end); and, when a ``</think>`` appears without an
+        opening tag (templates that put ``<think>`` in the prompt), everything before the last
+        one.
 
     >>> strip_reasoning("<think>A is wrong</think><answer>B</answer>")
     '<answer>B</answer>'
@@ -96,97 +116,24 @@ def strip_reasoning(text: str) -> str:
     return text
 
 
-def answer_span(text: str) -> str | None:
-    """Return the content of the last ``<answer>`` span (unclosed runs to the end), or None.
+def answer_target(response: str) -> tuple[str, str]:
+    """Where the answer is read and the text read there: ``("tag", span)`` or ``("text", text)``.
 
-    Args:
-        text: Response with reasoning already stripped.
-
-    Returns:
-        The span text, or None when the response has no ``<answer>`` tag.
+    >>> answer_target("<think>A?</think><answer>B</answer> </think>")
+    ('tag', 'B')
+    >>> answer_target("<think>x</think><answer>C, because the")
+    ('tag', 'C, because the')
+    >>> answer_target("<think>x</think> so C")
+    ('text', ' so C')
     """
-    spans = _ANSWER_SPAN.findall(text)
-    if spans:
-        return spans[-1]
+    span = answer_span(response)
+    if span is not None:
+        return "tag", span
+    text = strip_reasoning(response)
     opened = list(_ANSWER_OPEN.finditer(text))
-    if opened:
-        return text[opened[-1].end() :]
-    return None
-
-
-def _letter_class(letters: str) -> str:
-    return "[" + re.escape(letters) + "]"
-
-
-def _rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
-    """Compile the ranked letter rules for a set of offered (upper-case) letters."""
-    up = _letter_class(offered)
-    both = _letter_class(offered + offered.lower())
-    no_word = r"(?![A-Za-z0-9])"
-    neg = r"(?<!not )(?<!not \()"  # "not B" / "not (B)" is a rejection, not an answer
-    phrase = (
-        r"(?:answer|option|choice)\s*(?:is|would\s+be|should\s+be|will\s+be|=|:|-)"
-        r"\s*(?:option|choice|letter)?\s*:?"
-        r"|i\s+(?:choose|pick|select)|i\s+(?:would\s+|will\s+)?go\s+with"
-    )
-    lower_ok = r"(?=\s*(?:[.,;:!?)\]*]|$))"  # a lower-case letter must not be followed by a word
-    # "A" and "I" are also English words: as a bare occurrence they count only when not followed
-    # by a lower-case word ("A man", "I think").
-    words = "".join(x for x in offered if x in "AI")
-    others = "".join(x for x in offered if x not in "AI")
-    any_alts = []
-    if others:
-        any_alts.append(rf"({_letter_class(others)}){no_word}")
-    if words:
-        any_alts.append(rf"({_letter_class(words)}){no_word}(?!\s+[a-z])")
-    return [
-        ("alone", re.compile(rf"^{_DECO}\(?({both})\)?{_DECO}\.?{_DECO}$")),
-        ("start", re.compile(rf"^{_DECO}\(?({up}){_DECO}(?:[.):,]|$|\n)")),
-        ("end", re.compile(rf"(?:^|[^A-Za-z0-9]){_DECO}\(?{neg}({up})\)?{_DECO}[.!]?{_DECO}$")),
-        (
-            "phrase",
-            re.compile(rf"(?i:{phrase})\s*{_DECO}[(\[]?(?:({up}){no_word}|({both}){lower_ok})"),
-        ),
-        ("paren", re.compile(rf"{neg}\(({both})\)")),
-        ("dot", re.compile(rf"(?<![A-Za-z0-9.]){neg}({up})\.{no_word}")),
-        ("colon", re.compile(rf"(?<![A-Za-z0-9]){neg}({up}):")),
-        ("rparen", re.compile(rf"(?<![A-Za-z0-9(]){neg}({up})\)")),
-        ("any", re.compile(rf"(?<![A-Za-z0-9]){neg}(?:{'|'.join(any_alts)})")),
-    ]
-
-
-_RULE_CACHE: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
-
-
-def _letters_by_rule(target: str, offered: str) -> tuple[str | None, str | None]:
-    rules = _RULE_CACHE.get(offered)
-    if rules is None:
-        rules = _RULE_CACHE[offered] = _rules(offered)
-    stripped = target.strip()
-    for name, pattern in rules:
-        matches = list(pattern.finditer(stripped))
-        if matches:
-            groups = [g for g in matches[-1].groups() if g]  # last match wins within a rank
-            return groups[0].upper(), name
-    return None, None
-
-
-def normalize_text(text: str) -> str:
-    """Normalize an answer text for comparison: NFKC, lower case, no punctuation or articles.
-
-    Args:
-        text: Any answer text.
-
-    Returns:
-        Lower-case words separated by single spaces.
-
-    >>> normalize_text("  The Red-Car! ")
-    'red car'
-    """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if ch in string.punctuation else ch for ch in text)
-    words = [w for w in text.split() if w not in {"a", "an", "the"}]
-    return " ".join(words)
+    if opened:  # cut by max_tokens: the unclosed span runs to the end
+        return "tag", _ANSWER_CLOSE.split(text[opened[-1].end() :])[0]
+    return "text", text
 
 
 def _option_text_letter(
@@ -247,13 +194,11 @@ def extract_choice(
     offered = "".join(sorted({str(x).strip().upper() for x in offered_letters if str(x).strip()}))
     if not response or not response.strip():
         return None, "empty"
-    text = strip_reasoning(response)
-    span = answer_span(text)
-    where, target = ("tag", span) if span is not None else ("text", text)
+    where, target = answer_target(response)
     if not target.strip():
         return None, f"{where}/empty"
     if offered:
-        letter, rule = _letters_by_rule(target, offered)
+        letter, rule = letter_by_rule(target, offered)
         if letter is not None:
             return letter, f"{where}/{rule}"
     if options:
@@ -265,18 +210,16 @@ def extract_choice(
 
 
 def strict_answer(response: str | None) -> str | None:
-    """Return the official answer text: the first ``<answer>`` span, whitespace-trimmed.
+    """Return the official answer text: the answer span (`lvr.answers`), whitespace-trimmed.
 
     Args:
         response: Raw model output.
 
     Returns:
-        The span text, or None without a closed ``<answer>`` span.
+        The span text, or None without a closed ``<answer>`` span outside reasoning.
     """
-    if not response:
-        return None
-    match = _ANSWER_SPAN.search(response)
-    return match.group(1).strip() if match else None
+    span = answer_span(response)
+    return span.strip() if span is not None else None
 
 
 def strict_match(response: str | None, gold: str) -> bool:
@@ -291,19 +234,8 @@ def strict_match(response: str | None, gold: str) -> bool:
     return answer is not None and answer == gold
 
 
-def format_ok(response: str | None) -> bool:
-    """Reward format check: ``<think>.*?</think>\\s*<answer>.*?</answer>`` matches the whole text.
-
-    >>> format_ok("<think>r</think>\\n<answer>A</answer>")
-    True
-    >>> format_ok("<answer>A</answer>")
-    False
-    """
-    return bool(response) and _FORMAT.fullmatch(response.strip()) is not None
-
-
 def extract_open(response: str | None) -> str | None:
-    """Return the open-ended answer: the last ``<answer>`` span, or the text without reasoning.
+    """Return the open-ended answer: the answer span (as `extract_choice` reads it), or the text.
 
     Args:
         response: Raw model output.
@@ -313,9 +245,7 @@ def extract_open(response: str | None) -> str | None:
     """
     if not response:
         return None
-    text = strip_reasoning(response)
-    span = answer_span(text)
-    out = (span if span is not None else text).strip()
+    out = answer_target(response)[1].strip()
     return out or None
 
 

@@ -40,18 +40,20 @@ def bootstrap_ci(
 
     Args:
         values: Per-question scores in [0, 1], shape [n].
-        n_boot: Number of bootstrap resamples.
+        n_boot: Number of bootstrap resamples (0: no interval).
         seed: RNG seed (same seed, same interval).
         level: Coverage, e.g. 0.95.
 
     Returns:
-        ``(low, high)``, or ``(None, None)`` for no values.
+        ``(low, high)``, or ``(None, None)`` for no values or ``n_boot`` 0.
 
     >>> bootstrap_ci([1.0, 1.0, 1.0])
     (1.0, 1.0)
+    >>> bootstrap_ci([1.0, 0.0], n_boot=0)
+    (None, None)
     """
     x = np.asarray(values, dtype=np.float64)  # [n]
-    if x.size == 0:
+    if x.size == 0 or n_boot < 1:
         return None, None
     means = _boot_means(x, n_boot, np.random.default_rng(seed))  # [n_boot]
     return _percentiles(means, level)
@@ -87,16 +89,16 @@ def macro_bootstrap_ci(
     Args:
         values: Per-question scores, shape [n].
         groups: Group (task) of each question, length n.
-        n_boot: Number of bootstrap resamples.
+        n_boot: Number of bootstrap resamples (0: no interval).
         seed: RNG seed.
         level: Coverage.
 
     Returns:
-        ``(low, high)``, or ``(None, None)`` for no values.
+        ``(low, high)``, or ``(None, None)`` for no values or ``n_boot`` 0.
     """
     x = np.asarray(values, dtype=np.float64)
     g = np.asarray(groups, dtype=object)
-    if x.size == 0:
+    if x.size == 0 or n_boot < 1:
         return None, None
     rng = np.random.default_rng(seed)
     names = sorted(set(g.tolist()))

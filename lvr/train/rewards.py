@@ -14,10 +14,12 @@ The paper's reward (the default) is `0.9 * accuracy + 0.1 * format`:
 
 - format: the WHOLE output matches `<think>.*?</think>\\s*<answer>.*?</answer>` (dot matches newline;
   surrounding whitespace allowed).
-- accuracy, multiple choice: the letter inside the `<answer>` span equals the gold letter (the
-  last closed span; "B", "(B)", "B." and "B. red" count as "B"; anything else, or no span, is 0).
-- accuracy, open-ended: normalized exact match of the `<answer>` span with the gold answer
-  (case, articles, punctuation ignored; `lvr.eval.extract.normalize_text`).
+- accuracy, multiple choice: the letter of the model's answer span equals the gold letter. The
+  span and its letter are read by `lvr.answers` exactly as `lvr eval` reads them (the first
+  closed span outside reasoning; "B", "(b)", "B." and "B. red" count as "B"; anything else, or
+  no span, is 0).
+- accuracy, open-ended: normalized exact match of the answer span with the gold answer (case,
+  articles, punctuation ignored; `lvr.answers.normalize_text`).
 - judged_accuracy: like accuracy, but open-ended answers that do not match exactly are sent to an
   LLM judge on an OpenAI-compatible endpoint (the same Yes/No question as `lvr eval`'s judge).
   Settings go in the entry's `args`:
@@ -38,19 +40,15 @@ import functools
 import importlib
 import inspect
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lvr import answers
 from lvr.errors import LvrError
 
 RewardFn = Callable[..., list[float]]
 log = logging.getLogger(__name__)
-
-_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:)]?(?:\s.*)?)$", re.DOTALL)
 
 
 class RewardError(LvrError):
@@ -58,17 +56,8 @@ class RewardError(LvrError):
 
 
 def _answer_span(text: str) -> str | None:
-    spans = _ANSWER.findall(text)
-    return spans[-1].strip() if spans else None
-
-
-def _span_letter(text: str) -> str | None:
-    """The option letter inside the last closed `<answer>` span, or None."""
-    span = _answer_span(text)
-    if span is None:
-        return None
-    m = _LETTER.match(span)
-    return m.group(1) if m else None
+    span = answers.answer_span(text)
+    return span.strip() if span is not None else None
 
 
 def format_reward(completions: list[str], **kwargs: Any) -> list[float]:
@@ -85,7 +74,7 @@ def format_reward(completions: list[str], **kwargs: Any) -> list[float]:
     ...                "<think>x</think><answer>A</answer> trailing"])
     [1.0, 0.0, 0.0]
     """
-    return [1.0 if _FORMAT.fullmatch(c.strip()) else 0.0 for c in completions]
+    return [1.0 if answers.format_ok(c) else 0.0 for c in completions]
 
 
 def mc_accuracy_reward(completions: list[str], answer: Sequence[str], **kwargs: Any) -> list[float]:
@@ -99,12 +88,12 @@ def mc_accuracy_reward(completions: list[str], answer: Sequence[str], **kwargs: 
     Returns:
         One reward per completion.
 
-    >>> mc_accuracy_reward(["<think>t</think><answer>B</answer>", "<answer>(B)</answer>",
+    >>> mc_accuracy_reward(["<think>t</think><answer>B</answer>", "<answer>(b)</answer>",
     ...                     "<answer>B. red</answer>", "B", "<answer>C</answer>"], ["B"] * 5)
     [1.0, 1.0, 1.0, 0.0, 0.0]
     """
     return [
-        1.0 if _span_letter(c) == str(a).strip() else 0.0
+        1.0 if answers.span_letter(answers.answer_span(c)) == str(a).strip().upper() else 0.0
         for c, a in zip(completions, answer, strict=True)
     ]
 
@@ -126,12 +115,11 @@ def open_accuracy_reward(
     ...                      ["red car"] * 3)
     [1.0, 0.0, 0.0]
     """
-    from lvr.eval.extract import normalize_text
-
     out = []
     for c, a in zip(completions, answer, strict=True):
         span = _answer_span(c)
-        out.append(1.0 if span is not None and normalize_text(span) == normalize_text(a) else 0.0)
+        same = span is not None and answers.normalize_text(span) == answers.normalize_text(a)
+        out.append(1.0 if same else 0.0)
     return out
 
 

@@ -40,10 +40,39 @@ Metrics per RL step (`rl/metrics.jsonl`): `reward/mean|std`, `reward/<component>
 `accuracy`, `format_rate`, `response_len/mean|max`, `truncated_rate` (no end token),
 `identical_groups`, `groups`, `groups_dropped` / `gen_rounds` (dynamic sampling), `pg_loss`, `kl`,
 `entropy`, `clip_frac/low|high|dual`, `ratio/mean` (token means over the update), `grad_norm`,
-`opt_steps`, `lr`, seconds `data_s` (decode + tokenize), `encode_s`, `rollout_s` (includes
-`reward_s`), `prefill_s` (old-policy + reference), `update_s`, `sync_s` (new weights into the vLLM
-engine; ~0 with `hf`), `step_s`, `encodes` (vision-tower runs this step: one per video with
-reuse), and cumulative `skipped_decode`, `skipped_nonfinite`, `steps_skipped`, `weight_syncs`.
+`opt_steps`, `lr`, `no_signal` (1 on a step without any informative group), seconds `data_s`
+(decode + tokenize), `encode_s`, `rollout_s` (includes `reward_s`), `prefill_s` (old-policy +
+reference), `update_s`, `sync_s` (new weights into the vLLM engine; ~0 with `hf`), `step_s`, `encodes` (vision-tower runs this step: one per video with
+reuse), and cumulative `skipped_decode`, `skipped_nonfinite`, `steps_skipped`, `no_signal_steps`,
+`no_signal_updates`, `weight_syncs`.
+
+Steps without a learning signal. A group whose G rewards are all equal has advantage 0 under
+every estimator; lvr never lets such groups move the policy:
+
+- a step whose groups are ALL equal (e.g. a model that already answers every prompt right) runs
+  no prefill and no update: no Adam step (its moments are untouched), no weight decay, no
+  scheduler tick. Metrics: `no_signal` 1 on that step, cumulative `no_signal_steps`;
+- a mini-batch (`update_batch` prompts) whose groups are all equal is skipped the same way
+  (cumulative `no_signal_updates`); a mini-batch with at least one informative group runs whole,
+  zero-advantage rows included: their KL / entropy terms are part of that mini-batch's objective
+  and its token normaliser, as in the paper's loss;
+- the decision uses the rewards of the GLOBAL batch (gathered over the DP groups), so every rank
+  takes the same branch and the collectives stay aligned;
+- with DAPO's dynamic sampling the all-equal groups are dropped before the update; if the refill
+  rounds find no informative group at all, the step counts as a no-signal step;
+- the learning-rate schedule counts optimizer steps actually taken: a warm-up is spent on real
+  updates (it exists to tame Adam's first steps), so a run with skipped steps ends before the end
+  of a decaying schedule (the `lr` metric shows where it is).
+
+Why: the only gradient left on such a step is the KL term's (exactly 0 while the policy equals
+the reference, float noise of ~1e-7 just after) plus the entropy bonus; Adam divides by its own
+tiny second moment, so that noise becomes a full `lr`-sized step in a random direction, and
+AdamW's decoupled decay shrinks every weight on top. That is how the demo's RL once undid its SFT
+on one machine and not on another. verl and TRL step anyway (TRL's tracker treats the KL-only
+gradient of zero-variance groups as expected GRPO behaviour: issue #5588, the opt-in mask of PR
+#7068 was not merged); DAPO-style dynamic sampling (verl's recipe, OpenRLHF's dynamic filtering)
+removes such groups before the update. lvr's rule is the safe end of both: an update happens only
+where a reward difference asks for one.
 
 Rollout engines (`rollout.engine`): `hf` samples with the policy's own module (nothing to sync);
 `vllm` (the `gpu` extra, or the CPU venv of scripts/vllm_env.sh; dp 1 only) runs a separate vLLM
@@ -301,9 +330,18 @@ def rl_step(st: State, step: int) -> dict[str, float]:
     metrics["groups_dropped"] = float(ds.dropped)
     # Decided on the global batch: a DP group without prompts still joins the update's collectives.
     if not summary:
-        st.counts["steps_skipped"] = st.counts.get("steps_skipped", 0) + 1
+        key = "no_signal_steps" if ds.dropped else "steps_skipped"  # DAPO dropped every group
+        st.counts[key] = st.counts.get(key, 0) + 1
         return {**metrics, "skipped_step": 1.0, **S.counts(st)}
     metrics.update(_reward_metrics(summary))
+    # Per prompt of the GLOBAL batch (the same list on every rank): does its group carry a
+    # learning signal? An all-equal group has advantage 0 under every estimator.
+    signal = [len(set(s["rewards"])) > 1 for s in summary]
+    if not any(signal):  # nothing to learn: the policy, Adam and the schedule stay untouched
+        st.counts["no_signal_steps"] = st.counts.get("no_signal_steps", 0) + 1
+        metrics.update({"no_signal": 1.0, "opt_steps": float(st.opt_steps)})
+        metrics["lr"] = float(st.scheduler.get_last_lr()[0])
+        return {**metrics, "step_s": round(time.time() - t0, 4), **S.counts(st)}
     rows = _flatten(groups)
     lengths = [n for s in summary for n in s["lengths"]]  # [P_global*G] response tokens
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [P*G]
@@ -314,7 +352,7 @@ def rl_step(st: State, step: int) -> dict[str, float]:
         old = _prefill_all(st, rows, st.base)
         ref = _reference_logprobs(st, rows)
     with _timed(timers, "update_s"):
-        metrics.update(_update(st, rows, adv, old.logprobs, ref, step, lengths))
+        metrics.update(_update(st, rows, adv, old.logprobs, ref, step, lengths, signal))
     with _timed(timers, "sync_s"):
         if st.opt_steps > opt0:  # unchanged weights (all steps non-finite) need no reload
             E.sync_engine(st)
@@ -647,8 +685,13 @@ def _update(
     ref: list[torch.Tensor] | None,
     step: int,
     lengths: list[int],
+    signal: list[bool],
 ) -> dict[str, float]:
     """`update_epochs` passes over shuffled mini-batches of `update_batch` prompts (whole groups).
+
+    A mini-batch whose groups all lack a learning signal (`signal`: per global prompt) is not
+    run: its only gradient would be the KL / entropy terms' (zero at the reference, noise
+    otherwise), which Adam would blow up to a full `lr`-sized step.
 
     The mini-batches are drawn from the GLOBAL batch (`lengths`: response tokens of every row of
     every DP group, prompt-major in DP order); each DP group runs the rows of the mini-batch it
@@ -667,6 +710,9 @@ def _update(
         order = torch.randperm(n_prompts, generator=gen).tolist()
         for s in range(0, n_prompts, cfg.update_batch):
             batch = order[s : s + cfg.update_batch]
+            if not any(signal[p] for p in batch):  # the same decision on every rank
+                st.counts["no_signal_updates"] = st.counts.get("no_signal_updates", 0) + 1
+                continue
             n_seq = len(batch) * g  # global normalisers of this mini-batch
             n_tok = sum(lengths[p * g + j] for p in batch for j in range(g))
             ids = [(p - first) * g + j for p in batch if p in held for j in range(g)]
@@ -678,7 +724,8 @@ def _update(
     sums = P.dp_sum(st.topo, sums)  # token sums of the statistics over the whole batch
     tokens = max(sums.pop("tokens", 1.0), 1.0)
     out = {k: v / tokens for k, v in sums.items()}
-    out["grad_norm"] = float(sum(norms) / len(norms))
+    if norms:
+        out["grad_norm"] = float(sum(norms) / len(norms))
     out["opt_steps"] = float(st.opt_steps)
     return out
 

@@ -69,7 +69,10 @@ class State:
 
 def counts(st: State) -> dict[str, float]:
     """The skip counters every step's metrics and the manifest report."""
-    keys = ("skipped_decode", "skipped_nonfinite", "steps_skipped")
+    keys = (
+        "skipped_decode", "skipped_nonfinite", "steps_skipped", "no_signal_steps",
+        "no_signal_updates",
+    )  # fmt: skip
     return {k: float(st.counts.get(k, 0)) for k in keys}
 
 

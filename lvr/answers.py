@@ -1,0 +1,204 @@
+"""How a model's answer is read: ONE reading for the RL rewards and for every eval score.
+
+Training and scoring must agree on what a response answered, or RL optimises one thing and the
+benchmark measures another. Everything that reads an ``<answer>`` span goes through this module:
+the RL rewards (`lvr.train.rewards`), the strict (official) score and the robust extractor
+(`lvr.eval.extract`). Tags are case-insensitive everywhere (``<ANSWER>`` is ``<answer>``).
+
+The model's answer span (`answer_span`) is the FIRST closed ``<answer>...</answer>`` span that is
+not inside reasoning, found by walking the tags in order:
+
+- a closed ``<think>...</think>`` block is reasoning: a span inside it is a draft, not the answer;
+- a ``</think>`` before any ``<think>`` closes a block the prompt opened (chat templates that end
+  with ``<think>``): the text before it is reasoning;
+- a ``</think>`` with no open block (a stray tag after the answer, as in
+  ``...</think>\\n<answer>B</answer> </think>``) changes nothing: it does not turn the answer
+  before it into reasoning;
+- an ``<answer>`` inside a ``<think>`` that is never closed ends the reasoning (the model forgot
+  the closing tag and answered);
+- of several answer spans the first one counts: later ones are invented turns
+  (``<answer>D</answer> user ... <answer>C</answer>`` answered D). It is also what the official
+  LongVideo-Reason scorer reads.
+
+The option letter of a span (`span_letter`) is read by the first two ranked rules of the robust
+extractor (`letter_by_rule`), so the reward, the strict score and the robust score agree on every
+span that holds a standalone letter: ``B``, ``B.``, ``(b)``, ``**B**``, ``B. red``, ``(B) red``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from typing import NamedTuple
+
+_TAG = re.compile(r"<(/?)(think|answer)>", re.IGNORECASE)
+# The paper's format reward is case-sensitive: it teaches these exact tags.
+_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+# Decorations a model wraps a letter in: markdown bold/italics, quotes, brackets.
+_DECO = r"[\s*_`'\"\[\]]*"
+ALL_LETTERS = "ABCDEFGHIJ"
+
+
+class _Tag(NamedTuple):
+    start: int
+    end: int
+    closing: bool
+    name: str  # "think" | "answer"
+
+
+def _tags(text: str) -> list[_Tag]:
+    return [
+        _Tag(m.start(), m.end(), bool(m.group(1)), m.group(2).lower()) for m in _TAG.finditer(text)
+    ]
+
+
+def answer_span(text: str | None) -> str | None:
+    """The content of the model's answer span (see the module docstring), untrimmed, or None.
+
+    Args:
+        text: A raw model response.
+
+    Returns:
+        The text between the first closed ``<answer>`` and its ``</answer>`` outside reasoning,
+        or None when there is no such span.
+
+    >>> answer_span("<think>maybe <answer>A</answer></think>\\n<answer>B</answer> </think>")
+    'B'
+    >>> answer_span("<answer>D</answer> user: and? <answer>C</answer>")
+    'D'
+    >>> answer_span("I reason</think><ANSWER> C </ANSWER>")
+    ' C '
+    >>> answer_span("<think>hm <answer>A") is None
+    True
+    """
+    if not text:
+        return None
+    tags = _tags(text)
+    thinks = [t for t in tags if t.name == "think"]
+    # A closing tag before any opening one: the prompt opened the reasoning block.
+    in_think = bool(thinks) and thinks[0].closing
+    opened: _Tag | None = None  # the <answer> of the span being read
+    for i, tag in enumerate(tags):
+        if opened is not None:
+            if tag.name == "answer" and tag.closing:
+                return text[opened.end : tag.start]
+            continue  # inside a span, only its end matters
+        if tag.name == "think":
+            in_think = not tag.closing
+        elif not tag.closing:
+            closes_later = any(t.name == "think" and t.closing for t in tags[i + 1 :])
+            if in_think and closes_later:
+                continue  # a draft inside the reasoning
+            in_think = False  # an unclosed <think> ends where the answer starts
+            opened = tag
+    return None
+
+
+def format_ok(text: str | None) -> bool:
+    """The paper's format: the whole (trimmed) text is ``<think>.*?</think>\\s*<answer>.*?</answer>``.
+
+    >>> format_ok("<think>r</think>\\n<answer>A</answer>"), format_ok("<answer>A</answer>")
+    (True, False)
+    """
+    return bool(text) and _FORMAT.fullmatch(text.strip()) is not None
+
+
+def _letter_class(letters: str) -> str:
+    return "[" + re.escape(letters) + "]"
+
+
+def _rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
+    """The ranked letter rules for a set of offered (upper-case) letters (see lvr.eval.extract)."""
+    up = _letter_class(offered)
+    both = _letter_class(offered + offered.lower())
+    no_word = r"(?![A-Za-z0-9])"
+    neg = r"(?<!not )(?<!not \()"  # "not B" / "not (B)" is a rejection, not an answer
+    phrase = (
+        r"(?:answer|option|choice)\s*(?:is|would\s+be|should\s+be|will\s+be|=|:|-)"
+        r"\s*(?:option|choice|letter)?\s*:?"
+        r"|i\s+(?:choose|pick|select)|i\s+(?:would\s+|will\s+)?go\s+with"
+    )
+    lower_ok = r"(?=\s*(?:[.,;:!?)\]*]|$))"  # a lower-case letter must not be followed by a word
+    # "A" and "I" are also English words: as a bare occurrence they count only when not followed
+    # by a lower-case word ("A man", "I think").
+    words = "".join(x for x in offered if x in "AI")
+    others = "".join(x for x in offered if x not in "AI")
+    any_alts = []
+    if others:
+        any_alts.append(rf"({_letter_class(others)}){no_word}")
+    if words:
+        any_alts.append(rf"({_letter_class(words)}){no_word}(?!\s+[a-z])")
+    return [
+        ("alone", re.compile(rf"^{_DECO}\(?({both})\)?{_DECO}\.?{_DECO}$")),
+        ("start", re.compile(rf"^{_DECO}\(?({up}){_DECO}(?:[.):,]|$|\n)")),
+        ("end", re.compile(rf"(?:^|[^A-Za-z0-9]){_DECO}\(?{neg}({up})\)?{_DECO}[.!]?{_DECO}$")),
+        (
+            "phrase",
+            re.compile(rf"(?i:{phrase})\s*{_DECO}[(\[]?(?:({up}){no_word}|({both}){lower_ok})"),
+        ),
+        ("paren", re.compile(rf"{neg}\(({both})\)")),
+        ("dot", re.compile(rf"(?<![A-Za-z0-9.]){neg}({up})\.{no_word}")),
+        ("colon", re.compile(rf"(?<![A-Za-z0-9]){neg}({up}):")),
+        ("rparen", re.compile(rf"(?<![A-Za-z0-9(]){neg}({up})\)")),
+        ("any", re.compile(rf"(?<![A-Za-z0-9]){neg}(?:{'|'.join(any_alts)})")),
+    ]
+
+
+_RULE_CACHE: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
+# The rules that read a span as a standalone letter: the reward's and the strict letter reading.
+SPAN_RULES = ("alone", "start")
+
+
+def letter_by_rule(
+    target: str, offered: str, rules: tuple[str, ...] | None = None
+) -> tuple[str | None, str | None]:
+    """The letter the highest-ranked matching rule reads in `target`, and that rule's name.
+
+    Args:
+        target: The text to read (an answer span, or a response without reasoning).
+        offered: The offered upper-case letters, e.g. "ABCD".
+        rules: Only these rule names (default: all, in rank order).
+
+    Returns:
+        ``(letter, rule)``, or ``(None, None)``. Within a rank the LAST match wins.
+
+    >>> letter_by_rule("so the answer is (c).", "ABCD")
+    ('C', 'phrase')
+    """
+    ranked = _RULE_CACHE.get(offered)
+    if ranked is None:
+        ranked = _RULE_CACHE[offered] = _rules(offered)
+    stripped = target.strip()
+    for name, pattern in ranked:
+        if rules is not None and name not in rules:
+            continue
+        matches = list(pattern.finditer(stripped))
+        if matches:
+            groups = [g for g in matches[-1].groups() if g]
+            return groups[0].upper(), name
+    return None, None
+
+
+def span_letter(span: str | None, offered: str = ALL_LETTERS) -> str | None:
+    """The option letter an answer span holds as a standalone letter, or None.
+
+    >>> [span_letter(s) for s in ["B", " (b) ", "B. red", "**C**", "the answer is B", "Bee"]]
+    ['B', 'B', 'B', 'C', None, None]
+    """
+    if span is None:
+        return None
+    return letter_by_rule(span, offered, SPAN_RULES)[0]
+
+
+def normalize_text(text: str) -> str:
+    """Normalize an answer text for comparison: NFKC, lower case, no punctuation or articles.
+
+    >>> normalize_text("  The Red-Car! ")
+    'red car'
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if ch in string.punctuation else ch for ch in text)
+    words = [w for w in text.split() if w not in {"a", "an", "the"}]
+    return " ".join(words)
