@@ -26,6 +26,10 @@ every rule is tested against adversarial responses (``tests/test_eval_extract.py
    A letter right after "not " ("not B", "not (B)") is a rejection and is skipped by the ``end``,
    ``paren``, ``dot``, ``colon``, ``rparen`` and ``any`` rules.
 
+   Numbered options (``offered`` = ``"01234"``, NExT-QA) use ``_number_rules`` instead: only
+   ``alone``, ``start``, ``phrase`` (also "option 2", "choice 2") and ``paren``, since counts
+   and times in prose ("3 people", "at 0:30") would otherwise read as answers.
+
    Lower-case letters are accepted only where they cannot be prose: ``alone`` (the whole answer
    is "b"), ``phrase`` when the letter is not followed by a word ("the answer is b",
    "answer: (c)" — but not "the answer is a man"), and ``paren`` ("(b)"). Everywhere else only upper case counts, so "a", "I" or "c." in
@@ -155,13 +159,35 @@ def _rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
     ]
 
 
+def _number_rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
+    """Ranked rules for numbered options (``"01234"``, NExT-QA style).
+
+    Numbers are everywhere in prose ("3 people", "at 0:30", "1.5 s"), so only the forms that
+    cannot be a count or a time are read: the whole answer, a number opening the answer with a
+    mark ("2." / "2)" / "(2)"), a number after an answer phrase or the word option/choice/number,
+    and "(2)" anywhere.
+    """
+    num = _letter_class(offered)
+    no_digit = r"(?![0-9A-Za-z])"
+    phrase = (
+        r"(?:answer|option|choice|number)\s*(?:is|would\s+be|should\s+be|=|:|-|#)?\s*"
+        r"|i\s+(?:choose|pick|select)\s*(?:option|choice|number)?\s*"
+    )
+    return [
+        ("alone", re.compile(rf"^{_DECO}\(?({num})\)?{_DECO}\.?{_DECO}$")),
+        ("start", re.compile(rf"^{_DECO}\(?({num})\)?{_DECO}(?:[.):,](?![0-9])|\n)")),
+        ("phrase", re.compile(rf"(?i:{phrase}){_DECO}[(\[]?({num}){no_digit}(?!\.[0-9])")),
+        ("paren", re.compile(rf"\(({num})\)")),
+    ]
+
+
 _RULE_CACHE: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
 
 
 def _letters_by_rule(target: str, offered: str) -> tuple[str | None, str | None]:
     rules = _RULE_CACHE.get(offered)
     if rules is None:
-        rules = _RULE_CACHE[offered] = _rules(offered)
+        rules = _RULE_CACHE[offered] = (_number_rules if offered.isdigit() else _rules)(offered)
     stripped = target.strip()
     for name, pattern in rules:
         matches = list(pattern.finditer(stripped))
