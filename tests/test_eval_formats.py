@@ -273,6 +273,8 @@ def test_unreadable_json_is_one_line(tmp_path: Path) -> None:
 def test_option_shapes() -> None:
     assert from_any({"B": "y", "A": "x", "C": "z"}) == (["x", "y", "z"], None)
     assert from_any(["(A) x", "(B) y"]) == (["x", "y"], None)
+    assert from_any(["x", "y"]) == (["x", "y"], None)  # prefixes stripped by a re-format
+    assert from_any(["A. x", "y"])[1] == "option 1 'y' lacks its 'B. ' prefix"
     assert from_any("A. x\nB. y\nB. z")[1].startswith("option labels A, B, B are not A-C")
     assert from_any("Q?\nA. x\nB. y")[1].startswith("options text starts with an unlabelled line")
     assert (
@@ -292,3 +294,25 @@ def test_errors_group_by_reason() -> None:
         "40 x video not found: … (looked under …); 1 x option B is blank; "
         "1 x video: cannot decode video …: Invalid data"
     )
+
+
+def test_folder_with_files_that_are_not_questions(tmp_path: Path) -> None:
+    folder = tmp_path / "videomme"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text((FIX / "videomme" / "test.jsonl").read_text())
+    (folder / "meta.json").write_text(json.dumps({"version": 2, "name": "Video-MME"}))
+    (folder / "notes.json").write_text('{"draft": [1, 2,')  # unreadable
+    notes: list[str] = []
+    assert len(read_records(str(folder), notes=notes)) == 6  # 5 questions + the meta object
+    assert len(notes) == 1 and notes[0].startswith("skipped a file that holds no records: ")
+    assert "notes.json" in notes[0] and "\n" not in notes[0]
+    rows, notes = _load("videomme", folder)
+    assert len(rows) == 5
+    assert any(
+        n.startswith("skipped (read 1 other file(s)): meta.json is not a videomme file")
+        for n in notes
+    )
+    (folder / "test.jsonl").unlink()
+    (folder / "meta.json").unlink()
+    with pytest.raises(BenchmarkError, match="cannot read .*notes.json"):
+        read_records(str(folder))

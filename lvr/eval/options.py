@@ -135,21 +135,25 @@ def duplicate_texts(texts: Sequence[str], labels: str = LETTERS) -> str | None:
 
 
 def from_prefixed(items: Sequence[Any]) -> tuple[list[str], str | None]:
-    """Options given as ``["A. x", "B. y"]`` (each text carries its own label, any order).
+    """Options given as a list: ``["A. x", "B. y"]`` (labels in any order) or plain ``["x", "y"]``.
 
-    >>> from_prefixed(["B. y", "A. x"])
-    (['x', 'y'], None)
+    A list where every item carries a label is ordered by label; a list where none does is taken
+    in its order (re-formats strip the prefixes); a mix is a defect.
+
+    >>> from_prefixed(["B. y", "A. x"]), from_prefixed(["x", "y"])
+    ((['x', 'y'], None), (['x', 'y'], None))
     """
-    pairs = []
-    for i, item in enumerate(items):
-        label, text = split_label(str(item))
+    split = [split_label(str(item)) for item in items]
+    if all(label is None for label, _ in split):
+        texts = [text for _, text in split]
+        return texts, check_texts(texts)
+    for i, (label, _) in enumerate(split):
         if label is None:
             want = LETTERS[i] if i < len(LETTERS) else "?"
-            return [
-                str(o) for o in items
-            ], f"option {i} {str(item)[:30]!r} lacks its '{want}. ' prefix"
-        pairs.append((label, text))
-    return order_labelled(pairs)
+            return [str(o) for o in items], (
+                f"option {i} {str(items[i])[:30]!r} lacks its '{want}. ' prefix"
+            )
+    return order_labelled([(label or "", text) for label, text in split])
 
 
 def from_lines(text: str) -> tuple[str, list[str], str | None]:

@@ -72,10 +72,26 @@ def read_records(
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_EXTS)
         if not files:
             raise BenchmarkError(f"{path} holds no {', '.join(DATA_EXTS)} files")
-        return [r for f in files for r in _read_file(f, notes)]
+        return _read_folder(files, notes)
     if "/" in data and not data.startswith((".", "/", "~")):
         return _read_hub(data, split)
     raise BenchmarkError(f"benchmark data {data!r} is neither a file, a folder nor a dataset name")
+
+
+def _read_folder(files: list[Path], notes: list[str]) -> list[dict[str, Any]]:
+    """Records of every readable file; an unreadable one (a config dict, a broken file beside the
+    benchmark's files) is skipped with a note, unless no file is readable."""
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for f in files:
+        try:
+            records += _read_file(f, notes)
+        except BenchmarkError as exc:
+            problems.append(str(exc))
+    if problems and len(problems) == len(files):
+        raise BenchmarkError(problems[0])
+    notes.extend(f"skipped a file that holds no records: {p}" for p in problems)
+    return records
 
 
 def sniff_format(path: Path) -> str:
