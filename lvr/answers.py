@@ -39,6 +39,7 @@ _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 # Decorations a model wraps a letter in: markdown bold/italics, quotes, brackets.
 _DECO = r"[\s*_`'\"\[\]]*"
 ALL_LETTERS = "ABCDEFGHIJ"
+ALL_NUMBERS = "0123456789"  # numbered options (NExT-QA: 0-4)
 
 
 class _Tag(NamedTuple):
@@ -146,6 +147,28 @@ def _rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
     ]
 
 
+def _number_rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
+    """Ranked rules for numbered options (``"01234"``, NExT-QA style).
+
+    Numbers are everywhere in prose ("3 people", "at 0:30", "1.5 s"), so only the forms that
+    cannot be a count or a time are read: the whole answer, a number opening the answer with a
+    mark ("2." / "2)" / "(2)"), a number after an answer phrase or the word option/choice/number,
+    and "(2)" anywhere.
+    """
+    num = _letter_class(offered)
+    no_digit = r"(?![0-9A-Za-z])"
+    phrase = (
+        r"(?:answer|option|choice|number)\s*(?:is|would\s+be|should\s+be|=|:|-|#)?\s*"
+        r"|i\s+(?:choose|pick|select)\s*(?:option|choice|number)?\s*"
+    )
+    return [
+        ("alone", re.compile(rf"^{_DECO}\(?({num})\)?{_DECO}\.?{_DECO}$")),
+        ("start", re.compile(rf"^{_DECO}\(?({num})\)?{_DECO}(?:[.):,](?![0-9])|\n)")),
+        ("phrase", re.compile(rf"(?i:{phrase}){_DECO}[(\[]?({num}){no_digit}(?!\.[0-9])")),
+        ("paren", re.compile(rf"\(({num})\)")),
+    ]
+
+
 _RULE_CACHE: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
 # The rules that read a span as a standalone letter: the reward's and the strict letter reading.
 SPAN_RULES = ("alone", "start")
@@ -168,8 +191,8 @@ def letter_by_rule(
     ('C', 'phrase')
     """
     ranked = _RULE_CACHE.get(offered)
-    if ranked is None:
-        ranked = _RULE_CACHE[offered] = _rules(offered)
+    if ranked is None:  # numbered options ("01234") have rules of their own
+        ranked = _RULE_CACHE[offered] = (_number_rules if offered.isdigit() else _rules)(offered)
     stripped = target.strip()
     for name, pattern in ranked:
         if rules is not None and name not in rules:
@@ -182,10 +205,12 @@ def letter_by_rule(
 
 
 def span_letter(span: str | None, offered: str = ALL_LETTERS) -> str | None:
-    """The option letter an answer span holds as a standalone letter, or None.
+    """The option letter (or number, with ``offered="01234"``) an answer span holds alone.
 
     >>> [span_letter(s) for s in ["B", " (b) ", "B. red", "**C**", "the answer is B", "Bee"]]
     ['B', 'B', 'B', 'C', None, None]
+    >>> span_letter("2. a dog", "01234")
+    '2'
     """
     if span is None:
         return None

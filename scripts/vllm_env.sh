@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the separate vLLM venv for the opt-in rollout-engine tests on a CPU machine, then run them:
+# Build the separate vLLM venv for the opt-in vLLM tests on a CPU machine (rollout engine, `lvr rl`
+# with vLLM rollouts, `lvr eval run --backend vllm`), then run them:
 #
 #   bash scripts/vllm_env.sh            # builds .venv-vllm (~5.6 GB) once, runs `pytest -m vllm`
 #   VLLM_VENV=/path bash scripts/vllm_env.sh
@@ -36,7 +37,11 @@ fi
 if ! "$PY" -c "import peft" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps "peft==0.21.2" "accelerate==1.15.0"
 fi
+# Lenient JSON for benchmark files (an lvr dependency added after the first venvs were built).
+if ! "$PY" -c "import json5" 2>/dev/null; then
+  "$PY" -m pip install -q "json5>=0.9"
+fi
 
 cd "$ROOT"
 HF_HUB_OFFLINE=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 "$VENV/bin/pytest" -q -m vllm \
-  tests/test_mrsp_vllm.py tests/test_rl_vllm.py "$@"
+  tests/test_mrsp_vllm.py tests/test_rl_vllm.py tests/test_eval_vllm.py "$@"

@@ -64,7 +64,7 @@ def test_longvideo_reason(bench_videos: Path) -> None:
     errors = {k: r["error"] for k, r in rows.items() if r["error"]}
     assert "no 'A. ...' option lines" in errors["longvideo-reason/3"]
     assert "REASONS" in errors["longvideo-reason/4"]  # reasoning leaked into the options
-    assert "'B.' is not one option letter" in errors["longvideo-reason/5"]
+    assert "'B.' is not one option label" in errors["longvideo-reason/5"]
     assert errors["longvideo-reason/6"].startswith(
         "video not found: longvila_videos/not_downloaded.mp4"
     )
@@ -73,8 +73,15 @@ def test_longvideo_reason(bench_videos: Path) -> None:
 
 def test_split_problem_cases() -> None:
     assert split_problem("Q?\nA. x\nB. y\nC. z") == ("Q?", ["x", "y", "z"], None)
-    assert split_problem("Q?\nA. x\nC. z")[2].startswith("option lines malformed")
-    assert split_problem("Q?\nA. x\nB. ")[2] == "option B is empty"
+    assert split_problem("Q?\nA. x\nC. z")[2].startswith("option labels A, C are not A-B")
+    assert split_problem("Q?\nA. x\nB. ")[2] == "option B is blank"
+    assert split_problem("Q?\nA. x\nstray line\nB. y")[2].startswith("option lines malformed")
+    # Re-formatted files list options out of order: the label, not the position, counts.
+    assert split_problem("<image>Q?  \nC. z  \nA. x  \nB. y  \n") == (
+        "<image>Q?",
+        ["x", "y", "z"],
+        None,
+    )
     assert split_problem("A. x\nB. y")[2] == "problem has no question text before the options"
 
 

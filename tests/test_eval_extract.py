@@ -149,9 +149,32 @@ def test_open_ended_extraction() -> None:
     assert normalize_text("An  Apple, the PIE") == "apple pie"
 
 
+NUMBERED = [  # options labelled 0-4 (NExT-QA): counts and times in prose must never answer
+    ("<answer>3</answer>", "3", "tag/alone"),
+    ("<answer>(1)</answer>", "1", "tag/alone"),
+    ("<answer>2. to greet his father</answer>", "2", "tag/start"),
+    ("<think>there are 3 dogs, 2 cats</think> The answer is 4.", "4", "text/phrase"),
+    ("I choose option 0", "0", "text/phrase"),
+    ("Option 1", "1", "text/phrase"),
+    ("The boy runs (2) to the door", "2", "text/paren"),
+    ("There are 3 people at 0:30", None, "no_match"),
+    ("<answer>1.5 seconds</answer>", None, "no_match"),
+    ("<answer>10</answer>", None, "no_match"),
+    ("<answer>B</answer>", None, "no_match"),
+    ("the number 7 appears", None, "no_match"),
+]
+
+
+@pytest.mark.parametrize(("response", "label", "rule"), NUMBERED)
+def test_numbered_options(response: str, label: str | None, rule: str) -> None:
+    assert extract_choice(response, "01234") == (label, rule)
+
+
 @pytest.mark.parametrize(
-    "module", ["extract", "scoring", "benchmarks", "sources", "judge", "runner", "prompting"]
-)
+    "module",
+    ["extract", "scoring", "benchmarks", "sources", "judge", "runner", "prompting", "options",
+     "official", "reasons", "recent_benchmarks", "vllm_backend"],
+)  # fmt: skip
 def test_doctests(module: str) -> None:
     import importlib
 

@@ -316,3 +316,37 @@ def test_corrected_benchmark_rescores_without_asking(
     rows = {r["qa_id"]: r for r in _predictions(second.out_dir)}
     assert rows["longvideo-reason/0"]["answer"] == "A"
     assert rows["longvideo-reason/1"]["options"][1] == "To polish it"
+
+
+def test_run_that_answers_nothing_fails_with_grouped_reasons(tmp_path: Path) -> None:
+    from lvr.cli import app
+
+    args = ["eval", "run", "--model", "some/model", "--benchmark", "longvideo-reason",
+            "--data", str(LVR_DATA), "--video-dir", str(tmp_path), "--run", str(tmp_path / "run"),
+            "--frames", "2"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, LvrError)
+    msg = str(res.exception)
+    assert "\n" not in msg and msg.startswith("no question was answered (8 error rows in ")
+    assert "5 x video not found: … (looked under …)" in msg  # one reason, not five videos
+    # The rows and the manifest are still written, with the reasons grouped.
+    out = next((tmp_path / "run" / "eval").iterdir())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["counts"]["answered"] == 0
+        and "5 x video not found" in manifest["errors_by_reason"]
+    )
+
+
+def test_report_groups_errors_by_reason(tiny_vlm: Path, lvr_videos: Path, tmp_path: Path) -> None:
+    from lvr.eval.report import error_table, load_entry
+
+    missing = [json.loads(line) for line in LVR_DATA.read_text().splitlines()][:3]
+    for i, rec in enumerate(missing):
+        rec["videos"] = f"longvila_videos/gone_{i}.mp4"
+    data = tmp_path / "eval.jsonl"
+    data.write_text("\n".join([LVR_DATA.read_text().splitlines()[0], *map(json.dumps, missing)]))
+    res = run_eval(_cfg(tiny_vlm, lvr_videos, data=str(data)), tmp_path / "run", progress=False)[0]
+    head, rows = error_table(load_entry(res.out_dir))
+    assert head == ["reason", "rows", "example"]
+    assert [r[:2] for r in rows] == [["video not found: … (looked under …)", "3"]]

@@ -1,23 +1,31 @@
 """Benchmark adapters: each published format -> rows of the ``questions`` table.
 
-Every adapter reads the benchmark's own files as published (or the same rows through
+Every adapter reads the benchmark's own files as users download them (or the same rows through
 ``datasets.load_dataset(name)``) and maps one record to one question. A record that cannot be
-used — a malformed row, a video that is not on disk — becomes a row with an ``error`` that names
-the reason; it is never skipped and never replaced by another video. Scores count those rows as
-wrong in the headline accuracy.
+used — a blank answer or option, a skipped option label, a video that is not on disk — becomes a
+row with an ``error`` that names the reason; it is never skipped, never guessed, and never given
+another video. Scores count those rows as wrong in the headline accuracy.
 
-Sources and the fields read (see ``tests/fixtures/eval/`` for one small file per format):
+Before that, each file is checked to be the benchmark's at all (``Spec``): a file without the
+benchmark's fields, or one whose every record fails to read, stops with ONE line naming the fields
+expected and found and the benchmark the file looks like — never thousands of error rows and a 0%
+score. In a folder, a file that is not the benchmark's (MLVU ships ``test_res_example.json``, a
+results file) is skipped with a note, not read as questions.
+
+Sources and the fields read (``tests/fixtures/eval/`` holds one small file per format):
 
 - ``qa``: our own ``qa`` table (``runs/<run>/filter/qa``), rows with ``split == eval`` by default
   (``--split all`` for every row), or a ``qa_raw`` table (all rows; what the filter rates).
 - ``longvideo-reason``: LongVideo-Reason-eval JSON/JSONL rows ``problem_id``, ``problem`` (question
-  with "\\nA. ...\\nB. ..." appended), ``answer`` ("<answer>X</answer>"), ``problem_type``
-  (category), ``videos`` (path relative to the video folder, e.g. under ``longvila_videos/``).
+  with "\\nA. ...\\nB. ..." appended; options listed out of order are put back in label order),
+  ``answer`` ("<answer>X</answer>"), ``problem_type`` (category), ``videos`` (path relative to the
+  video folder, e.g. under ``longvila_videos/``). Re-formats are read too: ``solution`` for
+  ``answer``, ``extra_info.problem_id``, an ``<image>`` placeholder in the problem (removed).
 - ``videomme``: Video-MME rows ``videoID``, ``question_id``, ``duration`` (short|medium|long),
   ``domain``, ``sub_category``, ``task_type`` (category), ``question``, ``options`` ("A. ..."),
-  ``answer``; videos ``<videoID>.mp4``, optional subtitles ``subtitle/<videoID>.srt`` (the cues
-  are kept with their times; the prompt gets those shown at the sampled frames, as Video-MME's
-  protocol prescribes).
+  ``answer``; also the official nested template (video -> ``questions``, not strict JSON). Videos
+  ``<videoID>.mp4`` (``<video_id>.mp4`` for the template, which has no videoID), optional
+  subtitles ``subtitle/<videoID>.srt`` (the prompt gets the cues shown at the sampled frames).
 - ``longvideobench``: rows ``id``, ``question``, ``option0..option4`` ("N/A" when absent; the
   ``lvb_val.json`` form with a ``candidates`` list works too), ``correct_choice`` (int),
   ``duration_group``, ``question_category`` (category), ``video_path``.
@@ -26,66 +34,75 @@ Sources and the fields read (see ``tests/fixtures/eval/`` for one small file per
   is the mean of per-task accuracies (``group_by = macro``). The two generation tasks
   (``8_sub_scene``, ``9_summary``) are free-form captioning scored by GPT and are not loaded; the
   loader reports them in ``notes``.
+- ``videomme-v2``, ``lvbench``, ``video-holmes``, ``nextqa``: see ``lvr.eval.recent_benchmarks``.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from lvr.artifacts import rows_to_table
+from lvr.eval import filecheck, recent_benchmarks
+from lvr.eval.options import (
+    LETTERS,
+    check_texts,
+    clean_question,
+    from_lines,
+    gold_label,
+    lettered_question,
+    question_error,
+)
 from lvr.eval.sources import (
+    Adapter,
+    Benchmark,
     BenchmarkError,
     Source,
+    Spec,
     as_list,
     duration_bucket_from_seconds,
+    flatten_nested,
+    pick,
+    question_row,
     read_records,
     resolve_video,
+    subtitle_candidates,
 )
 
-__all__ = ["ADAPTERS", "BenchmarkError", "Source", "load_questions", "read_records"]
+__all__ = [
+    "ADAPTERS",
+    "BENCHMARKS",
+    "BenchmarkError",
+    "HEADLINE_GROUP",
+    "Source",
+    "load_questions",
+    "read_records",
+]
 
-LETTERS = "ABCDEFGHIJ"
 MLVU_GENERATION_TASKS = ("sub_scene", "summary")
 _LVB_GROUPS = {15: "8-15s", 60: "15-60s", 600: "180-600s", 3600: "900-3600s"}
+# Video-R1's `problem_type` is a format, not a category (its Video-MME file says "multiple choice").
+_VIDEO_R1_TYPES = {"multiple choice", "numerical", "ocr", "free-form", "regression"}
 
 
-def _row(source: Source, qa_id: str, **fields: Any) -> dict[str, Any]:
-    extra = fields.pop("extra", None) or {}
-    errors = [e for e in fields.pop("errors", []) if e]
-    return {
-        "qa_id": qa_id,
-        "benchmark": source.benchmark,
-        "video_path": fields.get("video_path") or "",
-        "question": fields.get("question") or "",
-        "options": fields.get("options") or [],
-        "answer": fields.get("answer"),
-        "format": fields.get("format") or "mc",
-        "category": fields.get("category"),
-        "duration_bucket": fields.get("duration_bucket"),
-        "extra": json.dumps(extra, default=str, sort_keys=True),
-        "error": "; ".join(errors) if errors else None,
-    }
+def _blank(value: Any) -> bool:
+    return value is None or not str(value).strip()
 
 
 # ---------------------------------------------------------------------------------------------
 # LongVideo-Reason-eval
 # ---------------------------------------------------------------------------------------------
 
-_OPTION_LINE = re.compile(r"^\s*([A-J])[.)]\s*(.*?)\s*$")
-_TAGGED = re.compile(r"^\s*<answer>\s*(.*?)\s*</answer>\s*$", re.DOTALL)
-
 
 def split_problem(problem: str) -> tuple[str, list[str], str | None]:
     """Split a LongVideo-Reason ``problem`` into question and options.
 
-    Options are the trailing lines "A. ...", "B. ...", in order from A. Anything else after the
-    first option line (reasoning that leaked into the options, a skipped letter) is malformed.
+    Options are the trailing labelled lines ("A. ...", in any order: they are put back in label
+    order). Anything else after the first option line (reasoning that leaked into the options),
+    a skipped or repeated label, or a blank option is malformed.
 
     Args:
         problem: The record's problem text.
@@ -96,67 +113,55 @@ def split_problem(problem: str) -> tuple[str, list[str], str | None]:
     >>> split_problem("Why?\\nA. x\\nB. y")
     ('Why?', ['x', 'y'], None)
     """
-    lines = problem.strip().splitlines()
-    first = next((i for i, ln in enumerate(lines) if _OPTION_LINE.match(ln)), None)
-    if first is None:
-        return problem.strip(), [], "problem has no 'A. ...' option lines"
-    question = "\n".join(lines[:first]).strip()
-    options: list[str] = []
-    for offset, line in enumerate(lines[first:]):
-        match = _OPTION_LINE.match(line)
-        expected = LETTERS[offset] if offset < len(LETTERS) else "?"
-        if not match or match.group(1) != expected:
-            return question, options, f"option lines malformed at {line.strip()[:60]!r}"
-        if not match.group(2):
-            return question, options, f"option {expected} is empty"
-        options.append(match.group(2))
-    if not question:
+    question, options, err = from_lines(problem)
+    if err and not options and err.startswith("no "):
+        return question, options, f"problem has {err}"
+    if err is None and not question:
         return question, options, "problem has no question text before the options"
-    if len(options) < 2:
-        return question, options, f"only {len(options)} option(s)"
-    return question, options, None
+    return question, options, err
 
 
 def parse_tagged_answer(answer: Any, offered: str) -> tuple[str | None, str | None]:
     """Gold letter from ``"<answer>X</answer>"`` (or a bare letter); error when not offered."""
-    text = "" if answer is None else str(answer)
-    match = _TAGGED.match(text)
-    letter = (match.group(1) if match else text).strip()
-    if not re.fullmatch(r"[A-J]", letter):
-        return None, f"answer {text[:40]!r} is not one option letter in <answer></answer>"
-    if letter not in offered:
-        return letter, f"answer {letter} is not among the offered letters {offered or '(none)'}"
-    return letter, None
+    return gold_label(answer, offered)
 
 
 def adapt_longvideo_reason(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
     """Map one LongVideo-Reason-eval record (see module docstring)."""
     if "__raw__" in rec:
-        return _row(src, f"longvideo-reason/{index}", errors=["record is not a JSON object"])
-    native = rec.get("problem_id", index)
-    problem = rec.get("problem")
+        return question_row(
+            src, f"longvideo-reason/{index}", errors=["record is not a JSON object"]
+        )
+    native = pick(rec, "problem_id", "extra_info.problem_id", "id")
+    problem = pick(rec, "problem")
     errors: list[str | None] = []
-    if not isinstance(problem, str) or not problem.strip():
+    if _blank(problem):
         question, options, err = "", [], "record has no problem text"
     else:
-        question, options, err = split_problem(problem)
+        question, options, err = split_problem(clean_question(problem))
     errors.append(err)
-    letter, err = parse_tagged_answer(rec.get("answer"), LETTERS[: len(options)])
+    kind = pick(rec, "extra_info.answer_type", "answer_type")
+    if kind is not None and "choice" not in str(kind).lower():
+        errors.append(f"answer_type {kind!r} is not multiple choice (only those are evaluated)")
+    letter, err = gold_label(pick(rec, "answer", "solution"), LETTERS[: len(options)])
     errors.append(err)
-    video = rec.get("videos", rec.get("video"))
-    video = video[0] if isinstance(video, list) and video else video
+    video = pick(rec, "videos", "video", "path")
+    video = video[0] if isinstance(video, list | tuple) and video else video
     path, err = resolve_video(src.video_dir, video, subdirs=("longvila_videos",))
     errors.append(err)
-    extra = {k: rec.get(k) for k in ("problem_id", "data_type", "videos") if k in rec}
-    return _row(
+    category = pick(rec, "problem_type")
+    if category is not None and str(category).lower() in _VIDEO_R1_TYPES:
+        category = None
+    keys = ("problem_id", "data_type", "videos", "data_source", "extra_info", "problem_type")
+    return question_row(
         src,
-        f"longvideo-reason/{native}",
+        f"longvideo-reason/{index if native is None else native}",
         video_path=path,
         question=question,
         options=options,
         answer=letter,
-        category=rec.get("problem_type"),
-        extra=extra,
+        category=category,
+        extra={k: rec.get(k) for k in keys if k in rec},
         errors=errors,
     )
 
@@ -164,19 +169,6 @@ def adapt_longvideo_reason(rec: dict[str, Any], index: int, src: Source) -> dict
 # ---------------------------------------------------------------------------------------------
 # Video-MME
 # ---------------------------------------------------------------------------------------------
-
-
-def _strip_prefixed(options: list[Any]) -> tuple[list[str], str | None]:
-    out = []
-    for i, opt in enumerate(options):
-        match = re.match(rf"^\s*{LETTERS[i]}[.)]\s*(.*)$", str(opt), re.DOTALL)
-        if not match:
-            return [
-                str(o) for o in options
-            ], f"option {i} {str(opt)[:30]!r} lacks its '{LETTERS[i]}. ' prefix"
-        out.append(match.group(1).strip())
-    return out, None
-
 
 _SRT_TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)\s*-->\s*(\d+):(\d+):(\d+)[,.](\d+)")
 
@@ -206,17 +198,10 @@ def read_srt(path: Path) -> list[list[Any]]:
 
 def adapt_videomme(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
     """Map one Video-MME record (see module docstring)."""
-    errors: list[str | None] = []
-    raw_options = as_list(rec.get("options"))
-    if not raw_options:
-        options, err = [], "record has no options list"
-    else:
-        options, err = _strip_prefixed(raw_options)
-    errors.append(err)
-    answer = str(rec.get("answer") or "").strip()
-    if answer not in LETTERS[: len(options)] or not answer:
-        errors.append(f"answer {answer!r} is not one of the offered letters")
-    vid = rec.get("videoID") or rec.get("video_id")
+    question, options, answer, errors = lettered_question(
+        pick(rec, "question"), pick(rec, "options"), pick(rec, "answer")
+    )
+    vid = pick(rec, "videoID", "video_id", "videoId")
     path, err = resolve_video(src.video_dir, vid, subdirs=("data", "videos", "video"))
     errors.append(err)
     extra: dict[str, Any] = {
@@ -225,15 +210,16 @@ def adapt_videomme(rec: dict[str, Any], index: int, src: Source) -> dict[str, An
     }
     if src.subtitles:
         extra["subtitles"] = _videomme_subtitles(src, vid)
-    return _row(
+    duration = pick(rec, "duration")
+    return question_row(
         src,
-        f"videomme/{rec.get('question_id') or index}",
+        f"videomme/{pick(rec, 'question_id') or index}",
         video_path=path,
-        question=str(rec.get("question") or ""),
+        question=question,
         options=options,
-        answer=answer or None,
-        category=rec.get("task_type"),
-        duration_bucket=rec.get("duration"),
+        answer=answer,
+        category=pick(rec, "task_type", "original_question_type"),
+        duration_bucket=str(duration) if isinstance(duration, str) else None,
         extra=extra,
         errors=errors,
     )
@@ -247,13 +233,9 @@ def _videomme_subtitles(src: Source, vid: Any) -> list[list[Any]] | None:
     """
     if not vid:
         return None
-    data = Path(src.data).expanduser()
-    roots = [r for r in (src.video_dir, data.parent, data.parent.parent) if r is not None]
-    for root in roots:
-        for sub in ("subtitle", "subtitles"):
-            path = root / sub / f"{vid}.srt"
-            if path.is_file():
-                return read_srt(path)
+    for path in subtitle_candidates(src, f"{vid}.srt"):
+        if path.is_file():
+            return read_srt(path)
     return None
 
 
@@ -263,40 +245,52 @@ def _videomme_subtitles(src: Source, vid: Any) -> list[list[Any]] | None:
 
 
 def _lvb_options(rec: dict[str, Any]) -> tuple[list[str], str | None]:
-    if "candidates" in rec and rec["candidates"] is not None:
-        opts = [str(c) for c in as_list(rec["candidates"]) or []]
-        return opts, None if len(opts) >= 2 else "fewer than two candidates"
+    if rec.get("candidates") is not None:
+        opts = [str(c).strip() for c in as_list(rec["candidates"]) or []]
+        return opts, check_texts(opts)
     raw = [rec.get(f"option{i}") for i in range(5)]
-    present = [o is not None and str(o).strip() not in {"", "N/A"} for o in raw]
+    present = [not _blank(o) and str(o).strip() != "N/A" for o in raw]
     count = sum(present)
-    if present[:count] != [True] * count:  # an "N/A" before a real option
-        return [str(o) for o in raw if o], "options have a gap ('N/A' before a real option)"
-    if count < 2:
-        return [str(o) for o in raw[:count]], "fewer than two options"
-    return [str(o).strip() for o in raw[:count]], None
+    if present[:count] != [True] * count:  # an "N/A" or a blank before a real option
+        return [
+            str(o) for o in raw if o
+        ], "options have a gap ('N/A' or blank before a real option)"
+    opts = [str(o).strip() for o in raw[:count]]
+    return opts, check_texts(opts)
+
+
+def _choice_index(choice: Any) -> int | None:
+    if isinstance(choice, bool):
+        return None
+    if isinstance(choice, int):
+        return choice
+    if isinstance(choice, str) and choice.strip().isdigit():
+        return int(choice.strip())
+    return None
 
 
 def adapt_longvideobench(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
     """Map one LongVideoBench record (see module docstring)."""
-    errors: list[str | None] = []
+    question = clean_question(pick(rec, "question"))
     options, err = _lvb_options(rec)
-    errors.append(err)
+    errors: list[str | None] = [question_error(question), err]
     choice = rec.get("correct_choice")
-    answer = None
-    if isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < len(options):
-        answer = LETTERS[choice]
-    else:
+    pos = _choice_index(choice)
+    answer = LETTERS[pos] if pos is not None and 0 <= pos < len(options) else None
+    if answer is None:
         errors.append(f"correct_choice {choice!r} does not index one of {len(options)} options")
-    path, err = resolve_video(src.video_dir, rec.get("video_path"), subdirs=("videos",))
+    path, err = resolve_video(
+        src.video_dir, pick(rec, "video_path", "video_id"), subdirs=("videos",)
+    )
     errors.append(err)
     group = rec.get("duration_group")
     bucket = _LVB_GROUPS.get(group, None if group is None else str(group))
     keys = ("id", "video_id", "topic_category", "level", "duration", "subtitle_path", "position")
-    return _row(
+    return question_row(
         src,
         f"longvideobench/{rec.get('id') or index}",
         video_path=path,
-        question=str(rec.get("question") or ""),
+        question=question,
         options=options,
         answer=answer,
         category=rec.get("question_category"),
@@ -316,44 +310,53 @@ def mlvu_task(file_stem: str, rec: dict[str, Any]) -> str:
     return str(rec.get("question_type") or re.sub(r"^\d+_", "", file_stem))
 
 
+def _mlvu_gold(options: list[str], gold: Any) -> tuple[str | None, str | None]:
+    """The letter of the candidate whose text is the answer (exactly one must match)."""
+    if _blank(gold):
+        return None, "answer is blank"
+    hits = [i for i, c in enumerate(options) if c == str(gold).strip()]
+    if not hits:  # the same text up to case and spacing
+        norm = " ".join(str(gold).lower().split())
+        hits = [i for i, c in enumerate(options) if " ".join(c.lower().split()) == norm]
+    if len(hits) != 1:
+        return None, f"answer {str(gold)[:40]!r} matches {len(hits)} candidates (need exactly 1)"
+    return LETTERS[hits[0]], None
+
+
 def adapt_mlvu(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
     """Map one MLVU dev multiple-choice record (see module docstring)."""
     stem = str(rec.get("__file__", ""))
     task = mlvu_task(stem, rec)
-    errors: list[str | None] = []
-    options = [str(c) for c in as_list(rec.get("candidates")) or []]
-    if len(options) < 2:
-        errors.append("fewer than two candidates")
-    gold = rec.get("answer")
-    hits = [i for i, c in enumerate(options) if c == gold]
-    answer = LETTERS[hits[0]] if len(hits) == 1 else None
-    if len(hits) != 1:
-        errors.append(f"answer {str(gold)[:40]!r} matches {len(hits)} candidates (need exactly 1)")
+    question = clean_question(pick(rec, "question"))
+    options = [("" if c is None else str(c)).strip() for c in as_list(rec.get("candidates")) or []]
+    errors: list[str | None] = [question_error(question), check_texts(options)]
+    answer, err = _mlvu_gold(options, rec.get("answer"))
+    errors.append(err)
     subdirs = (f"video/{stem}", stem, "video")
     path, err = resolve_video(src.video_dir, rec.get("video"), subdirs=subdirs)
     errors.append(err)
     duration = rec.get("duration")
     seconds = float(duration) if isinstance(duration, int | float) else None
-    return _row(
+    return question_row(
         src,
         f"mlvu/{task}/{index}",
         video_path=path,
-        question=str(rec.get("question") or ""),
+        question=question,
         options=options,
         answer=answer,
         category=task,
         duration_bucket=duration_bucket_from_seconds(seconds),
-        extra={"task_file": stem, "duration": duration, "answer_text": gold},
+        extra={"task_file": stem, "duration": duration, "answer_text": rec.get("answer")},
         errors=errors,
     )
 
 
 def _mlvu_records(src: Source) -> list[dict[str, Any]]:
-    """Read MLVU's per-task files, numbering records within each task; skip generation tasks."""
+    """Read MLVU's per-task files; generation tasks are left out with a note."""
     path = Path(src.data).expanduser()
     if path.is_dir() and (path / "json").is_dir():
         path = path / "json"
-    records = read_records(str(path), src.split)
+    records = read_records(str(path), src.split, src.notes)
     kept, skipped = [], {}
     for rec in records:
         stem = str(rec.get("__file__", ""))
@@ -368,6 +371,18 @@ def _mlvu_records(src: Source) -> list[dict[str, Any]]:
     return kept
 
 
+def _mlvu_rows(records: list[dict[str, Any]], src: Source) -> list[dict[str, Any]]:
+    """Number records within each task (``mlvu/<task>/<k>``), in file order."""
+    counters: dict[str, int] = {}
+    rows = []
+    for rec in records:
+        task = mlvu_task(str(rec.get("__file__", "")), rec)
+        k = counters.get(task, 0)
+        counters[task] = k + 1
+        rows.append(adapt_mlvu(rec, k, src))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Our own qa table
 # ---------------------------------------------------------------------------------------------
@@ -379,16 +394,24 @@ def _qa_records(src: Source) -> list[dict[str, Any]]:
     ``qa_raw`` (``runs/<run>/qa/qa_raw``) is what ``lvr datagen filter`` rates: evaluating it
     with ``--passes K`` gives the pass rates its difficulty rule needs.
     """
-    from lvr.artifacts import read_table, table_files, table_name_of
+    from lvr.artifacts import SchemaError, read_table, table_files, table_name_of
 
     try:
         files = table_files(src.data, "qa")
+        name = (table_name_of(files[0]) if files else None) or "qa"
     except FileNotFoundError as exc:
         raise BenchmarkError(f"qa table not found: {exc}") from None
-    name = (table_name_of(files[0]) if files else None) or "qa"
+    except (OSError, ValueError):  # pyarrow's "Parquet magic bytes not found" is a ValueError
+        raise BenchmarkError(
+            f"{src.data} is not a Parquet qa table (--benchmark qa reads runs/<run>/filter/qa); "
+            "for a benchmark's JSON file pass its --benchmark name"
+        ) from None
     if name not in {"qa", "qa_raw"}:
         raise BenchmarkError(f"{src.data} holds a '{name}' table; give a qa or qa_raw table")
-    rows = read_table(src.data, name).to_pylist()
+    try:
+        rows = read_table(src.data, name).to_pylist()
+    except SchemaError as exc:
+        raise BenchmarkError(str(exc).splitlines()[0]) from None
     split = src.split or "eval"
     if name == "qa_raw" or split == "all":
         return rows
@@ -410,7 +433,7 @@ def adapt_qa(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
     extra = {
         k: rec.get(k) for k in ("video_id", "generator", "prompt_version", "split", "duration_s")
     }
-    return _row(
+    return question_row(
         src,
         str(rec["qa_id"]),
         video_path=path,
@@ -426,62 +449,88 @@ def adapt_qa(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# Registry and entry point
 # ---------------------------------------------------------------------------------------------
 
-Adapter = Callable[[dict[str, Any], int, Source], dict[str, Any]]
-ADAPTERS: dict[str, Adapter] = {
-    "qa": adapt_qa,
-    "longvideo-reason": adapt_longvideo_reason,
-    "videomme": adapt_videomme,
-    "longvideobench": adapt_longvideobench,
-    "mlvu": adapt_mlvu,
+BENCHMARKS: dict[str, Benchmark] = {
+    "qa": Benchmark(adapt_qa, read=_qa_records),
+    "longvideo-reason": Benchmark(
+        adapt_longvideo_reason,
+        Spec((("problem",), ("answer", "solution"), ("videos", "video", "path"))),
+    ),
+    "videomme": Benchmark(
+        adapt_videomme,
+        Spec(
+            (("question",), ("options",), ("answer",), ("videoID", "video_id", "videoId")),
+            excludes=(("group_type", "videomme-v2"),),
+        ),
+    ),
+    "longvideobench": Benchmark(
+        adapt_longvideobench,
+        Spec(
+            (
+                ("question",),
+                ("candidates", "option0"),
+                ("correct_choice",),
+                ("video_path", "video_id"),
+            )
+        ),
+    ),
+    "mlvu": Benchmark(
+        adapt_mlvu,
+        Spec((("question",), ("candidates",), ("answer",), ("video",))),
+        read=_mlvu_records,
+        rows=_mlvu_rows,
+        headline="macro",
+    ),
+    **recent_benchmarks.BENCHMARKS,
 }
-HEADLINE_GROUP = {"mlvu": "macro"}  # every other benchmark: question-weighted overall
+# Plain views kept for callers of the earlier API.
+ADAPTERS: dict[str, Adapter] = {name: b.adapt for name, b in BENCHMARKS.items()}
+HEADLINE_GROUP = {name: b.headline for name, b in BENCHMARKS.items() if b.headline != "overall"}
 
 
 def load_questions(src: Source, limit: int | None = None) -> pa.Table:
     """Load a benchmark into the ``questions`` table.
 
     Args:
-        src: Benchmark name, data location, video folder, split, subtitles flag.
-        limit: Keep only the first ``limit`` records (after loading; for smoke runs).
+        src: Benchmark name, data location, video folder, split, subtitles flag (its ``notes``
+            receive what the user should know: lenient reads, skipped files, left-out tasks).
+        limit: Keep only the first ``limit`` questions (for smoke runs).
 
     Returns:
-        A ``questions`` table, one row per record, malformed ones with an ``error``.
+        A ``questions`` table, one row per question, malformed ones with an ``error``.
 
     Raises:
-        BenchmarkError: Unknown benchmark or unreadable source.
+        BenchmarkError: Unknown benchmark, unreadable source, or a file that is not this
+            benchmark's (one line: the fields expected and found, and what it looks like).
     """
-    if src.benchmark not in ADAPTERS:
+    bench = BENCHMARKS.get(src.benchmark)
+    if bench is None:
         raise BenchmarkError(
-            f"unknown benchmark {src.benchmark!r}; choose one of {', '.join(ADAPTERS)}"
+            f"unknown benchmark {src.benchmark!r}; choose one of {', '.join(BENCHMARKS)}"
         )
-    if src.benchmark == "qa":
-        records = _qa_records(src)
-    elif src.benchmark == "mlvu":
-        records = _mlvu_records(src)
-    else:
-        records = read_records(src.data, src.split)
-    if limit is not None:
-        records = records[:limit]
-    rows = (
-        _number_mlvu(records, src)
-        if src.benchmark == "mlvu"
-        else [ADAPTERS[src.benchmark](rec, i, src) for i, rec in enumerate(records)]
-    )
-    return rows_to_table(_unique_ids(rows), "questions")
+    records = bench.read(src) if bench.read else _plain_records(src)
+    specs = {name: b.spec for name, b in BENCHMARKS.items() if b.spec is not None}
+    if bench.spec is not None:
+        records = filecheck.benchmark_files(records, specs, src)
+    rows = bench.rows(records, src) if bench.rows else [
+        bench.adapt(rec, i, src) for i, rec in enumerate(records)
+    ]  # fmt: skip
+    if bench.spec is not None and rows:
+        filecheck.check_readable(records, rows, specs, src)
+    rows = _unique_ids(rows)
+    filecheck.note_warnings(rows, src)
+    return rows_to_table(rows if limit is None else rows[:limit], "questions")
 
 
-def _number_mlvu(records: list[dict[str, Any]], src: Source) -> list[dict[str, Any]]:
-    counters: dict[str, int] = {}
-    rows = []
-    for rec in records:
-        task = mlvu_task(str(rec.get("__file__", "")), rec)
-        k = counters.get(task, 0)
-        counters[task] = k + 1
-        rows.append(adapt_mlvu(rec, k, src))
-    return rows
+def _plain_records(src: Source) -> list[dict[str, Any]]:
+    records, parents = flatten_nested(read_records(src.data, src.split, src.notes))
+    if parents:
+        src.notes.append(
+            f"{src.benchmark}: {parents} nested records expanded to {len(records)} questions"
+        )
+    return records
 
 
 def _unique_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

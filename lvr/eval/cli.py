@@ -46,7 +46,11 @@ def run_cmd(
         None, "--model", "-m", help="Model folder, hub id, or openai:<served name>."
     ),
     benchmark: str | None = typer.Option(
-        None, "--benchmark", "-b", help="qa | longvideo-reason | videomme | longvideobench | mlvu."
+        None,
+        "--benchmark",
+        "-b",
+        help="qa | longvideo-reason | videomme | longvideobench | mlvu | videomme-v2 | lvbench "
+        "| video-holmes | nextqa.",
     ),
     data: str | None = typer.Option(
         None, "--data", help="Benchmark file/folder or datasets name (org/name@split)."
@@ -105,24 +109,36 @@ def questions_cmd(
     out: Path | None = typer.Option(
         None, "--out", help="Write the questions table to this Parquet file."
     ),
+    as_qa: Path | None = typer.Option(
+        None,
+        "--as-qa",
+        help="Write the error-free questions as a qa table (e.g. runs/R/filter/qa) for lvr sft/rl.",
+    ),
+    qa_split: str = typer.Option("rl", "--qa-split", help="Split of the rows written by --as-qa."),
 ) -> None:
     """Load a benchmark through its adapter and print counts and error reasons (no model)."""
-    from collections import Counter
-
     from lvr.artifacts import write_parquet
     from lvr.eval.benchmarks import Source, load_questions
+    from lvr.eval.reasons import group_errors
 
     src = Source(benchmark, data, video_dir, split)
     table = load_questions(src)
-    errors = Counter(e.split(":")[0] for e in table.column("error").to_pylist() if e)
-    typer.echo(f"{table.num_rows} questions, {sum(errors.values())} with errors")
-    for reason, n in errors.most_common():
-        typer.echo(f"  {n} x {reason}")
+    groups = group_errors(table.column("error").to_pylist())
+    typer.echo(f"{table.num_rows} questions, {sum(n for _, n, _ in groups)} with errors")
+    for reason, n, example in groups:
+        typer.echo(f"  {n} x {reason}  (e.g. {example[:100]})")
     for note in src.notes:
         typer.echo(f"note: {note}")
     if out is not None:
         write_parquet(out, table, "questions")
         typer.echo(f"wrote {out}")
+    if as_qa is not None:
+        from lvr.eval.export import questions_to_qa
+
+        rows, left_out = questions_to_qa(table.to_pylist(), qa_split)
+        path = as_qa / "00000.parquet" if as_qa.suffix != ".parquet" else as_qa
+        write_parquet(path, rows, "qa")
+        typer.echo(f"wrote {path}: {rows.num_rows} qa rows (split {qa_split}), {left_out} left out")
 
 
 @app.command("report")

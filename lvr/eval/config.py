@@ -6,9 +6,19 @@ Light on purpose (dataclasses only): the CLI imports it at module top.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-Benchmark = Literal["qa", "longvideo-reason", "videomme", "longvideobench", "mlvu"]
+Benchmark = Literal[
+    "qa",
+    "longvideo-reason",
+    "videomme",
+    "longvideobench",
+    "mlvu",
+    "videomme-v2",
+    "lvbench",
+    "video-holmes",
+    "nextqa",
+]
 BackendName = Literal["auto", "hf", "openai", "vllm"]
 PromptMode = Literal["think", "direct"]
 
@@ -56,6 +66,8 @@ class EvalConfig:
         base_url: OpenAI-compatible endpoint for ``openai:`` models.
         concurrency: Requests in flight (openai backend).
         device: Device of the hf backend (``cpu``, ``cuda``...).
+        vllm: Options of the ``vllm`` backend (``lvr.eval.vllm_backend.VLLMOptions``: batch size,
+            dtype, memory use, max model length, extra ``vllm.LLM`` arguments under ``llm``).
         judge: Open-ended judge settings.
     """
 
@@ -81,6 +93,7 @@ class EvalConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     concurrency: int = 16
     device: str = "cpu"
+    vllm: dict[str, Any] = field(default_factory=dict)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:

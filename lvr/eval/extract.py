@@ -29,6 +29,10 @@ every rule is tested against adversarial responses (``tests/test_eval_extract.py
    A letter right after "not " ("not B", "not (B)") is a rejection and is skipped by the ``end``,
    ``paren``, ``dot``, ``colon``, ``rparen`` and ``any`` rules.
 
+   Numbered options (``offered`` = ``"01234"``, NExT-QA) use the number rules of `lvr.answers` instead: only
+   ``alone``, ``start``, ``phrase`` (also "option 2", "choice 2") and ``paren``, since counts
+   and times in prose ("3 people", "at 0:30") would otherwise read as answers.
+
    Lower-case letters are accepted only where they cannot be prose: ``alone`` (the whole answer
    is "b"), ``phrase`` when the letter is not followed by a word ("the answer is b",
    "answer: (c)" — but not "the answer is a man"), and ``paren`` ("(b)"). Everywhere else only upper case counts, so "a", "I" or "c." in

@@ -27,9 +27,16 @@ from lvr.eval.extract import (
     strict_answer,
     strict_match,
 )
+from lvr.eval.options import option_labels
 
 JUDGE_ERROR_PREFIX = "judge"  # rows whose only problem was the judge keep their response on resume
 SUBTITLE_HEADER = "This video's subtitles are listed below:"
+# Eval-only instructions for numbered options (NExT-QA); lettered prompts come from lvr.models.
+NUMBER_INSTRUCTIONS = {
+    "think": "Think step by step inside <think></think>, "
+    "then give the option number inside <answer></answer>.",
+    "direct": "Answer with the option number only, inside <answer></answer>.",
+}
 
 
 def prompt_version() -> str:
@@ -69,25 +76,24 @@ def make_model_backend(cfg: Any) -> Any:
 
 
 def _vllm_backend(cfg: Any, model: str) -> Any:
-    """Thin hook to the vLLM engine (lvr.mrsp, the ``gpu`` extra)."""
+    """The offline vLLM backend (``lvr.eval.vllm_backend``): batched generation on raw frames."""
     if importlib.util.find_spec("vllm") is None:
         raise LvrError(
             "backend 'vllm' needs vLLM: install lvr[gpu] (pip install 'lvr[gpu]') on a GPU machine, "
             "or serve the model with `vllm serve` and pass --model openai:<served name>"
         )
-    try:
-        from lvr.mrsp import vllm_engine
-    except ImportError as exc:
+    import dataclasses
+
+    from lvr.eval.vllm_backend import VLLMBackend, VLLMOptions
+
+    names = [f.name for f in dataclasses.fields(VLLMOptions)]
+    unknown = sorted(set(cfg.vllm) - set(names))
+    if unknown:
         raise LvrError(
-            f"vLLM is installed but lvr.mrsp.vllm_engine cannot be imported: {exc}"
-        ) from None
-    factory = getattr(vllm_engine, "make_eval_backend", None)
-    if factory is None:
-        raise LvrError(
-            "this lvr build has no vLLM eval backend; serve the model with `vllm serve` and pass "
-            "--model openai:<served name>"
+            f"unknown vllm options {unknown}; valid: {names} (other vllm.LLM arguments go under "
+            "vllm.llm, e.g. --set vllm.llm.enforce_eager=true)"
         )
-    return factory(model, max_tokens=cfg.max_tokens)
+    return VLLMBackend(model, VLLMOptions(**dict(cfg.vllm)))
 
 
 def make_judge_backend(cfg: Any, cache_path: Path) -> Any:
@@ -116,10 +122,45 @@ def subtitles_at(cues: Sequence[Sequence[Any]], timestamps: Sequence[float]) -> 
 
 
 def question_text(q: dict[str, Any], timestamps: Sequence[float] = ()) -> str:
-    """Question text, after the subtitles shown at the sampled frames when the adapter kept cues."""
-    cues = json.loads(q["extra"] or "{}").get("subtitles")
-    lines = subtitles_at(cues, timestamps) if cues else []
+    """Question text, after the subtitles the adapter kept (if any).
+
+    Video-MME's protocol shows the cues on screen at the sampled frames; Video-MME-v2's official
+    "concatenated" mode (``subtitles_mode`` = ``all``) shows every subtitle word.
+    """
+    extra = json.loads(q["extra"] or "{}")
+    cues = extra.get("subtitles")
+    if cues and extra.get("subtitles_mode") == "all":
+        lines = [" ".join(str(c[2]) for c in cues if str(c[2]).strip())]
+    else:
+        lines = subtitles_at(cues, timestamps) if cues else []
     return "\n".join([SUBTITLE_HEADER, *lines, q["question"]]) if lines else q["question"]
+
+
+def labels_of(q: dict[str, Any]) -> str:
+    """Option labels of a question row: ``ABCD...``, or ``0123...`` for numbered options."""
+    options = q.get("options") or []
+    return option_labels(len(options), json.loads(q.get("extra") or "{}"))
+
+
+def prompt_messages(q: dict[str, Any], text: str, mode: str) -> list[dict[str, Any]]:
+    """Chat messages of a question: the shared training format, or numbered options.
+
+    Lettered options use ``build_messages`` exactly as SFT/RL do. Numbered options (NExT-QA) are
+    listed "0. ..." with an instruction asking for the option number; that prompt is eval-only
+    (training data is always lettered).
+    """
+    from lvr.models.inputs import build_messages
+
+    options = list(q["options"] or [])
+    labels = labels_of(q)
+    if not options or not labels.isdigit():
+        return build_messages(text, options or None, mode=mode, has_video=False)
+    block = "\n".join(
+        [text.strip(), *(f"{lab}. {opt}" for lab, opt in zip(labels, options, strict=True))]
+    )
+    return build_messages(
+        block, None, mode=mode, has_video=False, instruction=NUMBER_INSTRUCTIONS[mode]
+    )
 
 
 def build_request(q: dict[str, Any], frames: Any, cfg: Any, missing: Sequence[int]) -> Any:
@@ -135,13 +176,13 @@ def build_request(q: dict[str, Any], frames: Any, cfg: Any, missing: Sequence[in
         An ``lvr.backends.Request``.
     """
     from lvr.backends import Request
-    from lvr.models.inputs import PROMPT_VERSION, build_messages
+    from lvr.models.inputs import PROMPT_VERSION
 
     # Text-only messages: each backend places the frames itself, before the text of the user turn
     # (the hf backend as one video at `fps`, the OpenAI-compatible one as images), which is where
     # `build_sample` puts the video in training.
     text = question_text(q, frames.timestamps_s.tolist())
-    messages = build_messages(text, q["options"] or None, mode=cfg.prompt, has_video=False)
+    messages = prompt_messages(q, text, cfg.prompt)
     info = frames.info
     fps = len(frames.frames) / info.duration_s if info.duration_s > 0 else info.fps
     return Request(
@@ -272,8 +313,7 @@ def score_row(row: dict[str, Any], q: dict[str, Any]) -> dict[str, Any]:
     gold = q["answer"] or ""
     if q["format"] == "mc":
         options = list(q["options"] or [])
-        letters = "ABCDEFGHIJ"[: len(options)]
-        letter, _rule = extract_choice(text, letters, options)
+        letter, _rule = extract_choice(text, labels_of(q), options)
         row.update(extracted=letter, correct=letter is not None and letter == gold)
         row["strict_correct"] = strict_match(text, gold)
     else:

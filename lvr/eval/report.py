@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ import numpy as np
 from lvr.artifacts import read_table
 from lvr.errors import LvrError
 from lvr.eval.extract import extract_choice
+from lvr.eval.options import option_labels
+from lvr.eval.prompting import labels_of
+from lvr.eval.reasons import group_errors
 from lvr.eval.runner import load_eval_dirs
 from lvr.eval.scoring import floor_letter
 
@@ -41,6 +44,7 @@ class Entry:
     manifest: dict[str, Any]
     scores: list[dict[str, Any]]
     predictions: list[dict[str, Any]]
+    labels: dict[str, str] = field(default_factory=dict)  # qa_id -> option labels
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -61,12 +65,17 @@ class Entry:
 
 
 def load_entry(folder: Path) -> Entry:
-    """Read one evaluation folder (manifest, scores, predictions)."""
+    """Read one evaluation folder (manifest, scores, predictions, question labels)."""
+    labels = {}
+    if (folder / "questions").is_dir():
+        for q in read_table(folder / "questions", "questions").to_pylist():
+            labels[q["qa_id"]] = labels_of(q)
     return Entry(
         name=folder.name,
         manifest=json.loads((folder / "manifest.json").read_text()),
         scores=read_table(folder / "scores", "scores").to_pylist(),
         predictions=read_table(folder / "predictions", "predictions").to_pylist(),
+        labels=labels,
     )
 
 
@@ -272,14 +281,16 @@ def rule_table(entry: Entry) -> tuple[list[str], list[list[str]]]:
     for r in entry.predictions:
         if r["format"] != "mc" or r["error"] is not None:
             continue
-        letters = "ABCDEFGHIJ"[: len(r["options"] or [])]
-        counts[extract_choice(r["response"], letters, r["options"])[1]] += 1
+        labels = entry.labels.get(r["qa_id"]) or option_labels(len(r["options"] or []))
+        counts[extract_choice(r["response"], labels, r["options"])[1]] += 1
     return ["rule", "rows"], [[k, str(v)] for k, v in counts.most_common()]
 
 
 def error_table(entry: Entry) -> tuple[list[str], list[list[str]]]:
-    counts = Counter(r["error"][:120] for r in entry.predictions if r["error"] is not None)
-    return ["error", "rows"], [[k, str(v)] for k, v in counts.most_common(20)]
+    """Error rows grouped by reason (ids, paths and numbers blanked), with one example each."""
+    groups = group_errors(r["error"] for r in entry.predictions)
+    rows = [[reason, str(n), example[:160]] for reason, n, example in groups[:20]]
+    return ["reason", "rows", "example"], rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +323,9 @@ NOTES = (
     "'strict' is the official comparison (the <answer> text must equal the gold letter exactly); "
     "'robust' uses lvr's ranked extraction (never a random letter). 'floor' is the accuracy of "
     "always answering the benchmark's most common gold letter. CIs: percentile bootstrap over "
-    "questions (seeded). MLVU's headline is the mean of per-task accuracies (macro)."
+    "questions (seeded). MLVU's headline is the mean of per-task accuracies (macro); "
+    "Video-MME-v2's is its grouped non-linear score (nonlinear, over groups of 4 questions). "
+    "Errors are grouped by reason (ids and paths blanked)."
 )
 
 
@@ -355,7 +368,10 @@ def write_report(run: Path) -> list[Path]:
 
 def _entry_section(e: Entry, plots: Path, pngs: list[Path]) -> list[tuple[str, Any]]:
     parts: list[tuple[str, Any]] = []
-    for group_by in ("category", "duration_bucket"):
+    official = sorted(
+        {s["group_by"] for s in e.scores} - {"overall", "macro", "category", "duration_bucket"}
+    )
+    for group_by in (*official, "category", "duration_bucket"):
         table = group_table(e, group_by)
         if not table[1]:  # the benchmark has no such field
             continue

@@ -42,7 +42,9 @@ from lvr.eval import prompting
 from lvr.eval.benchmarks import HEADLINE_GROUP, Source, load_questions
 from lvr.eval.config import EvalConfig
 from lvr.eval.extract import PARSER_VERSION
-from lvr.eval.scoring import pass_rate_rows, score_predictions
+from lvr.eval.official import category_memberships, official_rows
+from lvr.eval.reasons import summarize_errors
+from lvr.eval.scoring import pass_rate_rows, score_base, score_rows
 
 
 @dataclass
@@ -57,6 +59,8 @@ class EvalResult:
         requests: Backend requests sent (one per question, n = missing passes).
         reused: Prediction rows kept from earlier runs.
         errors: Prediction rows with an error after this run.
+        answered: Prediction rows with a model response (a judge failure still has one).
+        error_summary: The error rows grouped by reason, one line.
         judge_requests: Judge calls sent.
         headline: The headline robust accuracy (errors count as wrong).
         notes: Things the user should know (skipped generation tasks, dropped stale rows).
@@ -69,6 +73,8 @@ class EvalResult:
     requests: int = 0
     reused: int = 0
     errors: int = 0
+    answered: int = 0
+    error_summary: str = ""
     judge_requests: int = 0
     headline: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -252,6 +258,11 @@ def run_eval(
         result.notes = list(src.notes) + result.notes
         _write_manifest(cfg, src, frames, result)
         results.append(result)
+        if result.answered == 0:
+            raise LvrError(
+                f"no question was answered ({result.errors} error rows in {result.out_dir}): "
+                f"{result.error_summary}"
+            )
     return results
 
 
@@ -311,7 +322,7 @@ def _run_budget(
     if judge is not None:
         result.judge_requests = _judge(rows, qmap, judge, cfg)
     _merge_parts(out, rows)
-    _write_scores(cfg, out, rows, settings, result)
+    _write_scores(cfg, out, rows, qrows, settings, result)
     return result
 
 
@@ -344,17 +355,25 @@ def _write_scores(
     cfg: EvalConfig,
     out: Path,
     rows: list[dict[str, Any]],
+    qrows: list[dict[str, Any]],
     settings: dict[str, Any],
     result: EvalResult,
 ) -> None:
     table = rows_to_table(rows, "predictions")
-    scores = score_predictions(table, n_boot=cfg.bootstrap, seed=cfg.seed, settings=settings)
+    memberships = category_memberships(qrows)
+    scored = score_rows(table, cfg.bootstrap, cfg.seed, settings, memberships)
+    if table.num_rows:
+        base = score_base(table, settings)
+        scored += official_rows(cfg.benchmark, rows, qrows, base, cfg.bootstrap, cfg.seed)
+    scores = rows_to_table(scored, "scores")
     write_parquet(out / "scores" / "00000.parquet", scores, "scores")
     result.errors = sum(r["error"] is not None for r in rows)
+    result.error_summary = summarize_errors(r["error"] for r in rows)
+    result.answered = sum(r["response"] is not None for r in rows)
     group = HEADLINE_GROUP.get(cfg.benchmark, "overall")
-    for s in scores.to_pylist():
-        if s["metric"] == "robust" and s["group_by"] == group:
-            result.headline = s["accuracy"]
+    result.headline = next(
+        (s["accuracy"] for s in scored if s["metric"] == "robust" and s["group_by"] == group), None
+    )
     if cfg.passes > 1:
         pr_rows, excluded = pass_rate_rows(table)
         write_parquet(
@@ -385,9 +404,11 @@ def _write_manifest(cfg: EvalConfig, src: Source, frames: int, result: EvalResul
                 "requests": result.requests,
                 "reused": result.reused,
                 "errors": result.errors,
+                "answered": result.answered,
                 "judge_requests": result.judge_requests,
             },
             "headline": result.headline,
+            "errors_by_reason": result.error_summary,
             "notes": result.notes,
             "versions": package_versions(),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -406,7 +427,7 @@ def load_eval_dirs(run: Path) -> list[Path]:
 
 
 def describe(results: Sequence[EvalResult]) -> list[str]:
-    """One summary line per evaluation for the CLI."""
+    """Summary lines per evaluation for the CLI (errors grouped by reason, not per video)."""
     lines = []
     for r in results:
         acc = "n/a" if r.headline is None else f"{100 * r.headline:.1f}%"
@@ -414,5 +435,7 @@ def describe(results: Sequence[EvalResult]) -> list[str]:
             f"{r.out_dir}: {r.questions} questions, asked {r.asked} (reused {r.reused}), "
             f"error rows {r.errors}, robust accuracy {acc} (errors count as wrong)"
         )
+        if r.errors:
+            lines.append(f"  errors: {r.error_summary}")
         lines.extend(f"  note: {n}" for n in r.notes)
     return lines

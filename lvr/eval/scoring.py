@@ -158,7 +158,11 @@ def per_question(pred: pa.Table) -> dict[str, np.ndarray]:
 
 
 def score_predictions(
-    pred: pa.Table, n_boot: int = 1000, seed: int = 0, settings: dict[str, Any] | None = None
+    pred: pa.Table,
+    n_boot: int = 1000,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    memberships: dict[str, list[str]] | None = None,
 ) -> pa.Table:
     """Compute the ``scores`` table of one (benchmark, model, settings) prediction set.
 
@@ -167,38 +171,70 @@ def score_predictions(
         n_boot: Bootstrap resamples for the CIs.
         seed: Bootstrap seed.
         settings: Settings recorded next to every score (defaults to the first row's).
+        memberships: qa_id -> categories, for benchmarks whose questions count in several
+            categories (LVBench); the ``category`` rows then follow these memberships and the
+            macro rows (mean of categories over a partition) are not computed.
 
     Returns:
         A ``scores`` table: metrics x {overall, category, duration_bucket, macro}.
     """
+    return rows_to_table(score_rows(pred, n_boot, seed, settings, memberships), "scores")
+
+
+def score_rows(
+    pred: pa.Table,
+    n_boot: int = 1000,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    memberships: dict[str, list[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows of ``score_predictions`` (to be extended with benchmark-specific rows)."""
     if pred.num_rows == 0:
-        return rows_to_table([], "scores")
+        return []
     q = per_question(pred)
-    first = pred.slice(0, 1).to_pylist()[0]
-    base = {
-        "benchmark": first["benchmark"],
-        "model": first["model"],
-        "settings": json.dumps(settings if settings is not None else json.loads(first["settings"])),
-    }
     letter = floor_letter(q["answer"].tolist(), q["format"].tolist())
     hit = np.array([letter is not None and a == letter for a in q["answer"]], dtype=np.float64)
     rows: list[dict[str, Any]] = []
-    everyone = np.ones(len(q["qa_id"]), dtype=bool)
-    groupings = [("overall", {"all": everyone})]
-    for key in ("category", "duration_bucket"):
-        if all(v is None for v in q[key]):  # the benchmark has no such field (no "(none)" rows)
-            continue
-        labels = np.array(["(none)" if v is None else str(v) for v in q[key]], dtype=object)
-        groupings.append((key, {name: labels == name for name in sorted(set(labels.tolist()))}))
-    for group_by, groups in groupings:
+    base = score_base(pred, settings)
+    for group_by, groups in _groupings(q, memberships):
         for name, mask in groups.items():
             for metric in METRICS:
                 rows.append(
                     {**base, **_score_row(q, mask, metric, hit, n_boot, seed), "group": name}
                     | {"group_by": group_by}
                 )
-    rows.extend(_macro_rows(q, hit, base, n_boot, seed))
-    return rows_to_table(rows, "scores")
+    if memberships is None:
+        rows.extend(_macro_rows(q, hit, base, n_boot, seed))
+    return rows
+
+
+def score_base(pred: pa.Table, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``benchmark``, ``model`` and ``settings`` (JSON) shared by every score row."""
+    first = pred.slice(0, 1).to_pylist()[0]
+    return {
+        "benchmark": first["benchmark"],
+        "model": first["model"],
+        "settings": json.dumps(settings if settings is not None else json.loads(first["settings"])),
+    }
+
+
+def _groupings(
+    q: dict[str, np.ndarray], memberships: dict[str, list[str]] | None
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """(group_by, {group: mask}) for overall, category (partition or memberships), duration."""
+    everyone = np.ones(len(q["qa_id"]), dtype=bool)
+    out = [("overall", {"all": everyone})]
+    for key in ("category", "duration_bucket"):
+        if all(v is None for v in q[key]):  # the benchmark has no such field (no "(none)" rows)
+            continue
+        if key == "category" and memberships is not None:
+            cats = [memberships.get(i, ["(none)"]) for i in q["qa_id"]]
+            names = sorted({c for cs in cats for c in cs})
+            out.append((key, {n: np.array([n in cs for cs in cats], dtype=bool) for n in names}))
+            continue
+        labels = np.array(["(none)" if v is None else str(v) for v in q[key]], dtype=object)
+        out.append((key, {name: labels == name for name in sorted(set(labels.tolist()))}))
+    return out
 
 
 def _metric_values(q: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray]:

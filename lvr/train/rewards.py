@@ -92,10 +92,12 @@ def mc_accuracy_reward(completions: list[str], answer: Sequence[str], **kwargs: 
     ...                     "<answer>B. red</answer>", "B", "<answer>C</answer>"], ["B"] * 5)
     [1.0, 1.0, 1.0, 0.0, 0.0]
     """
-    return [
-        1.0 if answers.span_letter(answers.answer_span(c)) == str(a).strip().upper() else 0.0
-        for c, a in zip(completions, answer, strict=True)
-    ]
+    out = []
+    for c, a in zip(completions, answer, strict=True):
+        gold = str(a).strip().upper()
+        offered = answers.ALL_NUMBERS if gold.isdigit() else answers.ALL_LETTERS
+        out.append(1.0 if answers.span_letter(answers.answer_span(c), offered) == gold else 0.0)
+    return out
 
 
 def open_accuracy_reward(
