@@ -201,6 +201,20 @@ def test_preflight_rejects_bad_key_and_unknown_model() -> None:
         make_backend("openai", "other", base_url=server.url).run([caption_request(0)], False)
 
 
+def test_proxy_from_the_environment_is_resolved_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lvr.backends.http import env_proxy
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        for var in (name, name.upper()):
+            monkeypatch.delenv(var, raising=False)
+    assert env_proxy("http://api.example.com/v1") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert env_proxy("https://api.example.com/v1") == "http://proxy.corp:3128"
+    assert env_proxy("http://api.example.com/v1") is None  # no proxy for plain http set
+    assert env_proxy("https://127.0.0.1:8000/v1") is None
+
+
 def test_run_inside_a_running_event_loop() -> None:
     with fake_server() as server:
         backend = openai_backend(server.url)
@@ -482,9 +496,18 @@ def test_sigkill_during_cached_run_then_rerun(tmp_path: Path) -> None:
 def test_doctests() -> None:
     import doctest
 
-    from lvr.backends import json_grammar, limits, schema
+    from lvr import secrets
+    from lvr.backends import fake_content, json_grammar, limits, openai_backend, schema, usage
 
-    for module in (json_grammar, limits, schema):
+    for module in (
+        json_grammar,
+        limits,
+        schema,
+        usage,
+        openai_backend,
+        fake_content,
+        secrets,
+    ):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -84,11 +84,7 @@ def open_session(base_url: str, api_key: str, concurrency: int, timeout_s: float
 
 def env_proxy(url: str) -> str | None:
     """The proxy that ``$HTTP(S)_PROXY`` / ``$NO_PROXY`` give for ``url``, as the openai client
-    (httpx) would use it; None for a direct connection.
-
-    >>> env_proxy("http://127.0.0.1:8000/v1") is None or True
-    True
-    """
+    (httpx) would use it; None for a direct connection."""
     parts = urllib.parse.urlsplit(url)
     proxies = urllib.request.getproxies_environment()
     if not proxies or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):

@@ -139,11 +139,20 @@ class RateLimiter:
         """
         if not self.limited:  # the common case at full speed: no clock read, no sleep
             return 0.0
-        now = self.clock()
-        delay = self.reserve(now, tokens) - now
+        delay = self.delay(tokens)
         if delay > 0:
             await asyncio.sleep(delay)
-        return max(delay, 0.0)
+        return delay
+
+    def delay(self, tokens: int = 0) -> float:
+        """Reserve a slot now and return how long the caller must wait for it (>= 0).
+
+        This is what a shared limiter serves remotely: a Ray actor holding one `RateLimiter`
+        answers ``delay(tokens)`` and ``settle(...)`` for every worker of a job, whose clocks then
+        never need to agree (a worker sleeps the returned delay; network latency only adds slack).
+        """
+        now = self.clock()
+        return max(self.reserve(now, tokens) - now, 0.0)
 
     def settle(self, reserved: int, used: int) -> None:
         """Move the token schedule by ``used - reserved`` tokens (a refund when negative).
