@@ -5,16 +5,18 @@
 The fake OpenAI-compatible server runs in its own process (asyncio, fixed latency per request), so the
 ideal throughput is concurrency / latency (64 / 0.2 s = 320 req/s). Measured side by side in one run:
 
-- ours: `OpenAIBackend` (retries, RPM limiter off, JSON parse + schema validation of every output,
-  per-row accounting), default options except concurrency;
+- ours: `OpenAIBackend` (aiohttp transport, retries, RPM/TPM limiter off, JSON parse + schema
+  validation of every output, per-row usage accounting), default options except concurrency;
 - baseline: the idiomatic script people write: `asyncio.gather` over all rows with an
   `asyncio.Semaphore(concurrency)` around `AsyncOpenAI.chat.completions.create` (typed response,
   the client's own retries, no validation), then `json.loads` of each content;
-- info only: a sequential loop with retries (the other common script) on a small subset, and ours at
-  5% injected faults (all fault kinds) to show that no row is lost.
+- info only: ours behind the persistent request cache (one SQLite commit per answer, as in the
+  caption and qa stages), a sequential loop with retries (the other common script) on a small
+  subset, and ours at 5% injected faults (all fault kinds) to show that no row is lost.
 
 Target: ours >= 90% of the bound with 0 rows lost. Note: 2 cores shared by server and client (and
-by whatever else runs on the machine), so the client's CPU per request is reported too.
+by whatever else runs on the machine), so the CPU time per request of the client and of the server
+process are reported too (they do not depend on the load the way wall time does).
 The last line is the JSON summary.
 """
 
@@ -27,7 +29,9 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from lvr.backends import Request, make_backend
@@ -101,6 +105,16 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def runqueue_wait_s(pid: int | str = "self") -> float:
     """Seconds the process's main thread spent runnable but waiting for a CPU (Linux schedstat).
 
@@ -113,8 +127,12 @@ def runqueue_wait_s(pid: int | str = "self") -> float:
         return float("nan")
 
 
-def run_ours(url: str, reqs: list[Request], concurrency: int, **opts: Any) -> dict[str, Any]:
-    backend = make_backend("openai", "fake-model", base_url=url, concurrency=concurrency, **opts)
+def run_ours(
+    url: str, reqs: list[Request], concurrency: int, cache: Path | None = None, **opts: Any
+) -> dict[str, Any]:
+    backend = make_backend(
+        "openai", "fake-model", cache, base_url=url, concurrency=concurrency, **opts
+    )
     c0, w0, t0 = cpu_s(), runqueue_wait_s(), time.perf_counter()
     res = backend.run(reqs, progress=False)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -200,9 +218,12 @@ def main() -> None:
     proc, url = start_server(args.latency)
     try:
         run_ours(url, reqs[:128], args.concurrency)  # warm-up: imports, connections
-        server_wait = runqueue_wait_s(proc.pid)
+        server_wait, server_cpu = runqueue_wait_s(proc.pid), process_cpu_s(proc.pid)
         ours = run_ours(url, reqs, args.concurrency)
         ours["server_cpu_wait_s"] = runqueue_wait_s(proc.pid) - server_wait
+        ours["server_cpu_ms_per_req"] = 1000 * (process_cpu_s(proc.pid) - server_cpu) / len(reqs)
+        with tempfile.TemporaryDirectory() as tmp:
+            cached = run_ours(url, reqs, args.concurrency, cache=Path(tmp) / "requests.sqlite")
         base = run_gather(url, reqs, args.concurrency)
         seq = run_sequential(url, reqs[: args.sequential])
     finally:
@@ -221,6 +242,7 @@ def main() -> None:
     )
     for name, r in [
         ("ours", ours),
+        ("ours + request cache", cached),
         ("baseline gather+semaphore", base),
         ("sequential loop (subset)", seq),
         ("ours, 5% faults", faulty),

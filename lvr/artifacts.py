@@ -447,6 +447,7 @@ def run_stage(
     description: str = "",
     progress: bool = True,
     manifest: str = "manifest.json",
+    report: Callable[[], dict[str, Any]] | None = None,
 ) -> StageResult:
     """Run ``fn`` on every unfinished shard, then write the stage manifest.
 
@@ -454,13 +455,16 @@ def run_stage(
     crash or Ctrl-C re-does only what was in flight. Row-level failures must be rows with an
     ``error``; an exception from ``fn`` is a bug and stops the stage (its shard stays unfinished).
     When several machines share a stage folder, each passes its own ``manifest`` name
-    (:func:`manifest_name`) so that none overwrites another's counts.
+    (:func:`manifest_name`) so that none overwrites another's counts. ``report()`` returns extra
+    manifest fields (e.g. model-call usage); they are refreshed after every shard, so a killed
+    run's manifest still accounts for the shards it finished.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     start = time.time()
     todo = [s for s in shards if not stage.is_done(s)]
-    _write_manifest(stage, config, inputs, shards, "running", 0.0, manifest)
+    extra = report or dict
+    running = _write_manifest(stage, config, inputs, shards, "running", 0.0, manifest, extra())
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -472,8 +476,10 @@ def run_stage(
         for shard in todo:
             stage.write_shard(shard, fn(shard))
             bar.advance(task)
+            if report is not None:  # counts stay those of the start until "done"
+                atomic_write_json(stage.dir / manifest, {**running, **report()})
     seconds = time.time() - start
-    info = _write_manifest(stage, config, inputs, shards, "done", seconds, manifest)
+    info = _write_manifest(stage, config, inputs, shards, "done", seconds, manifest, extra())
     return StageResult(
         stage_dir=stage.dir,
         shards_total=len(shards),
@@ -493,6 +499,7 @@ def _write_manifest(
     status: str,
     seconds: float,
     name: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rows: dict[str, int] = dict.fromkeys(stage.tables, 0)
     errors: dict[str, int] = dict.fromkeys(stage.tables, 0)
@@ -518,6 +525,7 @@ def _write_manifest(
         "seconds": round(seconds, 3),
         "versions": package_versions(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(extra or {}),
     }
     atomic_write_json(stage.dir / name, manifest)
     return manifest

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from lvr.errors import LvrError
+from lvr.secrets import redact
 
 T = TypeVar("T")
 
@@ -193,7 +194,12 @@ def _coerce_plain(tp: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, YAML/JSON-safe dict of a config (paths become strings)."""
+    """Plain, YAML/JSON-safe dict of a config (paths become strings), secrets redacted.
+
+    Every manifest, config dump and experiment-tracker config goes through here, so API keys
+    (``api_key`` anywhere in the tree, the environment's keys, URL passwords) never reach a file;
+    see :mod:`lvr.secrets`.
+    """
 
     def clean(v: Any) -> Any:
         if isinstance(v, Path):
@@ -204,7 +210,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [clean(x) for x in v]
         return v
 
-    return clean(dataclasses.asdict(cfg))
+    return redact(clean(dataclasses.asdict(cfg)))
 
 
 def to_yaml(cfg: Any) -> str:
@@ -213,7 +219,11 @@ def to_yaml(cfg: Any) -> str:
 
 
 def config_hash(cfg: Any) -> str:
-    """Stable 16-hex-digit hash of a config, recorded in every manifest."""
+    """Stable 16-hex-digit hash of a config, recorded in every manifest.
+
+    Computed on the redacted config: rotating an API key changes no hash (and the hash of a short
+    key cannot be brute-forced out of a manifest).
+    """
     blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 

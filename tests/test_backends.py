@@ -201,6 +201,20 @@ def test_preflight_rejects_bad_key_and_unknown_model() -> None:
         make_backend("openai", "other", base_url=server.url).run([caption_request(0)], False)
 
 
+def test_proxy_from_the_environment_is_resolved_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lvr.backends.http import env_proxy
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        for var in (name, name.upper()):
+            monkeypatch.delenv(var, raising=False)
+    assert env_proxy("http://api.example.com/v1") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert env_proxy("https://api.example.com/v1") == "http://proxy.corp:3128"
+    assert env_proxy("http://api.example.com/v1") is None  # no proxy for plain http set
+    assert env_proxy("https://127.0.0.1:8000/v1") is None
+
+
 def test_run_inside_a_running_event_loop() -> None:
     with fake_server() as server:
         backend = openai_backend(server.url)
@@ -253,6 +267,100 @@ def test_make_backend_rejects_unknown_options() -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# usage accounting and the tokens-per-minute budget
+# -------------------------------------------------------------------------------------------------
+
+
+def test_fake_server_usage_is_counted_like_a_real_server() -> None:
+    frame = np.zeros((224, 336, 3), dtype=np.uint8)  # 8 x 12 patches of 28 px
+    with_image = caption_request(0, images=[frame, frame])
+    text_only = caption_request(0)
+    sampled = Request(
+        "q", [{"role": "user", "content": "Which?\nA. x\nB. y"}], n=3, temperature=1.0
+    )
+    with fake_server() as server:
+        backend = openai_backend(server.url, concurrency=1)  # arrivals in request order
+        res = backend.run([with_image, text_only, sampled], progress=False)
+        usage = [a.usage for a in server.log]
+    assert all(r.ok for r in res)
+    for resp, u in zip(res, usage, strict=True):
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        assert (resp.prompt_tokens, resp.completion_tokens) == (
+            u["prompt_tokens"],
+            u["completion_tokens"],
+        )
+        assert u["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage[0]["prompt_tokens"] - usage[1]["prompt_tokens"] == 2 * (8 * 12 + 2)  # images
+    assert 25 < usage[1]["prompt_tokens"] < 60  # ~30 words of prompt + chat template
+    # n = 3 sampled choices: completion tokens count all three, each about a third
+    one = len(res[2].texts[0].split())
+    assert usage[2]["completion_tokens"] >= 3 * one // 2
+
+
+def test_usage_counts_attempts_retries_failures_and_cache_hits(tmp_path: Path) -> None:
+    from lvr.backends.usage import Usage
+
+    faults = FaultConfig(rate=0.4, kinds=("500", "missing_fields"), seed=11)
+    reqs = mixed_requests(40)
+    with fake_server(faults=faults) as server:
+        cached = CachedBackend(openai_backend(server.url, max_retries=1), tmp_path / "c.sqlite")
+        first = cached.run(reqs, progress=False)
+        u1 = Usage.from_dict(cached.usage.to_dict())
+        log = list(server.log)
+        cached.run(reqs, progress=False)  # the failures are sent again, the rest are hits
+        again = server.log[len(log) :]
+    billed = [a.usage for a in log if a.usage is not None]
+    # missing_fields answers failed validation but came back with usage: they are billed too
+    assert len(billed) > sum(r.ok for r in first)
+    assert (u1.requests, u1.sent, u1.cache_hits) == (40, 40, 0)
+    assert u1.attempts == len(log) and u1.retries == len(log) - 40
+    assert u1.failures == sum(not r.ok for r in first) > 0
+    assert u1.prompt_tokens == sum(b["prompt_tokens"] for b in billed)
+    assert u1.completion_tokens == sum(b["completion_tokens"] for b in billed)
+    u2 = cached.usage  # both runs
+    assert u2.requests == 80 and u2.cache_hits == sum(r.ok for r in first)
+    assert u2.sent - u1.sent == u1.failures and u2.attempts - u1.attempts == len(again)
+    assert u2.prompt_tokens - u1.prompt_tokens == sum(
+        a.usage["prompt_tokens"] for a in again if a.usage
+    )
+    price = {"prompt_per_1m": 2.0, "completion_per_1m": 8.0}
+    assert u2.cost(price) == pytest.approx((2 * u2.prompt_tokens + 8 * u2.completion_tokens) / 1e6)
+
+
+def test_token_limiter_reserves_estimates_and_settles_with_usage() -> None:
+    clock = [0.0]
+    limiter = RateLimiter(None, lambda: clock[0], tokens_per_minute=6000)  # 100 tokens/s
+    assert limiter.reserve(0.0, 100) == 0.0
+    assert limiter.reserve(0.0, 100) == pytest.approx(1.0)  # the first call's 100 tokens
+    limiter.settle(100, 20)  # the second used 20: 0.8 s of schedule come back
+    assert limiter.reserve(0.0, 10) == pytest.approx(1.2)
+    clock[0] = 5.0
+    limiter.settle(500, 0)  # a refund never banks capacity in the past
+    assert limiter.reserve(5.0, 10) == pytest.approx(5.0)
+    both = RateLimiter.for_share(600, 60_000, share=0.5)  # 300 RPM and 30K TPM for this process
+    assert both.interval == pytest.approx(0.2) and both.token_interval == pytest.approx(0.002)
+    assert both.describe() == {"max_requests_per_minute": 600, "max_tokens_per_minute": 60_000,
+                               "share": 0.5, "process_requests_per_minute": 300.0,
+                               "process_tokens_per_minute": 30_000.0}  # fmt: skip
+
+
+def test_tokens_per_minute_budget_holds_against_the_server() -> None:
+    tpm = 30_000  # 500 tokens/s; each call reserves ~110 tokens and uses fewer
+    reqs = [caption_request(i, max_tokens=60) for i in range(40)]
+    with fake_server() as server:
+        backend = openai_backend(server.url, max_tokens_per_minute=tpm, concurrency=8)
+        res = backend.run(reqs, progress=False)
+        log = list(server.log)
+    assert all(r.ok for r in res)
+    used = [a.usage["total_tokens"] for a in log]
+    span = log[-1].t - log[0].t
+    rate = sum(used[:-1]) / span  # tokens of the calls started before the last one
+    assert rate <= tpm / 60 * 1.05
+    # settling with the real usage lets the budget be spent, not the (larger) estimates
+    assert rate >= 0.75 * tpm / 60
+
+
+# -------------------------------------------------------------------------------------------------
 # cache
 # -------------------------------------------------------------------------------------------------
 
@@ -290,6 +398,30 @@ def test_cache_prompt_edit_pays_only_for_changed_rows(tmp_path: Path) -> None:
         resent = sorted(item_tag(a.user_text) for a in server.log[n0:])
     assert resent == sorted(f"clip-{i}" for i in range(1, 20, 2))
     assert all(r.ok for r in res) and sum(r.cached for r in res) == 10
+
+
+def test_cache_reads_sibling_shard_files_and_ignores_the_key(tmp_path: Path) -> None:
+    reqs = mixed_requests(12)
+    with fake_server(api_key="sk-first-key-000001") as server:
+        for i in range(2):  # a 2-shard run: each machine writes its own file
+            shard = [r for k, r in enumerate(reqs) if k % 2 == i]
+            CachedBackend(openai_backend(server.url, api_key="sk-first-key-000001"),
+                          tmp_path / f"requests-{i}of2.sqlite").run(shard, progress=False)  # fmt: skip
+    # The same job on 3 machines, with a rotated key: every answer is found, nothing is sent.
+    with fake_server(api_key="sk-rotated-key-0002") as server:
+        for i in range(3):
+            shard = [r for k, r in enumerate(reqs) if k % 3 == i]
+            backend = openai_backend(server.url, api_key="sk-rotated-key-0002")
+            cached = CachedBackend(backend, tmp_path / f"requests-{i}of3.sqlite")
+            res = cached.run(shard, progress=False)
+            assert all(r.cached for r in res) and cached.usage.cache_hits == len(shard)
+        assert server.log == []
+    # A file that is not a cache is skipped with a warning: misses, not a failed run.
+    (tmp_path / "requests-broken.sqlite").write_bytes(b"not sqlite")
+    assert (
+        len(RequestCache(tmp_path / "requests.sqlite").get_many([cache_key(reqs[0], "fake-model")]))
+        == 1
+    )
 
 
 def test_cache_key_covers_payload() -> None:
@@ -364,9 +496,18 @@ def test_sigkill_during_cached_run_then_rerun(tmp_path: Path) -> None:
 def test_doctests() -> None:
     import doctest
 
-    from lvr.backends import json_grammar, limits, schema
+    from lvr import secrets
+    from lvr.backends import fake_content, json_grammar, limits, openai_backend, schema, usage
 
-    for module in (json_grammar, limits, schema):
+    for module in (
+        json_grammar,
+        limits,
+        schema,
+        usage,
+        openai_backend,
+        fake_content,
+        secrets,
+    ):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -181,3 +181,94 @@ def test_sigkill_mid_caption_then_resume_matches_uninterrupted(
     assert got == want and len(want) == 12
     assert len({r[0] for r in got}) == len(got)  # no duplicates
     assert resumed_calls < 12  # calls answered before the kill came from the cache
+
+
+def _openai_sets(url: str, *extra: str) -> list[str]:
+    return ["segment.stride_s=1", "caption.backend=openai", "caption.model=fake-model",
+            "caption.frames=2", f"caption.options.base_url={url}", *extra]  # fmt: skip
+
+
+def test_request_cache_survives_a_new_number_of_shards(videos: Path, tmp_path: Path) -> None:
+    with fake_server() as server:
+        cfg = segmented(videos, tmp_path, *_openai_sets(server.url))
+        for i in range(2):  # two machines, each with its own cache file
+            run_caption(cfg, tmp_path, i, 2, progress=False)
+        want = sorted((r["clip_id"], r["caption"]) for r in captions(tmp_path))
+        paid = len(server.log)
+        assert paid == len(want) == 12
+        for n in (1, 3):  # the same job again on 1, then 3 machines: every answer is a hit
+            shutil.rmtree(tmp_path / "caption")
+            for i in range(n):
+                run_caption(cfg, tmp_path, i, n, progress=False)
+            assert sorted((r["clip_id"], r["caption"]) for r in captions(tmp_path)) == want
+            manifests = list((tmp_path / "caption").glob("manifest*.json"))
+            hits = sum(
+                json.loads(m.read_text())["usage"].get("fake-model", {}).get("cache_hits", 0)
+                for m in manifests
+            )
+            assert hits == 12
+        assert len(server.log) == paid  # nothing was sent twice
+    names = {p.name for p in (tmp_path / "cache").glob("*.sqlite")}
+    assert {"requests-0of2.sqlite", "requests-1of2.sqlite", "requests.sqlite"} <= names
+
+
+def test_concurrent_shards_share_one_request_budget(videos: Path, tmp_path: Path) -> None:
+    """Two machines of a 2-shard run, concurrently: together they stay within the job's RPM."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rpm = 480  # 8 requests/s for the job, 4/s per shard
+    with fake_server() as server:
+        sets = _openai_sets(server.url, f"caption.options.max_requests_per_minute={rpm}",
+                            "segment.stride_s=0.5")  # fmt: skip
+        cfg = segmented(videos, tmp_path, *sets)
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(run_caption, cfg, tmp_path, i, 2, progress=False) for i in range(2)]
+            assert [f.result().rows["captions"] for f in done] == [12, 12]
+        times = sorted(a.t for a in server.log)
+    assert len(times) == 24
+    # The busiest 2-second window: at most 2 s x 8/s, plus one call per machine at the edge.
+    busiest = max(sum(t0 <= t < t0 + 2.0 for t in times) for t0 in times)
+    assert busiest <= 2 * rpm / 60 + 2, busiest
+    overall = (len(times) - 1) / (times[-1] - times[0]) * 60
+    assert overall <= rpm * 1.05, overall
+    for i in range(2):
+        limits = json.loads((tmp_path / "caption" / f"manifest.{i}-of-2.json").read_text())[
+            "rate_limits"
+        ]
+        assert limits == {"max_requests_per_minute": rpm, "max_tokens_per_minute": None, "share": 0.5,
+                          "process_requests_per_minute": rpm / 2, "process_tokens_per_minute": None,
+                          "num_shards": 2}  # fmt: skip
+
+
+def test_manifest_and_inspect_report_usage_and_cost(videos: Path, tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from lvr.inspection import inspect_path
+
+    faults = FaultConfig(rate=0.3, kinds=("500", "missing_fields"), seed=4)
+    price = "prices={fake-model: {prompt_per_1m: 0.5, completion_per_1m: 2.0}}"
+    with fake_server(faults=faults) as server:
+        cfg = segmented(videos, tmp_path, *_openai_sets(server.url, price,
+                        "caption.options.max_retries=1", "caption.options.concurrency=4"))  # fmt: skip
+        run_caption(cfg, tmp_path, progress=False)
+        first = list(server.log)
+        errors = sum(r["error"] is not None for r in captions(tmp_path))
+        run_caption(cfg, tmp_path, progress=False)  # redoes the shards with error rows
+        second = server.log[len(first) :]
+    manifest = json.loads((tmp_path / "caption" / "manifest.json").read_text())
+    now, total = manifest["usage"]["fake-model"], manifest["usage_total"]["fake-model"]
+    billed = [a.usage for a in first + second if a.usage]
+    assert total["attempts"] == len(first) + len(second) and total["sent"] >= 12
+    assert total["prompt_tokens"] == sum(b["prompt_tokens"] for b in billed)
+    assert total["completion_tokens"] == sum(b["completion_tokens"] for b in billed)
+    assert now["attempts"] == len(second) and now["cache_hits"] > 0  # this invocation only
+    assert total["failures"] >= errors and total["retries"] == total["attempts"] - total["sent"]
+    want = (0.5 * total["prompt_tokens"] + 2.0 * total["completion_tokens"]) / 1e6
+    assert total["cost"] == pytest.approx(want, abs=1e-6) and total["cost"] > 0
+    out = io.StringIO()
+    inspect_path(tmp_path, samples=0, console=Console(file=out, width=250))
+    text = out.getvalue()
+    assert "model calls" in text and "fake-model" in text and str(total["prompt_tokens"]) in text
+    assert f"cost per input video: {want / 2:.6g}" in text

@@ -21,6 +21,8 @@ from typing import Any
 
 from lvr.backends.base import Backend, BackendError, Request, Response, cache_key, payload_hash
 from lvr.backends.cache import CachedBackend, RequestCache
+from lvr.backends.limits import Limiter, RateLimiter
+from lvr.backends.usage import Usage
 
 KINDS = ("openai", "hf")
 
@@ -29,9 +31,12 @@ __all__ = [
     "Backend",
     "BackendError",
     "CachedBackend",
+    "Limiter",
+    "RateLimiter",
     "Request",
     "RequestCache",
     "Response",
+    "Usage",
     "cache_key",
     "make_backend",
     "payload_hash",
@@ -48,7 +53,11 @@ def _options(cls: type, kind: str, opts: dict[str, Any]) -> Any:
 
 
 def make_backend(
-    kind: str, model: str, cache_path: str | Path | None = None, **opts: Any
+    kind: str,
+    model: str,
+    cache_path: str | Path | None = None,
+    limiter: Limiter | None = None,
+    **opts: Any,
 ) -> Backend:
     """Build a backend by kind.
 
@@ -56,6 +65,8 @@ def make_backend(
         kind: "openai" or "hf".
         model: Served model name ("openai") or hub id / local folder ("hf").
         cache_path: When given, wrap the backend in a `CachedBackend` on this SQLite file.
+        limiter: "openai": the request budget to spend (default: the options' limits, share 1;
+            see `RateLimiter.for_share`). Local models have no rate limit and ignore it.
         **opts: Fields of `OpenAIOptions` or `HFOptions`.
 
     Returns:
@@ -67,7 +78,7 @@ def make_backend(
     if kind == "openai":
         from lvr.backends.openai_backend import OpenAIBackend, OpenAIOptions
 
-        backend: Backend = OpenAIBackend(model, _options(OpenAIOptions, kind, opts))
+        backend: Backend = OpenAIBackend(model, _options(OpenAIOptions, kind, opts), limiter)
     elif kind == "hf":
         from lvr.backends.hf import HFBackend, HFOptions
 

@@ -73,6 +73,8 @@ class Response:
         attempts: HTTP calls or generate passes spent on this request (0 for a cache hit).
         latency_s: Wall time from the first attempt to the outcome.
         cached: True when served from the request cache.
+        prompt_tokens: Prompt tokens billed over all attempts (the API's ``usage``; 0 if unknown).
+        completion_tokens: Completion tokens billed over all attempts (0 for a cache hit).
     """
 
     item_id: str
@@ -81,6 +83,8 @@ class Response:
     attempts: int
     latency_s: float
     cached: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def ok(self) -> bool:

@@ -8,12 +8,18 @@ never stored, so a rerun retries exactly the failed rows, and editing a prompt (
 
 Storage is one SQLite file (stdlib) in WAL mode: a process killed with SIGKILL loses at most the
 response being written, never the file; several shard processes may share one file (readers never block
-the writer; writers wait on `busy_timeout`).
+the writer; writers wait on `busy_timeout`). Sharded runs write one file per machine
+(``requests-<i>of<n>.sqlite``, SQLite locks do not work on network file systems); every cache also
+*reads* its sibling ``requests*.sqlite`` files (read-only), so a rerun with another number of shards
+still finds every answer paid for. Keys hold no shard, host or API key: only what the model was asked.
+
+The cache stores ids, model names, prompt versions and output texts: never a key or a header.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,6 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lvr.backends.base import Backend, OnResponse, Request, Response, cache_key
+from lvr.backends.usage import Usage
+
+log = logging.getLogger(__name__)
+SIBLING_GLOB = "requests*.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -42,9 +52,10 @@ class RequestCache:
 
     Args:
         path: Database file, e.g. `<run>/cache/requests.sqlite` (parents are created).
+        read_siblings: Also look keys up in the other `SIBLING_GLOB` files of the folder.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_siblings: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # check_same_thread=False: `run_sync` may drive the backend from a helper thread; the lock
@@ -57,6 +68,7 @@ class RequestCache:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(_SCHEMA)
             self._conn.commit()
+        self._siblings = _open_siblings(self.path) if read_siblings else []
 
     def get_many(self, keys: Sequence[str]) -> dict[str, tuple[list[str], int, float]]:
         """Look keys up.
@@ -70,14 +82,16 @@ class RequestCache:
         found: dict[str, tuple[list[str], int, float]] = {}
         unique = list(dict.fromkeys(keys))
         with self._lock:
-            for i in range(0, len(unique), _LOOKUP_CHUNK):
-                chunk = unique[i : i + _LOOKUP_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                sql = (
-                    f"SELECT key, texts, attempts, latency_s FROM responses WHERE key IN ({marks})"
-                )
-                for key, texts, attempts, latency in self._conn.execute(sql, chunk):
-                    found[key] = (json.loads(texts), attempts, latency)
+            _lookup(self._conn, unique, found)
+            for name, conn in list(self._siblings):
+                missing = [k for k in unique if k not in found]
+                if not missing:
+                    break
+                try:
+                    _lookup(conn, missing, found)
+                except sqlite3.Error as exc:  # a sibling being replaced or unreadable: a miss
+                    log.warning("request cache %s not readable (%s); ignoring it", name, exc)
+                    self._siblings.remove((name, conn))
         return found
 
     def put(self, key: str, req: Request, resp: Response, model: str) -> None:
@@ -110,9 +124,48 @@ class RequestCache:
             return int(self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
         with self._lock:
             self._conn.close()
+            for _, conn in self._siblings:
+                conn.close()
+            self._siblings = []
+
+
+def _lookup(
+    conn: sqlite3.Connection, keys: list[str], found: dict[str, tuple[list[str], int, float]]
+) -> None:
+    """Add the rows of ``keys`` present in ``conn`` to ``found``."""
+    for i in range(0, len(keys), _LOOKUP_CHUNK):
+        chunk = keys[i : i + _LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT key, texts, attempts, latency_s FROM responses WHERE key IN ({marks})"
+        for key, texts, attempts, latency in conn.execute(sql, chunk):
+            found[key] = (json.loads(texts), attempts, latency)
+
+
+def _open_siblings(path: Path) -> list[tuple[str, sqlite3.Connection]]:
+    """Read-only connections to the other request caches of ``path``'s folder.
+
+    Those of a run with another number of shards hold answers this one may need. Files that do
+    not open (not SQLite, no responses table, a file system without locks) are skipped with a
+    warning: they cost misses, never a failed run.
+    """
+    out = []
+    for other in sorted(path.parent.glob(SIBLING_GLOB)):
+        if other.resolve() == path.resolve():
+            continue
+        try:
+            conn = sqlite3.connect(
+                f"{other.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
+                check_same_thread=False,
+            )  # fmt: skip
+            conn.execute("SELECT key FROM responses LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("request cache %s not readable (%s); ignoring it", other, exc)
+            continue
+        out.append((other.name, conn))
+    return out
 
 
 class CachedBackend:
@@ -129,6 +182,9 @@ class CachedBackend:
         self.model = backend.model
         self.cache = RequestCache(cache_path)
         self.last_hits = 0
+        self.usage = Usage()  # every response this backend returned, hits included
+        # The wrapped backend's request budget, if it has one (for manifests).
+        self.limiter = getattr(backend, "limiter", None)
 
     def run(
         self,
@@ -175,7 +231,9 @@ class CachedBackend:
                 results[i] = resp
                 if j not in reported:  # a backend that ignores on_response: store at the end
                     store(j, resp)
-        return [r for r in results if r is not None]
+        out = [r for r in results if r is not None]
+        self.usage.record_all(out)
+        return out
 
     def close(self) -> None:
         """Close the cache file."""

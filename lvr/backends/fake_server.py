@@ -2,8 +2,10 @@
 
 Real HTTP/1.1 with keep-alive on 127.0.0.1 (asyncio streams: one thread serves hundreds of concurrent
 connections without a thread each, so at 2 cores the server is not the bottleneck of the benchmark).
-Routes: `GET /v1/models`, `POST /v1/chat/completions` (n choices, usage, plausible content from
-`fake_content`). Every answer except a 429 waits `latency_s`.
+Routes: `GET /v1/models`, `POST /v1/chat/completions` (n choices, plausible content from
+`fake_content`, and a `usage` object counted like a real server: prompt tokens of the chat-templated
+messages and images, completion tokens of every choice). Every answer except a 429 waits `latency_s`.
+A wrong key gets a 401 whose message shows the key masked, as OpenAI's does.
 
 Faults are deterministic: the k-th arrival of a given request body is faulty when
 hash(seed, body, k) < rate, and the fault kind is drawn the same way from `kinds`:
@@ -32,7 +34,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lvr.backends.fake_content import PromptFacts, answer_text, broken_answer, schema_from_request
+from lvr.backends.fake_content import (
+    PromptFacts,
+    answer_text,
+    broken_answer,
+    schema_from_request,
+    usage_of,
+)
 
 FAULT_KINDS = ("429", "500", "503", "timeout", "truncated", "non_json", "missing_fields")
 _REASONS = {
@@ -74,6 +82,7 @@ class Arrival:
     attempt: int  # 1 for the first arrival of this body
     outcome: str  # "ok" or the fault kind
     t: float
+    usage: dict[str, Any] | None = None  # usage of a complete 200 answer the client can read
 
 
 @dataclass
@@ -96,6 +105,8 @@ class FakeOpenAIServer:
         model: The one served model id.
         api_key: When set, requests must carry `Authorization: Bearer <api_key>` (else 401).
         port: 0 for a free port.
+        echo_auth: Injected 500/503 errors quote the request's Authorization header, as some
+            misconfigured gateways do (tests check that such a key never reaches a row).
     """
 
     def __init__(
@@ -105,12 +116,14 @@ class FakeOpenAIServer:
         model: str = "fake-model",
         api_key: str | None = None,
         port: int = 0,
+        echo_auth: bool = False,
     ):
         self.latency_s = latency_s
         self.faults = faults or FaultConfig()
         self.model = model
         self.api_key = api_key
         self.port = port
+        self.echo_auth = echo_auth
         self.log: list[Arrival] = []
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -217,7 +230,12 @@ class FakeOpenAIServer:
     ) -> bool:
         """Answer one request; return False to close the connection."""
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
-            await self._send(writer, 401, _error_body("invalid api key", "auth"))
+            sent = headers.get("authorization", "").removeprefix("Bearer ")
+            masked = (
+                f"{sent[:3]}{'*' * max(len(sent) - 7, 0)}{sent[-4:]}" if len(sent) > 7 else "***"
+            )
+            msg = f"Incorrect API key provided: {masked}."
+            await self._send(writer, 401, _error_body(msg, "invalid_request_error"))
             return True
         path = path.split("?", 1)[0].rstrip("/")
         if method == "GET" and path == "/v1/models":
@@ -225,7 +243,7 @@ class FakeOpenAIServer:
             await self._send(writer, 200, json.dumps({"object": "list", "data": data}).encode())
             return True
         if method == "POST" and path == "/v1/chat/completions":
-            return await self._chat(body, writer)
+            return await self._chat(body, writer, headers.get("authorization", ""))
         await self._send(writer, 404, _error_body(f"no route {method} {path}", "not_found"))
         return True
 
@@ -246,25 +264,31 @@ class FakeOpenAIServer:
             self.log.append(arrival)
         return kind, arrival
 
-    async def _chat(self, raw: bytes, writer: Any) -> bool:
+    async def _chat(self, raw: bytes, writer: Any, auth: str = "") -> bool:
         try:
             req = json.loads(raw)
         except json.JSONDecodeError:
             await self._send(writer, 400, _error_body("body is not JSON", "invalid_request"))
             return True
-        kind, _ = self._arrive(raw, req)
+        kind, arrival = self._arrive(raw, req)
         if kind == "429":
             ctx = _Ctx(headers={"Retry-After": f"{self.faults.retry_after_s:g}"})
             await self._send(writer, 429, _error_body("rate limit exceeded", "rate_limit"), ctx)
             return True
         await asyncio.sleep(self.faults.timeout_sleep_s if kind == "timeout" else self.latency_s)
         if kind in ("500", "503"):
-            await self._send(writer, int(kind), _error_body("injected failure", "server_error"))
+            msg = "injected failure" + (
+                f" (request had authorization: {auth})" if self.echo_auth else ""
+            )
+            await self._send(writer, int(kind), _error_body(msg, "server_error"))
             return True
         if kind == "non_json":
             await self._send(writer, 200, b"<html><body>502 Bad Gateway</body></html>")
             return True
-        payload = json.dumps(self._completion(req, broken=kind == "missing_fields")).encode()
+        completion = self._completion(req, broken=kind == "missing_fields")
+        payload = json.dumps(completion).encode()
+        if kind != "truncated" and kind != "timeout":  # what the client receives, in full
+            arrival.usage = completion["usage"]
         if kind == "truncated":
             head = (
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -289,10 +313,7 @@ class FakeOpenAIServer:
             else:
                 msg = {"role": "assistant", "content": answer_text(req, idx)}
             choices.append({"index": k, "message": msg, "finish_reason": "stop"})
-        prompt_chars = len(json.dumps(req.get("messages", [])))
-        out_chars = sum(len(c["message"].get("content") or "") for c in choices)
-        usage = {"prompt_tokens": prompt_chars // 4, "completion_tokens": out_chars // 4}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage = usage_of(req, [c["message"].get("content") or "" for c in choices])
         return {
             "id": f"chatcmpl-{hashlib.blake2b(json.dumps(req).encode(), digest_size=6).hexdigest()}",
             "object": "chat.completion",

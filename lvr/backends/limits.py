@@ -1,71 +1,183 @@
 """Rate limiting, retry delays and the sync-to-async bridge of the API backend.
 
-The limiter is a leaky bucket without burst (GCRA with capacity one): calls are spaced exactly
-`60 / max_requests_per_minute` seconds apart, whatever the concurrency, so a 600 RPM quota is spent as
-one call every 100 ms rather than 600 calls in the first second followed by a minute of 429s. Its
-schedule is a pure function of the arrival times (`reserve`), which the tests check without clocks.
+Rate limits are limits of the whole job. `max_requests_per_minute` and `max_tokens_per_minute`
+describe what the endpoint allows the job; a process spends a *share* of that budget:
+
+- one process: share 1;
+- a Slurm-array style run (``--shard i --num-shards n``, processes that cannot talk to each other):
+  each shard takes 1/n (`RateLimiter.for_share`) and says so in its stage manifest;
+- a later Ray executor: every worker calls one limiter actor, which implements the same `Limiter`
+  interface (``acquire`` = a remote ``reserve(tokens)`` returning the delay to sleep, ``settle`` =
+  a fire-and-forget remote refund), so the whole job shares one budget without static shares.
+
+`RateLimiter` is the local implementation: a leaky bucket without burst (GCRA with capacity one) on
+two resources at once. Calls are spaced so that a 600 RPM quota is spent as one call every 100 ms
+rather than 600 calls in the first second followed by a minute of 429s, and a call of ``c``
+estimated tokens holds ``c / tokens_per_second`` seconds of the token schedule. Like OpenAI's own
+accounting, the estimate is the prompt estimate plus ``max_tokens * n``; once the response's
+``usage`` is known, `settle` gives back what was reserved but not used. The schedule is a pure
+function of the arrival times (`reserve`), which the tests check without clocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import email.utils
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
+_SCHEDULE_KEPT = 100_000  # reserved start times kept for tests and benchmarks (bounded memory)
+
+
+@runtime_checkable
+class Limiter(Protocol):
+    """What the API backend asks before every HTTP attempt (local bucket or, later, a Ray actor)."""
+
+    async def acquire(self, tokens: int = 0) -> float:
+        """Wait until a call estimated at ``tokens`` tokens may start; return the seconds waited."""
+        ...
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Correct the token schedule once a call's real usage is known."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The job limits, this process's share and its effective limits (for manifests)."""
+        ...
 
 
 class RateLimiter:
-    """Smooth requests-per-minute limiter (leaky bucket, no burst).
+    """Smooth requests- and tokens-per-minute limiter (leaky bucket, no burst).
 
     Args:
-        per_minute: Allowed calls per minute; None or <= 0 disables limiting.
+        per_minute: Allowed calls per minute for this process; None or <= 0 disables it.
         clock: Monotonic clock in seconds (injectable for tests).
+        tokens_per_minute: Allowed tokens per minute for this process; None or <= 0 disables it.
+        job: The job-wide limits and share this process's limits were derived from (manifests).
     """
 
-    def __init__(self, per_minute: float | None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        per_minute: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        tokens_per_minute: float | None = None,
+        job: dict[str, Any] | None = None,
+    ):
         self.interval = 60.0 / per_minute if per_minute and per_minute > 0 else 0.0
+        self.token_interval = (
+            60.0 / tokens_per_minute if tokens_per_minute and tokens_per_minute > 0 else 0.0
+        )
         self.clock = clock
-        self._next = float("-inf")
-        self.schedule: list[float] = []  # reserved start times, in reservation order
+        self.job = job or {
+            "max_requests_per_minute": per_minute,
+            "max_tokens_per_minute": tokens_per_minute,
+            "share": 1.0,
+        }
+        self._next = float("-inf")  # earliest start of the next call (request schedule)
+        self._next_tokens = float("-inf")  # same, token schedule
+        # Reserved start times, in reservation order (the last `_SCHEDULE_KEPT`).
+        self.schedule: collections.deque[float] = collections.deque(maxlen=_SCHEDULE_KEPT)
 
-    def reserve(self, now: float) -> float:
-        """Reserve the next slot for a call arriving at `now`.
+    @classmethod
+    def for_share(
+        cls,
+        max_requests_per_minute: float | None,
+        max_tokens_per_minute: float | None,
+        share: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> RateLimiter:
+        """This process's limiter when it spends ``share`` of a job's limits.
+
+        >>> RateLimiter.for_share(600, None, share=0.25).interval  # 150 RPM: one call every 0.4 s
+        0.4
+        """
+        if not 0 < share <= 1:
+            raise ValueError(f"a rate share must be in (0, 1], got {share}")
+        rpm = max_requests_per_minute * share if max_requests_per_minute else None
+        tpm = max_tokens_per_minute * share if max_tokens_per_minute else None
+        job = {"max_requests_per_minute": max_requests_per_minute,
+               "max_tokens_per_minute": max_tokens_per_minute, "share": share}  # fmt: skip
+        return cls(rpm, clock, tokens_per_minute=tpm, job=job)
+
+    @property
+    def limited(self) -> bool:
+        """False when neither limit is set (acquire is then free)."""
+        return self.interval > 0 or self.token_interval > 0
+
+    def reserve(self, now: float, tokens: int = 0) -> float:
+        """Reserve the next slot for a call of ``tokens`` estimated tokens arriving at ``now``.
 
         Args:
             now: Arrival time (clock seconds).
+            tokens: Estimated tokens of the call (ignored without a token limit).
 
         Returns:
             The time at which the call may start (>= now). Consecutive reservations are at least
-            `interval` apart; an idle limiter does not bank slots, so there is never a burst.
+            `interval` apart and the token schedule advances by ``tokens * token_interval``; an
+            idle limiter does not bank slots, so there is never a burst.
         """
-        start = now if self.interval == 0 else max(now, self._next)
+        start = max(now, self._next, self._next_tokens) if self.limited else now
         self._next = start + self.interval
+        if self.token_interval:
+            self._next_tokens = start + max(tokens, 0) * self.token_interval
         self.schedule.append(start)
         return start
 
-    async def acquire(self) -> float:
+    async def acquire(self, tokens: int = 0) -> float:
         """Wait for this call's slot.
+
+        Args:
+            tokens: Estimated tokens of the call.
 
         Returns:
             The seconds waited.
         """
-        now = self.clock()
-        delay = self.reserve(now) - now
+        if not self.limited:  # the common case at full speed: no clock read, no sleep
+            return 0.0
+        delay = self.delay(tokens)
         if delay > 0:
             await asyncio.sleep(delay)
-        return max(delay, 0.0)
+        return delay
+
+    def delay(self, tokens: int = 0) -> float:
+        """Reserve a slot now and return how long the caller must wait for it (>= 0).
+
+        This is what a shared limiter serves remotely: a Ray actor holding one `RateLimiter`
+        answers ``delay(tokens)`` and ``settle(...)`` for every worker of a job, whose clocks then
+        never need to agree (a worker sleeps the returned delay; network latency only adds slack).
+        """
+        now = self.clock()
+        return max(self.reserve(now, tokens) - now, 0.0)
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Move the token schedule by ``used - reserved`` tokens (a refund when negative).
+
+        The schedule never moves before the present: a refund frees future capacity, it does not
+        create a burst of capacity banked in the past.
+        """
+        if not self.token_interval or used == reserved:
+            return
+        moved = self._next_tokens + (used - reserved) * self.token_interval
+        self._next_tokens = max(moved, min(self._next_tokens, self.clock()))
+
+    def describe(self) -> dict[str, Any]:
+        """Job limits, this process's share, and the limits it enforces."""
+        per_minute = 60.0 / self.interval if self.interval else None
+        tokens = 60.0 / self.token_interval if self.token_interval else None
+        return {**self.job, "process_requests_per_minute": per_minute,
+                "process_tokens_per_minute": tokens}  # fmt: skip
 
 
 def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
     """Read the server's requested wait from `retry-after-ms` or `Retry-After` headers.
 
     Args:
-        headers: Response headers (case-insensitive mapping, e.g. httpx.Headers).
+        headers: Response headers (any mapping; names are matched case-insensitively).
         now: Current Unix time for HTTP-date values (default time.time()).
 
     Returns:

@@ -1,20 +1,20 @@
 """The `openai` backend: any OpenAI-compatible chat endpoint (vLLM, SGLang, hosted APIs).
 
-One asyncio event loop, `concurrency` workers pulling rows, a smooth RPM limiter shared by every
-attempt, and our own retries (the client's are disabled so that every HTTP call is counted): 429, 408,
-409, 5xx, timeouts, connection errors, truncated or non-JSON bodies, and - when JSON was asked for -
-outputs that do not parse or fail the schema. A preflight `GET /models` turns an unreachable endpoint
+One asyncio event loop, `concurrency` workers pulling rows over one keep-alive aiohttp session
+(`lvr.backends.http` says why not the openai client), a smooth RPM/TPM limiter shared by every
+attempt (this process's share of the job's budget, see `lvr.backends.limits`), and our own
+counted retries: 429, 408, 409, 5xx, timeouts, connection errors, truncated or non-JSON bodies,
+and - when JSON was asked for - outputs that do not parse or fail the schema. A preflight `GET /models` turns an unreachable endpoint
 or a rejected key into one `BackendError` before any row is sent, and a breaker stops sending once many
 consecutive rows could not connect (those rows get an honest "not sent" error, the rest of the run is
-not burnt on retries).
+not burnt on retries). Every response carries the tokens billed over its attempts (the API's
+`usage`), and the API key never appears in an error line or exception message (`lvr.secrets`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import functools
-import importlib
 import io
 import json
 import os
@@ -33,16 +33,22 @@ from lvr.backends.base import (
     Request,
     Response,
     check_request,
+    message_text,
     one_line,
     with_system_line,
 )
-from lvr.backends.limits import RateLimiter, backoff_delay, parse_retry_after, run_sync
+from lvr.backends.http import Failure, open_session, post_json, preflight
+from lvr.backends.limits import Limiter, RateLimiter, backoff_delay, run_sync
 from lvr.backends.progress import progress_bar
 from lvr.backends.schema import parse_and_validate, schema_instruction
+from lvr.secrets import REDACTED, SECRET_ENV, scrub
 
 JsonMode = Literal["json_schema", "json_object", "prompt"]
-API_KEY_ENV = ("LVR_API_KEY", "OPENAI_API_KEY")
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+API_KEY_ENV = SECRET_ENV
+# Pixels per prompt token of an image when estimating a call for the tokens-per-minute limiter
+# (Qwen2-VL/2.5-VL: one token per 28x28 patch; a 448x448 frame is 256 tokens). Only an estimate:
+# the response's usage settles the difference.
+IMAGE_PIXELS_PER_TOKEN = 28 * 28
 
 
 @dataclass
@@ -52,10 +58,15 @@ class OpenAIOptions:
     Attributes:
         base_url: Endpoint root including /v1, e.g. http://127.0.0.1:8000/v1 for `vllm serve`.
         api_key: Key; default from $LVR_API_KEY, then $OPENAI_API_KEY, else "EMPTY" (local servers).
+            Never written anywhere: manifests and config dumps show it as "<redacted>".
         concurrency: Requests in flight at once.
-        max_requests_per_minute: Smooth RPM limit over all attempts; None = unlimited.
+        max_requests_per_minute: Smooth RPM limit over all attempts of the whole job (a shard of
+            an n-way sharded run spends 1/n of it); None = unlimited.
+        max_tokens_per_minute: Smooth TPM limit of the whole job, counted like OpenAI does (prompt
+            estimate + max_tokens * n per call, settled with the real usage); None = unlimited.
         max_retries: Retries after the first attempt (4 attempts in total by default).
-        timeout_s: Per-attempt timeout.
+        timeout_s: Per-attempt timeout on connecting and on each read (a whole call is cut at
+            twice this, so a server trickling bytes cannot hold a worker).
         backoff_base_s: Full-jitter backoff base (window doubles per retry).
         backoff_cap_s: Largest backoff window.
         max_retry_after_s: Ceiling on a server's Retry-After.
@@ -72,9 +83,10 @@ class OpenAIOptions:
     """
 
     base_url: str = "http://127.0.0.1:8000/v1"
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     concurrency: int = 64
     max_requests_per_minute: float | None = None
+    max_tokens_per_minute: float | None = None
     max_retries: int = 3
     timeout_s: float = 120.0
     backoff_base_s: float = 0.5
@@ -87,16 +99,6 @@ class OpenAIOptions:
     unreachable_after: int = 32
     extra_body: dict[str, Any] | None = None
     jitter_seed: int = 0
-
-
-@dataclass
-class Failure:
-    """Why one attempt failed."""
-
-    kind: str  # label for counts: "HTTP 500", "timeout", "connection", "bad body", ...
-    message: str
-    retryable: bool
-    retry_after_s: float | None = None
 
 
 @dataclass
@@ -172,6 +174,51 @@ def build_payload(req: Request, model: str, opts: OpenAIOptions) -> dict[str, An
     return kwargs
 
 
+def encode_body(req: Request, model: str, opts: OpenAIOptions) -> bytes:
+    """The encoded JSON body of one request (built once, reused by every retry)."""
+    return json.dumps(build_payload(req, model, opts), ensure_ascii=False).encode()
+
+
+def estimate_tokens(req: Request) -> int:
+    """Tokens a call may use, as providers count them for TPM limits: prompt + max_tokens * n.
+
+    Text is estimated at 4 characters per token plus 4 per message, images at one token per
+    28x28 pixels.
+
+    >>> estimate_tokens(Request("x", [{"role": "user", "content": "a" * 400}], max_tokens=50))
+    154
+    """
+    chars = sum(len(text) for _, text in message_text(req.messages))
+    pixels = sum(img.shape[0] * img.shape[1] for img in req.images)
+    prompt = chars // 4 + 4 * len(req.messages) + pixels // IMAGE_PIXELS_PER_TOKEN
+    return prompt + req.max_tokens * req.n
+
+
+def read_usage(data: Any) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) of a parsed response body; None when it has no usage.
+
+    >>> read_usage({"usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}})
+    (12, 3)
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def parse_body(body: bytes) -> tuple[Any, Failure | None]:
+    """JSON-decode a response body: (data, None), or (None, the failure)."""
+    try:
+        return json.loads(body), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, Failure(
+            "bad body", f"response body is not JSON ({one_line(str(exc), 80)})", True
+        )
+
+
 def read_choices(body: bytes, req: Request) -> tuple[list[str], Failure | None]:
     """Extract and check the n output texts of a chat-completions response body.
 
@@ -182,12 +229,12 @@ def read_choices(body: bytes, req: Request) -> tuple[list[str], Failure | None]:
     Returns:
         (texts, None) on success, else ([], the failure).
     """
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [], Failure(
-            "bad body", f"response body is not JSON ({one_line(str(exc), 80)})", True
-        )
+    data, failure = parse_body(body)
+    return ([], failure) if failure else check_choices(data, req)
+
+
+def check_choices(data: Any, req: Request) -> tuple[list[str], Failure | None]:
+    """Extract and check the n output texts of a parsed chat-completions response."""
     try:
         texts = [c["message"]["content"] for c in data["choices"]]
     except (KeyError, TypeError):
@@ -208,12 +255,26 @@ def read_choices(body: bytes, req: Request) -> tuple[list[str], Failure | None]:
 
 
 def resolve_api_key(explicit: str | None) -> str:
-    """Return the API key: explicit option, then $LVR_API_KEY, $OPENAI_API_KEY, else "EMPTY"."""
-    if explicit:
-        return explicit
+    """Return the API key: explicit option, then $LVR_API_KEY, $OPENAI_API_KEY, else "EMPTY".
+
+    Surrounding whitespace is dropped (a key read with ``$(cat keyfile)`` keeps its newline, which
+    HTTP headers reject). `REDACTED` (a config copied from a manifest or ``--show-config``) counts
+    as unset.
+
+    Raises:
+        BackendError: The option is `REDACTED` and no key is set in the environment.
+    """
+    key = (explicit or "").strip()
+    if key and key != REDACTED:
+        return key
     for name in API_KEY_ENV:
-        if os.environ.get(name):
-            return os.environ[name]
+        if os.environ.get(name, "").strip():
+            return os.environ[name].strip()
+    if key == REDACTED:
+        raise BackendError(
+            f"api_key is {REDACTED!r} (a config copied from a manifest or --show-config): set the "
+            f"key in ${API_KEY_ENV[0]} or ${API_KEY_ENV[1]}"
+        )
     return "EMPTY"
 
 
@@ -223,11 +284,16 @@ class OpenAIBackend:
     Args:
         model: Model name as served (e.g. the `vllm serve` model argument).
         options: `OpenAIOptions`.
+        limiter: The request budget to spend (default: a local `RateLimiter` with the options'
+            whole-job limits, i.e. share 1). A sharded stage passes this process's share; a
+            distributed executor passes one limiter shared by all its workers.
     """
 
     name = "openai"
 
-    def __init__(self, model: str, options: OpenAIOptions | None = None):
+    def __init__(
+        self, model: str, options: OpenAIOptions | None = None, limiter: Limiter | None = None
+    ):
         self.model = model
         self.opts = options or OpenAIOptions()
         if self.opts.concurrency < 1:
@@ -238,7 +304,12 @@ class OpenAIBackend:
             raise BackendError(
                 f"json_mode must be json_schema|json_object|prompt, got {self.opts.json_mode!r}"
             )
-        self.limiter = RateLimiter(self.opts.max_requests_per_minute)
+        self.limiter: Limiter = limiter or RateLimiter.for_share(
+            self.opts.max_requests_per_minute, self.opts.max_tokens_per_minute
+        )
+        # Resolved once, so that a bad (redacted) key fails before any row and errors can mask it.
+        self._api_key = resolve_api_key(self.opts.api_key)
+        self._url = self.opts.base_url.rstrip("/") + "/chat/completions"
         self.last_stats = RunStats()
         self._rng = random.Random(self.opts.jitter_seed)
 
@@ -265,10 +336,16 @@ class OpenAIBackend:
         self.last_stats = RunStats()
         results: list[Response | None] = [None] * len(requests)
         n_workers = min(self.opts.concurrency, len(requests))
-        client = self._client()
+        session = open_session(
+            self.opts.base_url, self._api_key, self.opts.concurrency, self.opts.timeout_s
+        )
         try:
             if self.opts.preflight and requests:
-                await self._preflight(client)
+                try:
+                    await preflight(session, self.opts.base_url, self.model,
+                                    self.opts.check_model, self.opts.timeout_s)  # fmt: skip
+                except BackendError as exc:
+                    raise BackendError(self.scrub(str(exc))) from None
             todo = iter(range(len(requests)))
             with progress_bar(f"{self.name}:{self.model}", len(requests), progress) as advance:
                 state = _Breaker(self.opts.unreachable_after)
@@ -276,10 +353,13 @@ class OpenAIBackend:
                 async def worker() -> None:
                     for i in todo:  # shared iterator: each index is taken exactly once
                         try:
-                            resp = await self._one(client, requests[i], state)
+                            resp = await self._one(session, requests[i], state)
                         except Exception as exc:  # a bug must cost one row, not the run
-                            err = f"unexpected error: {type(exc).__name__}: {one_line(str(exc))}"
+                            text = one_line(self.scrub(str(exc)))
+                            err = f"unexpected error: {type(exc).__name__}: {text}"
                             resp = Response(requests[i].item_id, [], err, 0, 0.0)
+                        if resp.error is not None:  # server bodies and exceptions may echo it
+                            resp.error = self.scrub(resp.error)
                         results[i] = resp
                         if on_response is not None:
                             on_response(i, resp)
@@ -287,56 +367,15 @@ class OpenAIBackend:
 
                 await asyncio.gather(*(worker() for _ in range(n_workers)))
         finally:
-            await client.close()
+            await session.close()
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
-    def _client(self) -> Any:
-        """An AsyncOpenAI client with the client's own retries off (ours are counted)."""
-        import openai
+    def scrub(self, text: str) -> str:
+        """``text`` with this backend's API key (and the environment's, URL passwords) masked."""
+        return scrub(text, [self._api_key])
 
-        return openai.AsyncOpenAI(
-            base_url=self.opts.base_url,
-            api_key=resolve_api_key(self.opts.api_key),
-            max_retries=0,
-            timeout=self.opts.timeout_s,
-        )
-
-    async def _preflight(self, client: Any) -> None:
-        """GET /models: raise one BackendError for a dead endpoint, a bad key or an unknown model."""
-        import openai
-
-        url = self.opts.base_url
-        last: Exception | None = None
-        for attempt in range(3):  # a server that is just starting gets ~1.5 s
-            try:
-                page = await client.models.list(timeout=min(10.0, self.opts.timeout_s))
-            except openai.APIStatusError as exc:
-                if exc.status_code in (401, 403):
-                    raise BackendError(
-                        f"{url} rejected the API key (HTTP {exc.status_code}); set api_key or "
-                        f"${API_KEY_ENV[0]} / ${API_KEY_ENV[1]}"
-                    ) from exc
-                return  # reachable; this server just does not list models
-            except openai.APIConnectionError as exc:  # includes timeouts
-                last = exc
-                if attempt < 2:
-                    await asyncio.sleep(0.5 * (attempt + 1))
-                continue
-            ids = [m.id for m in getattr(page, "data", [])]
-            if self.opts.check_model and ids and self.model not in ids:
-                raise BackendError(
-                    f"model {self.model!r} is not served at {url}; served: {ids[:10]} "
-                    "(set the backend model to one of them, or check_model=false)"
-                )
-            return
-        cause = one_line(str(getattr(last, "__cause__", None) or last), 120)
-        raise BackendError(
-            f"cannot reach the OpenAI-compatible endpoint {url} ({cause}); start the server "
-            "(e.g. `vllm serve MODEL`) or fix base_url"
-        )
-
-    async def _one(self, client: Any, req: Request, breaker: _Breaker) -> Response:
+    async def _one(self, session: Any, req: Request, breaker: _Breaker) -> Response:
         """Run one request with retries; always returns a Response."""
         bad = check_request(req)
         if bad:
@@ -345,22 +384,29 @@ class OpenAIBackend:
             self.last_stats.not_sent += 1
             return Response(req.item_id, [], breaker.message(self.opts.base_url), 0, 0.0)
         if req.images:  # JPEG encoding is CPU work: keep it off the event loop
-            payload = await asyncio.get_running_loop().run_in_executor(
-                None, build_payload, req, self.model, self.opts
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, encode_body, req, self.model, self.opts
             )
         else:
-            payload = build_payload(req, self.model, self.opts)
+            body = encode_body(req, self.model, self.opts)
         start = time.monotonic()
         kinds: Counter = Counter()
         failure: Failure | None = None
         attempt = 0
+        billed = [0, 0]  # prompt, completion tokens over all attempts
+        estimate = estimate_tokens(req)
         for attempt in range(1, self.opts.max_retries + 2):
-            await self.limiter.acquire()
+            await self.limiter.acquire(estimate)
             self.last_stats.attempts += 1
-            texts, failure = await self._attempt(client, payload, req)
+            texts, failure, used = await self._attempt(session, body, req)
+            if used is not None:  # the server answered with usage: it counted these tokens
+                self.limiter.settle(estimate, used[0] + used[1])
+                billed[0] += used[0]
+                billed[1] += used[1]
             if failure is None:
                 breaker.record(ok=True)
-                return Response(req.item_id, texts, None, attempt, time.monotonic() - start)
+                return Response(req.item_id, texts, None, attempt, time.monotonic() - start,
+                                prompt_tokens=billed[0], completion_tokens=billed[1])  # fmt: skip
             kinds[failure.kind] += 1
             self.last_stats.failures[failure.kind] += 1
             if not failure.retryable or attempt > self.opts.max_retries:
@@ -377,59 +423,27 @@ class OpenAIBackend:
             await asyncio.sleep(delay)
         assert failure is not None
         breaker.record(ok=False, connection_only=set(kinds) <= {"connection"})
-        return Response(
-            req.item_id, [], _error_line(failure, kinds, attempt), attempt, time.monotonic() - start
-        )
+        return Response(req.item_id, [], _error_line(failure, kinds, attempt), attempt,
+                        time.monotonic() - start, prompt_tokens=billed[0], completion_tokens=billed[1])  # fmt: skip
 
     async def _attempt(
-        self, client: Any, payload: dict[str, Any], req: Request
-    ) -> tuple[list[str], Failure | None]:
-        """One HTTP call; classify every way it can fail."""
-        import openai
+        self, session: Any, body: bytes, req: Request
+    ) -> tuple[list[str], Failure | None, tuple[int, int] | None]:
+        """One HTTP call, its failure if any, and the tokens its answer reported.
 
-        try:
-            # The client's generic `post` with a raw response: same auth, base URL, timeouts and
-            # error mapping as `chat.completions.create`, without its typed request transform and
-            # pydantic response parsing (a third of the client CPU per call, measured); we parse
-            # the body ourselves so that broken bodies are classified, not raised.
-            call = client.post("/chat/completions", body=payload, cast_to=_raw_type())
-            # httpx's timeout bounds each read, not the whole call: a trickling server is cut too.
-            raw = await asyncio.wait_for(call, self.opts.timeout_s * 2)
-            body = raw.content
-        except (openai.APITimeoutError, asyncio.TimeoutError):
-            return [], Failure("timeout", f"timeout ({self.opts.timeout_s:g}s per attempt)", True)
-        except openai.APIConnectionError as exc:
-            cause = exc.__cause__ or exc
-            if "complete message body" in str(cause):  # h11: peer closed before Content-Length
-                return [], Failure("truncated", "truncated response body", True)
-            msg = f"connection error ({type(cause).__name__}: {one_line(str(cause), 80)})"
-            return [], Failure("connection", msg, True)
-        except openai.APIStatusError as exc:
-            status = exc.status_code
-            retryable = status in RETRYABLE_STATUS or status >= 500
-            detail = one_line(_error_detail(exc), 120)
-            msg = f"HTTP {status}" + (f": {detail}" if detail else "")
-            ra = parse_retry_after(exc.response.headers)
-            return [], Failure(f"HTTP {status}", msg, retryable, ra)
-        return read_choices(body, req)
-
-
-@functools.cache
-def _raw_type() -> type:
-    """The HTTP response class of the openai client's HTTP library (httpx, or httpx2 in newer
-    releases), which `post(cast_to=...)` returns unparsed."""
-    import openai
-
-    base = openai.DefaultAsyncHttpxClient.__mro__[1]  # the library's AsyncClient
-    return importlib.import_module(base.__module__.split(".")[0]).Response
-
-
-def _error_detail(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        return str(inner.get("message", "")) if isinstance(inner, dict) else str(inner)
-    return str(body or "")
+        Returns:
+            (texts, failure or None, (prompt, completion) tokens when the body reported usage).
+        """
+        raw, failure = await post_json(
+            session, self._url, body, self.opts.timeout_s, [self._api_key]
+        )
+        if failure is not None:
+            return [], failure, None
+        data, failure = parse_body(raw)
+        if failure is not None:
+            return [], failure, None
+        texts, failure = check_choices(data, req)
+        return texts, failure, read_usage(data)
 
 
 def _error_line(last: Failure, kinds: Counter, attempts: int) -> str:

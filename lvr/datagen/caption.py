@@ -20,11 +20,13 @@ import pyarrow as pa
 
 from lvr.artifacts import Shard, Stage, StageResult, manifest_name, rows_to_table, run_stage
 from lvr.datagen.common import (
+    CallReport,
     drop_orphans,
     error_line,
     read_shard,
     retry_failed_shards,
     settings_id,
+    shard_limiter,
     upstream_shards,
 )
 from lvr.datagen.config import CaptionConfig, DatagenConfig
@@ -43,7 +45,11 @@ def caption_prompt(cfg: CaptionConfig) -> Prompt:
 
 
 def cache_path(run_dir: Path, shard: int, num_shards: int) -> Path:
-    """Request cache of a run; one file per machine when sharded (SQLite WAL needs a local lock)."""
+    """Request cache of a run; one file per machine when sharded (SQLite WAL needs a local lock).
+
+    Lookups also read the other ``requests*.sqlite`` files of the folder, so a rerun with another
+    number of shards reuses every answer (see `lvr.backends.cache`).
+    """
     name = "requests.sqlite" if num_shards == 1 else f"requests-{shard}of{num_shards}.sqlite"
     return run_dir / "cache" / name
 
@@ -144,13 +150,17 @@ class AnnotationCaptioner:
 
 
 class ModelCaptioner:
-    """Captions from a VLM through ``lvr.backends`` (built on first use, cached requests)."""
+    """Captions from a VLM through ``lvr.backends`` (built on first use, cached requests).
 
-    def __init__(self, cfg: CaptionConfig, cache_file: Path, progress: bool):
+    ``limiter`` is this process's share of the job's request budget (`shard_limiter`).
+    """
+
+    def __init__(self, cfg: CaptionConfig, cache_file: Path, progress: bool, limiter: Any = None):
         self.cfg = cfg
         self.prompt = caption_prompt(cfg)
         self.cache_file = cache_file
         self.progress = progress
+        self.limiter = limiter
         self._backend: Any = None
 
     @property
@@ -159,8 +169,12 @@ class ModelCaptioner:
             from lvr.backends import make_backend
 
             self._backend = make_backend(self.cfg.backend, self.cfg.model, cache_path=self.cache_file,
-                                         **self.cfg.options)  # fmt: skip
+                                         limiter=self.limiter, **self.cfg.options)  # fmt: skip
         return self._backend
+
+    def backends(self) -> list[Any]:
+        """The backends built so far (for usage reports)."""
+        return [self._backend] if self._backend is not None else []
 
     def close(self) -> None:
         if self._backend is not None and hasattr(self._backend, "close"):
@@ -248,7 +262,8 @@ def make_captioner(
         raise LvrError(
             f"caption.backend={cfg.backend} needs caption.model (served name or local folder)"
         )
-    return ModelCaptioner(cfg, cache_path(run_dir, shard, num_shards), progress)
+    limiter = shard_limiter(cfg.backend, cfg.options, num_shards)
+    return ModelCaptioner(cfg, cache_path(run_dir, shard, num_shards), progress, limiter)
 
 
 def run_caption(
@@ -282,13 +297,16 @@ def run_caption(
     if retry_errors:
         retry_failed_shards(stage, shards)
     captioner = make_captioner(cfg.caption, run_dir, shard, num_shards, progress)
+    manifest = manifest_name(shard, num_shards)
+    report = CallReport(stage.dir / manifest, cfg.prices, getattr(captioner, "backends", list),
+                        getattr(captioner, "limiter", None), num_shards)  # fmt: skip
 
     def fn(s: Shard) -> dict[str, pa.Table]:
         return {"captions": rows_to_table(captioner(s.items), "captions")}
 
     try:
         return run_stage(stage, shards, fn, cfg, inputs=[upstream.dir / "clips"],
-                         description="caption", progress=progress, manifest=manifest_name(shard, num_shards))  # fmt: skip
+                         description="caption", progress=progress, manifest=manifest, report=report)  # fmt: skip
     finally:
         if hasattr(captioner, "close"):
             captioner.close()

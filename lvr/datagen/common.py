@@ -1,10 +1,12 @@
-"""Small helpers every datagen stage shares: shard planning with stale-file cleanup, upstream reads."""
+"""Small helpers every datagen stage shares: shard planning with stale-file cleanup, upstream reads,
+and the model-call side of a stage (this shard's share of the request budget, usage in manifests)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -130,3 +132,89 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     """One line naming the error type and message, for ``error`` columns."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Model calls: request budget and usage
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_limiter(backend: str, options: Mapping[str, Any], num_shards: int) -> Any:
+    """This process's request budget: ``1 / num_shards`` of the job's limits in ``options``.
+
+    Shards of a Slurm-array style run cannot talk to each other, so each spends an equal share of
+    ``max_requests_per_minute`` / ``max_tokens_per_minute`` (the limits of the whole job).
+
+    Args:
+        backend: The stage's backend kind; only ``openai`` has rate limits.
+        options: The stage's backend options.
+        num_shards: Number of machines sharing the job.
+
+    Returns:
+        A `lvr.backends.RateLimiter`, or None for backends without rate limits.
+    """
+    if backend != "openai":
+        return None
+    from lvr.backends.limits import RateLimiter
+
+    return RateLimiter.for_share(
+        options.get("max_requests_per_minute"),
+        options.get("max_tokens_per_minute"),
+        share=1.0 / num_shards,
+    )
+
+
+class CallReport:
+    """The model-call fields of a stage manifest: usage per model, cost, and the rate limits.
+
+    ``usage`` counts this invocation; ``usage_total`` adds it to the ``usage_total`` of the
+    manifest this invocation replaces (same stage, same machine name), so reruns and resumes add
+    up to what the run folder cost. Cost comes from the config's ``prices`` at writing time.
+
+    Args:
+        manifest: Path of the manifest this stage run will write.
+        prices: model -> {prompt_per_1m, completion_per_1m}.
+        backends: Returns the stage's backends built so far (each with ``model`` and ``usage``).
+        limiter: This process's request budget (None: no rate limits).
+        num_shards: Number of machines sharing the job's budget.
+    """
+
+    def __init__(
+        self,
+        manifest: Path,
+        prices: Mapping[str, Mapping[str, float]],
+        backends: Callable[[], Iterable[Any]],
+        limiter: Any = None,
+        num_shards: int = 1,
+    ):
+        from lvr.backends.usage import Usage
+
+        self.prices, self.backends = prices, backends
+        self.limits = None
+        if limiter is not None:
+            self.limits = {**limiter.describe(), "num_shards": num_shards}
+        self.before: dict[str, Usage] = {}
+        try:
+            old = json.loads(manifest.read_text()).get("usage_total") or {}
+            self.before = {m: Usage.from_dict(u) for m, u in old.items()}
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            pass  # no earlier manifest (or not one of ours): start from zero
+
+    def __call__(self) -> dict[str, Any]:
+        from lvr.backends.usage import Usage, usage_table
+
+        now: dict[str, Usage] = {}
+        for backend in self.backends():
+            usage = getattr(backend, "usage", None)
+            if usage is not None:
+                now[backend.model] = now.get(backend.model, Usage()) + usage
+        total = dict(self.before)
+        for model, usage in now.items():
+            total[model] = total.get(model, Usage()) + usage
+        out: dict[str, Any] = {
+            "usage": usage_table(now, self.prices),
+            "usage_total": usage_table(total, self.prices),
+        }
+        if self.limits is not None:
+            out["rate_limits"] = self.limits
+        return out

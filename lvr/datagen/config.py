@@ -240,7 +240,13 @@ class QAConfig:
 
 @dataclass
 class DatagenConfig:
-    """Every setting of ``lvr datagen`` (print with ``--show-config``)."""
+    """Every setting of ``lvr datagen`` (print with ``--show-config``).
+
+    Attributes:
+        prices: Optional price table, model name -> ``{prompt_per_1m: .., completion_per_1m: ..}``
+            (money per million prompt / completion tokens, in your currency). Stage manifests and
+            ``lvr inspect`` turn token usage into cost with it; models without a price get none.
+    """
 
     input: InputConfig = field(default_factory=InputConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
@@ -248,8 +254,12 @@ class DatagenConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from lvr.backends.usage import check_prices  # light; here so the CLI fails before work
+
+        check_prices(self.prices)
         shares = self.filter.category_shares
         missing = [
             c.name for c in self.qa.categories if c.share > 0 and shares and c.name not in shares

@@ -33,11 +33,13 @@ from lvr.artifacts import (
 )
 from lvr.datagen.caption import cache_path
 from lvr.datagen.common import (
+    CallReport,
     drop_orphans,
     error_line,
     read_shard,
     retry_failed_shards,
     settings_id,
+    shard_limiter,
     upstream_shards,
 )
 from lvr.datagen.config import DatagenConfig, QAConfig, category_shares
@@ -240,8 +242,11 @@ _FORMAT_RULES = {
 class LLMWriter:
     """Questions from an LLM through ``lvr.backends`` (cached requests, validated outputs)."""
 
-    def __init__(self, cfg: QAConfig, cache_file: Path, progress: bool):
+    def __init__(self, cfg: QAConfig, cache_file: Path, progress: bool, limiter: Any = None):
         self.cfg = cfg
+        # This process's share of the job's request budget, spent by the qa and rewrite calls
+        # alike (they go to the same endpoint with the same options).
+        self.limiter = limiter
         self.prompt: Prompt = load_prompt(cfg.prompt)
         self.rewrite: Prompt | None = load_prompt(cfg.rewrite_prompt) if cfg.rewrite else None
         self.generator = f"{cfg.backend}:{cfg.model}"
@@ -255,8 +260,12 @@ class LLMWriter:
             from lvr.backends import make_backend
 
             self._backends[model] = make_backend(self.cfg.backend, model, cache_path=self.cache_file,
-                                                 **self.cfg.options)  # fmt: skip
+                                                 limiter=self.limiter, **self.cfg.options)  # fmt: skip
         return self._backends[model]
+
+    def backends(self) -> list[Any]:
+        """The backends built so far (for usage reports)."""
+        return list(self._backends.values())
 
     def close(self) -> None:
         for b in self._backends.values():
@@ -344,7 +353,8 @@ def make_writer(cfg: QAConfig, run_dir: Path, shard: int, num_shards: int, progr
         return TemplateWriter(cfg)
     if not cfg.model:
         raise QAConfigError(f"qa.backend={cfg.backend} needs qa.model (the served model name)")
-    return LLMWriter(cfg, cache_path(run_dir, shard, num_shards), progress)
+    limiter = shard_limiter(cfg.backend, cfg.options, num_shards)
+    return LLMWriter(cfg, cache_path(run_dir, shard, num_shards), progress, limiter)
 
 
 def run_qa(
@@ -387,13 +397,16 @@ def run_qa(
     if retry_errors:
         retry_failed_shards(stage, shards)
     writer = make_writer(cfg.qa, run_dir, shard, num_shards, progress)
+    manifest = manifest_name(shard, num_shards)
+    report = CallReport(stage.dir / manifest, cfg.prices, getattr(writer, "backends", list),
+                        getattr(writer, "limiter", None), num_shards)  # fmt: skip
 
     def fn(s: Shard) -> dict[str, pa.Table]:
         return {"qa_raw": rows_to_table(writer(s.items), "qa_raw")}
 
     try:
         return run_stage(stage, shards, fn, cfg, inputs=[upstream.dir / "captions"],
-                         description="qa", progress=progress, manifest=manifest_name(shard, num_shards))  # fmt: skip
+                         description="qa", progress=progress, manifest=manifest, report=report)  # fmt: skip
     finally:
         if hasattr(writer, "close"):
             writer.close()

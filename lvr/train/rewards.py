@@ -29,6 +29,9 @@ The paper's reward (the default) is `0.9 * accuracy + 0.1 * format`:
         weight: 0.9
         args: {model: Qwen/Qwen2.5-7B-Instruct, base_url: "http://127.0.0.1:8000/v1"}
 
+  A hosted judge takes its key from $LVR_API_KEY / $OPENAI_API_KEY, or `args.api_key` (redacted
+  from the rl manifest, metrics and W&B config like every `api_key`).
+
   A reply that is not Yes/No scores 0 (never a guess in favour) and is counted in the
   `judge_malformed` log line; if every judge call of a step fails, the step stops with one line
   naming the endpoint (a dead judge must not silently turn accuracy into 0).
@@ -155,10 +158,10 @@ def accuracy_reward(
 
 
 @functools.cache
-def _judge_backend(model: str, base_url: str, timeout_s: float) -> Any:
+def _judge_backend(model: str, base_url: str, timeout_s: float, api_key: str | None) -> Any:
     from lvr.backends import make_backend
 
-    return make_backend("openai", model, base_url=base_url, timeout_s=timeout_s)
+    return make_backend("openai", model, base_url=base_url, timeout_s=timeout_s, api_key=api_key)
 
 
 def judged_accuracy_reward(
@@ -171,6 +174,7 @@ def judged_accuracy_reward(
     base_url: str = "http://127.0.0.1:8000/v1",
     max_tokens: int = 8,
     timeout_s: float = 60.0,
+    api_key: str | None = None,
     **kwargs: Any,
 ) -> list[float]:
     """`accuracy_reward`, with an LLM judge for open-ended answers that do not match exactly.
@@ -184,6 +188,7 @@ def judged_accuracy_reward(
         base_url: OpenAI-compatible endpoint root including /v1.
         max_tokens: Budget of each judge reply.
         timeout_s: Per-request timeout.
+        api_key: Judge API key (default: the environment's, see `lvr.backends`).
         **kwargs: Other dataset columns (unused).
 
     Returns:
@@ -214,7 +219,7 @@ def judged_accuracy_reward(
         )
         for i, span in todo
     ]
-    responses = _judge_backend(model, base_url, timeout_s).run(requests, progress=False)
+    responses = _judge_backend(model, base_url, timeout_s, api_key).run(requests, progress=False)
     failed = malformed = 0
     for (i, _), resp in zip(todo, responses, strict=True):
         verdict = None if resp.error else parse_verdict(resp.texts[0] if resp.texts else None)
@@ -285,7 +290,7 @@ def _check_args(where: str, fn: RewardFn, args: dict[str, Any]) -> None:
 
     >>> _check_args("r", judged_accuracy_reward, {"modle": "x"})
     Traceback (most recent call last):
-    lvr.train.rewards.RewardError: r: unknown args ['modle']; valid: ['model', 'base_url', 'max_tokens', 'timeout_s']
+    lvr.train.rewards.RewardError: r: unknown args ['modle']; valid: ['model', 'base_url', 'max_tokens', 'timeout_s', 'api_key']
     """
     params = inspect.signature(fn).parameters.values()
     named = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
