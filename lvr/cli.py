@@ -50,8 +50,7 @@ def _mount_subcommands() -> None:
     from lvr.datagen.cli import app as datagen_app
     from lvr.demo import demo
     from lvr.eval.cli import app as eval_app
-    from lvr.train.cli import sft
-    from lvr.train.rl_cli import rl
+    from lvr.train.cli import rl, sft
 
     app.add_typer(datagen_app, name="datagen")
     app.command("sft")(sft)
