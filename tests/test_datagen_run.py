@@ -32,16 +32,17 @@ def test_demo_config_end_to_end(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     out = lvr("datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run), "-q")
     assert "filter:" in out.stdout, out.stdout + out.stderr
-    videos = read_table(run / "segment" / "videos", "videos")
-    clips = read_table(run / "segment" / "clips", "clips")
-    caps = read_table(run / "caption" / "captions", "captions")
-    raw = read_table(run / "qa" / "qa_raw", "qa_raw")
-    qa = read_table(run / "filter" / "qa", "qa")
+    videos = read_table(run / "videos", "videos")
+    clips = read_table(run / "clips", "clips")
+    caps = read_table(run / "captions", "captions")
+    raw = read_table(run / "qa_raw", "qa_raw")
+    qa = read_table(run / "qa", "qa")
     assert videos.num_rows == 6 and clips.num_rows > 12 and caps.num_rows == clips.num_rows
     assert raw.num_rows == 48 and qa.num_rows > 24
     assert set(qa.column("split").to_pylist()) <= {"sft", "rl", "eval"}
     for stage in ("segment", "caption", "qa", "filter"):
-        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done"
+        manifest = run / "_stages" / stage / "manifest.json"
+        assert json.loads(manifest.read_text())["status"] == "done"
     again = lvr("datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run), "-q")
     assert again.stdout.count("0 shards run") == 3  # everything resumed from markers
     exported = lvr("datagen", "export", "--run", str(run), "--split", "rl")
@@ -78,16 +79,16 @@ def test_two_machines_equal_one(tmp_path: Path) -> None:
     chain(tmp_path / "one", 0, 1)
     shared = tmp_path / "two"
     chain(shared, 1, 2)  # machine 1 first: it must not need machine 0's outputs
-    assert sorted(p.name for p in (shared / "qa" / "qa_raw").glob("*.parquet")) == [
+    assert sorted(p.name for p in (shared / "qa_raw").glob("*.parquet")) == [
         "00001.parquet",
         "00003.parquet",
     ]
     chain(shared, 0, 2)
-    for stage, table, key in (("segment", "videos", "video_id"), ("segment", "clips", "clip_id"),
-                              ("caption", "captions", "clip_id"), ("qa", "qa_raw", "qa_id")):  # fmt: skip
-        a = read_table(tmp_path / "one" / stage / table, table).sort_by(key).to_pylist()
-        b = read_table(shared / stage / table, table).sort_by(key).to_pylist()
-        assert a == b, (stage, table)
+    for table, key in (("videos", "video_id"), ("clips", "clip_id"), ("captions", "clip_id"),
+                       ("qa_raw", "qa_id")):  # fmt: skip
+        a = read_table(tmp_path / "one" / table, table).sort_by(key).to_pylist()
+        b = read_table(shared / table, table).sort_by(key).to_pylist()
+        assert a == b, table
         assert len({r[key] for r in b}) == len(b)
 
 
