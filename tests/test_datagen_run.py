@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from backend_server import fake_server
 
 from lvr.artifacts import read_table
 from lvr.config import load_config
@@ -90,6 +91,39 @@ def test_two_machines_equal_one(tmp_path: Path) -> None:
         b = read_table(shared / table, table).sort_by(key).to_pylist()
         assert a == b, table
         assert len({r[key] for r in b}) == len(b)
+
+
+_NO_TORCH = """
+import sys
+from lvr.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    if exc.code:
+        raise
+heavy = [m for m in ("torch", "transformers") if m in sys.modules]
+sys.exit(f"imported {heavy}" if heavy else 0)
+"""
+
+
+def test_api_backends_chain_imports_no_torch(tmp_path: Path) -> None:
+    """The core install's path: segment -> caption/qa over an OpenAI-compatible server -> filter
+    runs end to end without importing torch or transformers."""
+    from lvr.datagen.synthetic import make_videos
+
+    src = tmp_path / "videos"
+    make_videos(src, 2, seed=3, duration_s=4.0, width=96, height=64, fps=12.0, encoder_threads=1)
+    with fake_server() as server:
+        opts = f"{{base_url: '{server.url}'}}"
+        sets = [f"input.source={src}", "segment.stride_s=2", "caption.backend=openai",
+                "caption.model=fake-model", "caption.frames=2", f"caption.options={opts}",
+                "qa.backend=openai", "qa.model=fake-model", "qa.questions_per_video=2",
+                f"qa.options={opts}", "filter.min_reasoning_chars=1"]  # fmt: skip
+        args = ["datagen", "run", "--run", str(tmp_path / "run"), "-q"]
+        res = subprocess.run([sys.executable, "-c", _NO_TORCH, *args, *[a for s in sets for a in ("--set", s)]],
+                             cwd=REPO, text=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "captions 4 rows (0 errors)" in res.stdout and "filter:" in res.stdout, res.stdout
 
 
 def test_show_config_and_user_errors(tmp_path: Path) -> None:
