@@ -92,7 +92,7 @@ class SegmentConfig:
         shots: Shot detector thresholds.
         write_clips: Also write each clip as a file by stream copy (no re-encoding; the file starts at
             the keyframe at or before the clip start).
-        clip_dir: Folder for clip files (default ``<run>/segment/clip_files``).
+        clip_dir: Folder for clip files (default ``<run>/clip_files``).
         id_threads: Threads that hash files into video ids (I/O bound).
         workers: Processes that decode videos in parallel for ``shots``/``write_clips`` (0 = one
             per core). The shot detector decodes with one thread, its most efficient setting.
