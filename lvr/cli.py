@@ -19,7 +19,7 @@ app = typer.Typer(
     help=(
         "lvr: turn long videos into a reasoning dataset, train VLMs on it (CoT-SFT, then RL with "
         "MR-SP), and evaluate them on long-video benchmarks. Every stage reads and writes Parquet "
-        "under a run folder (runs/<name>/<stage>/<table>/) that `lvr inspect` summarizes."
+        "under a run folder (one folder per table, runs/<name>/<table>/) that `lvr inspect` summarizes."
     ),
     no_args_is_help=True,
     add_completion=False,

@@ -11,6 +11,7 @@ it), the bookkeeping of the sharded stages, and the training, evaluation and cac
       pass_rates/               eval --passes K: per-question pass rates (filter input)
       _stages/<stage>/          _done/<shard>.json completion markers, manifest*.json
       inputs/                   rendered synthetic input videos (``input.synthetic``)
+      clip_files/               clip MP4s cut by stream copy (``segment.write_clips``)
       cache/                    model-call caches (requests*.sqlite, judge), embedding caches
       models/                   models built for the run (the tiny offline VLMs)
       sft/ rl/                  checkpoint-NNNNNN/, metrics.jsonl/.parquet, manifest.json
@@ -19,7 +20,11 @@ it), the bookkeeping of the sharded stages, and the training, evaluation and cac
 
 Runs written before this layout (stage folders ``segment/``, ``caption/``, ``qa/qa_raw``,
 ``filter/qa``) are recognised: `check_layout` names the one command that moves them
-(``lvr datagen migrate --run R``), and `migrate` does it.
+(``lvr datagen migrate --run R``), and `migrate` does the moves (the command also gives old
+``captions`` shards the columns they gained: ``lvr.datagen.migrate``). Files that the tables
+name by path (``synthetic_videos/``, ``segment/clip_files/``) stay where they are:
+`RunLayout.inputs` and `RunLayout.clip_files` resolve to them in such a run, so its rows stay
+valid and nothing reruns.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "qa": ("qa_raw",),
     "filter": ("qa", "qa_rejected"),
 }
+
+
+def shard_name(index: int) -> str:
+    """The file stem of shard ``index`` (``00003``): sorted names are shard order."""
+    return f"{index:05d}"
 
 
 class LayoutError(LvrError):
@@ -81,6 +91,10 @@ class RunLayout:
         """The folder of table ``name`` (sharded Parquet files ``00000.parquet``...)."""
         return self.root / name
 
+    def shard_file(self, table: str, index: int) -> Path:
+        """Shard ``index`` of a table: ``<table>/00003.parquet``."""
+        return self.table(table) / f"{shard_name(index)}.parquet"
+
     @property
     def videos(self) -> Path:
         return self.table("videos")
@@ -115,19 +129,48 @@ class RunLayout:
         """Markers (``_done/``) and manifests of a sharded stage."""
         return self.root / "_stages" / name
 
+    def done(self, stage: str) -> Path:
+        """Completion markers of a stage: ``_done/<shard>.json``, one per finished shard."""
+        return self.stage(stage) / "_done"
+
+    def manifest(self, stage: str, name: str = "manifest.json") -> Path:
+        """A manifest of a stage (``manifest.<i>-of-<n>.json`` for machine i of n)."""
+        return self.stage(stage) / name
+
+    def stage_manifests(self) -> list[Path]:
+        """Every manifest present under ``_stages/``, the datagen stages first in pipeline order."""
+        folder = self.root / "_stages"
+        names = [d.name for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+        order = [s for s in STAGE_TABLES if s in names] + sorted(set(names) - set(STAGE_TABLES))
+        return [m for name in order for m in sorted(self.stage(name).glob("manifest*.json"))]
+
     # Inputs, caches, models -------------------------------------------------------------------
 
     @property
     def inputs(self) -> Path:
-        return self.root / "inputs"
+        """Rendered synthetic videos (``synthetic_videos/`` in a run migrated from before)."""
+        return self._kept_legacy(self.root / "inputs", self.root / "synthetic_videos")
+
+    @property
+    def clip_files(self) -> Path:
+        """Clip MP4s of ``segment.write_clips`` (``segment/clip_files/`` in a migrated run)."""
+        return self._kept_legacy(self.root / "clip_files", self.root / "segment" / "clip_files")
+
+    @staticmethod
+    def _kept_legacy(current: Path, legacy: Path) -> Path:
+        """``legacy`` while only it exists: its files are named by the rows of a migrated run."""
+        return legacy if legacy.is_dir() and not current.exists() else current
 
     @property
     def cache(self) -> Path:
         return self.root / "cache"
 
     def request_cache(self, shard: int = 0, num_shards: int = 1) -> Path:
-        """The model-call cache of this machine (SQLite: one writer per file)."""
-        suffix = "" if num_shards == 1 else f".{shard}-of-{num_shards}"
+        """The model-call cache of this machine (SQLite: one writer per file).
+
+        The names are those of runs written before `RunLayout`, so their cached calls stay hits.
+        """
+        suffix = "" if num_shards == 1 else f"-{shard}of{num_shards}"
         return self.cache / f"requests{suffix}.sqlite"
 
     @property
@@ -184,7 +227,6 @@ _MOVES: tuple[tuple[str, str], ...] = (
     ("qa/_done", "_stages/qa/_done"),
     ("filter/qa_rejected", "qa_rejected"),
     ("filter/_done", "_stages/filter/_done"),
-    ("datagen/synthetic_videos", "inputs"),
 )
 _OLD_STAGES = ("segment", "caption", "qa", "filter")
 

@@ -53,7 +53,7 @@ def segmented(videos: Path, run: Path, *sets: str) -> DatagenConfig:
 
 
 def captions(run: Path) -> list[dict[str, Any]]:
-    return read_table(run / "caption" / "captions", "captions").to_pylist()
+    return read_table(run / "captions", "captions").to_pylist()
 
 
 def test_annotations_from_sidecars(videos: Path, tmp_path: Path) -> None:
@@ -61,10 +61,17 @@ def test_annotations_from_sidecars(videos: Path, tmp_path: Path) -> None:
                     "caption.backend=annotations", "caption.annotations=sidecar")  # fmt: skip
     result = run_caption(cfg, tmp_path, progress=False)
     rows = captions(tmp_path)
-    clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+    clips = read_table(tmp_path / "clips").to_pylist()
     assert len(rows) == len(clips) == result.rows["captions"] and result.errors["captions"] == 0
     paths = {c["clip_id"]: c["video_path"] for c in clips}
+    durations = {
+        v["video_id"]: v["duration_s"] for v in read_table(tmp_path / "videos").to_pylist()
+    }
     for r in rows:
+        # a caption carries what qa needs of its video
+        assert (
+            r["video_path"] == paths[r["clip_id"]] and r["duration_s"] == durations[r["video_id"]]
+        )
         scenes = read_sidecar(paths[r["clip_id"]])["clips"]
         want = [
             s["caption"]
@@ -113,7 +120,7 @@ def test_openai_backend_with_faults_then_retry_only_failures(videos: Path, tmp_p
                         "concurrency: 4, unreachable_after: 0}")  # fmt: skip
         first = run_caption(cfg, tmp_path, progress=False)
         rows = captions(tmp_path)
-        clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+        clips = read_table(tmp_path / "clips").to_pylist()
         assert sorted(r["clip_id"] for r in rows) == sorted(c["clip_id"] for c in clips)  # 12 clips
         assert all((r["caption"] is None) != (r["error"] is None) for r in rows)
         failed = {r["clip_id"] for r in rows if r["error"]}
@@ -154,7 +161,7 @@ def test_sigkill_mid_caption_then_resume_matches_uninterrupted(
     segmented(videos, base, "segment.stride_s=1")
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):
-        shutil.copytree(base / "segment", d / "segment")
+        shutil.copytree(base, d)  # the segment stage's tables and markers
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with fake_server(latency_s=0.25) as server:
         proc = subprocess.Popen(_caption_cmd(killed, server.url), env=env, stderr=subprocess.PIPE)
@@ -166,7 +173,7 @@ def test_sigkill_mid_caption_then_resume_matches_uninterrupted(
             proc.pid, signal.SIGKILL
         )  # mid-stage: the first shard (6 clips) is done, the second is not
         proc.wait()
-        done = sorted((killed / "caption" / "_done").glob("*.json"))
+        done = sorted((killed / "_stages" / "caption" / "_done").glob("*.json"))
         assert len(done) < 2, "the kill came too late to interrupt the stage"
         n_killed = len(server.log)
         subprocess.run(_caption_cmd(killed, server.url), env=env, check=True, capture_output=True)

@@ -1,20 +1,16 @@
-"""Small helpers every datagen stage shares: shard planning with stale-file cleanup, upstream reads."""
+"""Small helpers the datagen stages share: settings ids, error lines, model backends built on use.
+
+Shard bookkeeping (upstream shards, orphans, retries) lives with the runner, :mod:`lvr.datagen.runner`.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from lvr.artifacts import Shard, Stage, content_id, plan_shards, read_table
-from lvr.errors import LvrError
-
-
-class StageInputError(LvrError):
-    """An upstream stage has not been run (or left no table) in this run folder."""
+from lvr.artifacts import content_id
+from lvr.backends import Backend, make_backend
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -26,107 +22,31 @@ def settings_id(settings: dict[str, Any]) -> str:
     return content_id("settings", json.dumps(settings, sort_keys=True, default=str))
 
 
-def shards_for(
-    items: Sequence[Any], shard_size: int, shard: int, num_shards: int, stage: Stage
-) -> list[Shard]:
-    """This machine's shards of ``items``; stale files of an older, longer plan are removed.
-
-    Args:
-        items: Work items, already in their deterministic order.
-        shard_size: Items per shard.
-        shard: This machine's index.
-        num_shards: Number of machines.
-        stage: The stage whose folder may hold shard files from an earlier plan.
-
-    Returns:
-        The shards to run here.
-    """
-    total = math.ceil(len(items) / shard_size) if items else 0
-    _drop_beyond(stage, total)
-    return plan_shards(items, shard_size, shard, num_shards)
-
-
-def _drop_beyond(stage: Stage, total: int) -> None:
-    """Delete shard files and markers whose index is >= the current number of shards.
-
-    They can only come from an earlier plan with more shards (more inputs or a smaller shard size)
-    and would otherwise be read back as current rows.
-    """
-    folders = [stage.dir / t for t in stage.tables] + [stage.dir / "_done"]
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            stem = f.name.split(".")[0]
-            if stem.isdigit() and int(stem) >= total:
-                f.unlink(missing_ok=True)
-
-
-def retry_failed_shards(stage: Stage, shards: Sequence[Shard]) -> int:
-    """Forget the completion markers of ``shards`` that hold error rows, so they run again.
-
-    Used by stages whose errors may be transient (model calls): with the request cache, the redo
-    pays only for the failed rows. Returns the number of shards reopened.
-    """
-    reopened = 0
-    for shard in shards:
-        marker = stage.marker(shard)
-        if not marker.is_file():
-            continue
-        try:
-            errors = json.loads(marker.read_text()).get("errors", {})
-        except (OSError, json.JSONDecodeError):
-            errors = {"?": 1}  # an unreadable marker proves nothing: redo the shard
-        if any(int(v) > 0 for v in errors.values()):
-            marker.unlink(missing_ok=True)
-            reopened += 1
-    return reopened
-
-
-def upstream_shards(upstream: Stage, shard: int, num_shards: int, command: str) -> list[int]:
-    """Indices of the finished upstream shards that belong to this machine (``k % n == shard``).
-
-    Downstream stages follow the upstream shard numbering (caption shard k captions the clips of
-    segment shard k), so every machine works only on what it produced itself and no stage has to
-    wait for the others.
-
-    Raises:
-        StageInputError: No finished upstream shard at all (the upstream stage was not run).
-    """
-    done = upstream.dir / "_done"
-    ready = []
-    for marker in sorted(done.glob("*.json")) if done.is_dir() else []:
-        stem = marker.name.split(".")[0]
-        if not stem.isdigit():
-            continue
-        k = int(stem)
-        if all((upstream.dir / t / f"{stem}.parquet").is_file() for t in upstream.tables):
-            ready.append(k)
-    if not ready:
-        raise StageInputError(
-            f"{upstream.dir} has no finished shards; run `lvr datagen {command}` on this run first"
-        )
-    return [k for k in ready if k % num_shards == shard]
-
-
-def read_shard(upstream: Stage, table: str, k: int) -> pa.Table:
-    """One shard file of an upstream table (validated against its schema)."""
-    return read_table(upstream.dir / table / f"{k:05d}.parquet", table)
-
-
-def drop_orphans(stage: Stage, upstream: Stage) -> None:
-    """Delete this stage's shard files and markers whose upstream shard no longer exists."""
-    probe_table = upstream.tables[0]
-    for folder in [stage.dir / t for t in stage.tables] + [stage.dir / "_done"]:
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            stem = f.name.split(".")[0]
-            if stem.isdigit() and not (upstream.dir / probe_table / f"{stem}.parquet").is_file():
-                f.unlink(missing_ok=True)
-
-
 def error_line(exc: BaseException, limit: int = 300) -> str:
     """One line naming the error type and message, for ``error`` columns."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ModelBackends:
+    """The model backends of one stage worker, built on first use over the run's request cache.
+
+    Building is deferred so that a run whose shards are all finished never loads a model.
+    """
+
+    def __init__(self, kind: str, options: dict[str, Any], cache_file: Path):
+        self.kind, self.options, self.cache_file = kind, options, cache_file
+        self._built: dict[str, Backend] = {}
+
+    def __call__(self, model: str) -> Backend:
+        """The backend serving ``model``."""
+        if model not in self._built:
+            self._built[model] = make_backend(
+                self.kind, model, cache_path=self.cache_file, **self.options
+            )
+        return self._built[model]
+
+    def close(self) -> None:
+        for backend in self._built.values():
+            if hasattr(backend, "close"):
+                backend.close()
