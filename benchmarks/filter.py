@@ -359,7 +359,7 @@ def main() -> None:
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         result = run_filter(
-            data / "qa", data / "ours", cfg, pass_rates=data / "pass_rates", force=True
+            data / "ours", cfg, pass_rates=data / "pass_rates", qa_raw=data / "qa", force=True
         )
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)  # all threads of this process (DuckDB uses 2)

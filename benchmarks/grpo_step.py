@@ -34,14 +34,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 
 TARGET = 0.5  # ours / baseline step time at >= 64 frames
 
 
 def _state(work: Path, qa: Path, frames: int, g: int, prompts: int, new_tokens: int):
     from lvr.config import load_config
-    from lvr.train.rl import RLConfig, setup
+    from lvr.layout import RunLayout
+    from lvr.train.rl import RLConfig
+    from lvr.train.rl.recipe import setup
 
     sets = [
         "model.path=tiny", f"data.qa={qa}", "data.split=sft", f"data.frames={frames}",
@@ -49,14 +51,14 @@ def _state(work: Path, qa: Path, frames: int, g: int, prompts: int, new_tokens: 
         f"rollout_batch={prompts}", f"update_batch={prompts}", f"micro_batch={g}", "steps=1",
         "optim.lr=0.0", "device=cpu", "precision=fp32", "progress=false",
     ]  # fmt: skip
-    return setup(load_config(RLConfig, None, sets), work)
+    return setup(load_config(RLConfig, None, sets), RunLayout(work))
 
 
 def measure(frames: int, repeats: int, g: int, prompts: int, new_tokens: int, threads: int) -> dict:
     """Median step seconds of ours, ours without reuse, and TRL at one frame count."""
     import torch
 
-    from lvr.train.rl import rl_step
+    from lvr.train.rl.step import rl_step
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +73,7 @@ def measure(frames: int, repeats: int, g: int, prompts: int, new_tokens: int, th
         for _ in range(repeats):
             for mode, reuse in (("ours", True), ("no_reuse", False)):
                 st.cfg.reuse_embeddings = reuse
-                st.cursor = 0  # same prompts for both modes
+                st.questions.cursor = 0  # same prompts for both modes
                 m = rl_step(st, 0)
                 times[mode].append(m["step_s"])
                 encodes[mode] = m["encodes"]

@@ -1,4 +1,4 @@
-"""The RL learning check: GRPO raises reward and held-out accuracy; inverted advantages do not.
+"""The RL learning check: GRPO raises reward and held-out accuracy; an inverted reward does not.
 
 Task: "which color appears first?" on synthetic videos that show red, green, blue and yellow in a
 random order, options always A red, B green, C blue, D yellow (`make_color_qa(options="fixed")`):
@@ -10,8 +10,10 @@ Setup (CPU, minutes):
    leaves the small VLM halfway through learning the task: well-formed answers, the right color
    about half the time.
 2. `lvr rl` (configs/rl/color_order.yaml: GRPO, the paper's loss and reward, frozen vision tower
-   with cached embeddings) trains on 256 other videos; a second run from the same start uses
-   `algo.invert_advantage=true` (a flag that exists only for this check) so the check can fail.
+   with cached embeddings) trains on 256 other videos; a second run from the same start trains on
+   the NEGATED paper reward (`inverted_reward` below, plugged in by dotted path: with GRPO its
+   advantages are exactly the inverted ones), so the check can fail. Both runs log the true
+   accuracy and format components (weight 0 in the inverted run) that the verdict reads.
 3. Held-out: 100 further videos, 8 sampled answers each at temperature 1 (the accuracy RL
    optimizes, measured on unseen videos; 800 answers make it precise to about +-2 points), plus
    greedy accuracy for reference. Greedy accuracy of a half-trained model swings by 10-30 points
@@ -19,7 +21,8 @@ Setup (CPU, minutes):
    but not the verdict.
 
 Verdict: RL raises held-out sampled accuracy by >= MIN_GAIN and its training reward (last third of
-steps vs first third) by >= MIN_GAIN; the inverted run raises neither.
+steps vs first third) by >= MIN_GAIN; the inverted run raises neither (its training reward is
+the true one, 0.9 accuracy + 0.1 format, read from the logged components).
 
     .venv/bin/python benchmarks/rl_color_task.py          # ~10 min on 2 CPU cores; last line JSON
 
@@ -39,7 +42,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 
 SFT_STEPS = 140
 MIN_GAIN = 0.05  # held-out sampled accuracy and training reward must rise by at least this much
@@ -72,23 +75,40 @@ def warm_start(work: Path, sft_steps: int = SFT_STEPS) -> tuple[Path, Path]:
     return Path(manifest["final_checkpoint"]), rl_qa
 
 
+def inverted_reward(completions: list[str], **columns: Any) -> list[float]:
+    """The negative control's reward: minus the paper's 0.9 accuracy + 0.1 format."""
+    from lvr.train.rewards import accuracy_reward, format_reward
+
+    acc = accuracy_reward(completions, columns["answer"], columns.get("options"))
+    fmt = format_reward(completions)
+    return [-(0.9 * a + 0.1 * f) for a, f in zip(acc, fmt, strict=True)]
+
+
+def _true_reward(row: dict) -> float:
+    """The paper's reward of a logged step, from its components (whatever the run optimized)."""
+    return 0.9 * row["reward/accuracy/mean"] + 0.1 * row["reward/format/mean"]
+
+
 def rl_run(
     work: Path, ckpt: Path, rl_qa: Path, invert: bool, sets: list[str] | None = None
 ) -> dict:
-    """RL from the SFT checkpoint; returns the manifest and per-step rewards."""
+    """RL from the SFT checkpoint; returns the manifest and per-step (true) rewards."""
     from lvr.config import load_config
     from lvr.train.rl import RLConfig, run_rl
 
-    overrides = [
-        f"model.path={ckpt}",
-        f"data.qa={rl_qa}",
-        f"algo.invert_advantage={str(invert).lower()}",
-    ]
+    overrides = [f"model.path={ckpt}", f"data.qa={rl_qa}"]
     cfg = load_config(RLConfig, REPO / "configs/rl/color_order.yaml", overrides + list(sets or []))
+    if invert:  # this file, importable by name: `inverted_reward` by dotted path
+        if str(REPO / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(REPO / "benchmarks"))
+        cfg.rewards = [
+            {"fn": "accuracy", "weight": 0.0}, {"fn": "format", "weight": 0.0},
+            {"fn": "rl_color_task:inverted_reward", "weight": 1.0, "name": "inverted"},
+        ]  # fmt: skip
     run = work / ("rl_inverted" if invert else "rl")
     manifest = run_rl(cfg, run)
     rows = [json.loads(x) for x in (run / "rl/metrics.jsonl").read_text().splitlines()]
-    return {"manifest": manifest, "rewards": [r["reward/mean"] for r in rows], "rows": rows}
+    return {"manifest": manifest, "rewards": [_true_reward(r) for r in rows], "rows": rows}
 
 
 def _thirds(rewards: list[float]) -> tuple[float, float]:

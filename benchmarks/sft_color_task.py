@@ -1,7 +1,7 @@
 """The SFT learning check: "which color appears first?" on synthetic color-order videos.
 
 Makes a `qa` table (sft + eval splits, gold letters balanced over A-D) with
-`lvr.datagen.color_task.make_color_qa`, trains a small tiny VLM with `lvr sft` (settings in
+`lvr.demo.color_task.make_color_qa`, trains a small tiny VLM with `lvr sft` (settings in
 configs/sft/color_order.yaml) and measures held-out accuracy with greedy generation and the letter
 inside `<answer>X</answer>`. Chance is 25%.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 
 
 def build_color_vlm(out_dir: Path, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
@@ -94,13 +94,14 @@ def evaluate(
     """
     import torch
 
+    from lvr.media import FrameSpec, sample_video
     from lvr.models.batching import collate
-    from lvr.models.inputs import build_sample
+    from lvr.models.inputs import frames_sample
     from lvr.models.loading import load_vlm
-    from lvr.train import data as D
+    from lvr.train import data
 
     model, processor = load_vlm(model_dir)
-    rows = D.read_qa(qa_dir, "eval")
+    rows = data.read_qa(qa_dir, "eval")
     tok = processor.tokenizer
     sampling = {"do_sample": False}
     if samples:
@@ -109,8 +110,8 @@ def evaluate(
     torch.manual_seed(seed)
     correct = parsed = total = 0
     for row in rows:
-        frames_, ts = D._sample_frames(row.video_path, frames, 0.0, max_pixels)
-        sample = build_sample(processor, row.question, row.options, frames=frames_, timestamps=ts)
+        decoded = sample_video(row.video_path, FrameSpec(frames, max_pixels=max_pixels))
+        sample = frames_sample(processor, row.question, row.options, decoded)
         batch = collate([sample], tok.pad_token_id, padding_side="left")
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=32, **sampling)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCH = 4
@@ -39,7 +39,7 @@ def run_ours(qa: Path, run: Path, steps: int) -> tuple[float, float]:
     from lvr.train.sft import SFTConfig, run_sft
 
     sets = [
-        f"data.qa={qa}", f"max_steps={steps}", f"micro_batch_size={MICRO_BATCH}",
+        f"data.qa={qa}", f"max_steps={steps}", f"micro_batch={MICRO_BATCH}",
         f"data.frames={FRAMES}", f"data.max_pixels={MAX_PIXELS}", "optim.schedule=constant",
         "optim.warmup_ratio=0", "optim.lr=0.0001", "progress=false", "save_every=0",
         "data.group_by_length=false",
@@ -53,10 +53,10 @@ def run_ours(qa: Path, run: Path, steps: int) -> tuple[float, float]:
 
 
 def _samples(qa: Path, processor) -> list[dict]:
-    from lvr.train import data as D
+    from lvr.train import data
 
-    spec = D.FrameSpec(frames=FRAMES, max_pixels=MAX_PIXELS)
-    return [D.load_sample(processor, r, spec, 1024).inputs for r in D.read_qa(qa, "sft")]
+    spec = data.FrameSpec(frames=FRAMES, max_pixels=MAX_PIXELS)
+    return [data.load_sample(processor, r, spec, 1024).inputs for r in data.read_qa(qa, "sft")]
 
 
 def run_trl(qa: Path, model_dir: Path, out: Path, steps: int) -> tuple[float, float]:
@@ -73,7 +73,7 @@ def run_trl(qa: Path, model_dir: Path, out: Path, steps: int) -> tuple[float, fl
     model, processor = load_vlm(model_dir)
     samples = _samples(qa, processor)
     seq = ("input_ids", "attention_mask", "mm_token_type_ids", "labels")
-    data = Dataset.from_list(
+    dataset = Dataset.from_list(
         [{k: (v[0] if k in seq else v).numpy() for k, v in s.items()} for s in samples]
     ).with_format("torch")
     pad = processor.tokenizer.pad_token_id
@@ -103,7 +103,7 @@ def run_trl(qa: Path, model_dir: Path, out: Path, steps: int) -> tuple[float, fl
         bf16=False, fp16=False, max_grad_norm=1.0, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=data, data_collator=collator,
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, callbacks=[Timer()],
     )  # fmt: skip
     torch.manual_seed(0)

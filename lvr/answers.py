@@ -23,6 +23,10 @@ not inside reasoning, found by walking the tags in order:
 The option letter of a span (`span_letter`) is read by the first two ranked rules of the robust
 extractor (`letter_by_rule`), so the reward, the strict score and the robust score agree on every
 span that holds a standalone letter: ``B``, ``B.``, ``(b)``, ``**B**``, ``B. red``, ``(B) red``.
+
+Open-ended answers are compared after `normalize_text`; when that fails, an LLM judge is asked
+the same Yes/No question (`judge_messages`, `parse_verdict`) by `lvr eval` and by the RL reward
+`judged_accuracy`.
 """
 
 from __future__ import annotations
@@ -215,6 +219,50 @@ def span_letter(span: str | None, offered: str = ALL_LETTERS) -> str | None:
     if span is None:
         return None
     return letter_by_rule(span, offered, SPAN_RULES)[0]
+
+
+JUDGE_PROMPT_VERSION = "lvr-judge-v1"
+JUDGE_SYSTEM = (
+    "You grade answers to questions about a video. Reply with exactly one word: Yes or No."
+)
+JUDGE_TEMPLATE = (
+    "Question: {question}\n"
+    "Reference answer: {gold}\n"
+    "Candidate answer: {answer}\n"
+    "Does the candidate answer mean the same as the reference answer? Reply Yes or No."
+)
+_VERDICT = re.compile(r"^\W*(yes|no)\W*$", re.IGNORECASE)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def judge_messages(question: str, gold: str, answer: str) -> list[dict[str, str]]:
+    """Chat messages asking an LLM judge whether ``answer`` means ``gold`` (text only).
+
+    >>> judge_messages("Q?", "red", "crimson")[1]["content"].splitlines()[1]
+    'Reference answer: red'
+    """
+    user = JUDGE_TEMPLATE.format(
+        question=question.strip(), gold=gold.strip(), answer=answer.strip()
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_verdict(text: str | None) -> bool | None:
+    """Read a judge reply: True for Yes, False for No, None for anything else (never a guess).
+
+    Reasoning blocks are ignored; the rest must be the single word (punctuation allowed).
+
+    >>> parse_verdict("Yes."), parse_verdict("<think>hm</think> no"), parse_verdict("Yes, but no")
+    (True, False, None)
+    """
+    if text is None:
+        return None
+    text = _THINK_BLOCK.sub("", text)
+    text = text.rsplit("</think>", 1)[-1]  # a block the prompt opened
+    match = _VERDICT.match(text.strip())
+    if not match:
+        return None
+    return match.group(1).lower() == "yes"
 
 
 def normalize_text(text: str) -> str:

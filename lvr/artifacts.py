@@ -1,10 +1,9 @@
-"""The contract between stages: run folders, Parquet schemas, ids, atomic shards, manifests.
+"""The contract between stages: Parquet schemas, ids, atomic shards, markers, manifests.
 
-Layout of one run::
-
-    runs/<name>/<stage>/<table>/00000.parquet   sharded rows of one table
-    runs/<name>/<stage>/_done/00000.json        completion marker of shard 0 (all its tables)
-    runs/<name>/<stage>/manifest.json           config + hash, inputs, versions, counts, timings
+Where everything lives is `lvr.layout.RunLayout`'s business: a sharded stage writes its tables
+as ``runs/<run>/<table>/00000.parquet`` and its bookkeeping (``_done/00000.json`` completion
+markers, ``manifest.json``: config + hash, inputs, versions, counts, timings) under
+``runs/<run>/_stages/<stage>/``.
 
 A shard is finished when its marker exists and names the same input fingerprint; every file is
 written under a temporary name and renamed, so a crash costs at most the shard in flight and never
@@ -19,16 +18,18 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lvr.config import config_hash, to_dict
 from lvr.errors import LvrError
+from lvr.layout import STAGE_TABLES, RunLayout, shard_name
 
 # ---------------------------------------------------------------------------------------------
 # Schemas. Every table has an `error` column: failures are rows, not exceptions.
@@ -86,6 +87,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         [
             ("clip_id", pa.string()),
             ("video_id", pa.string()),
+            ("video_path", pa.string()),  # what qa needs of the video travels with its captions
+            ("duration_s", pa.float64()),  # of the video
             ("start_s", pa.float64()),
             ("end_s", pa.float64()),
             ("caption", pa.string()),
@@ -287,14 +290,14 @@ def rows_to_table(rows: Sequence[dict[str, Any]], name: str) -> pa.Table:
 
 
 def table_files(path: str | Path, name: str | None = None) -> list[Path]:
-    """Parquet files of a table folder, a stage folder (with ``name``) or a single file."""
+    """Parquet files of a table folder, a folder holding it (with ``name``) or a single file."""
     path = Path(path)
     if path.is_file():
         return [path]
     folder = path / name if name and (path / name).is_dir() else path
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
     if not files and not folder.is_dir():
-        raise FileNotFoundError(f"{path} is neither a Parquet file nor a stage/table folder")
+        raise FileNotFoundError(f"{path} is neither a Parquet file nor a table folder")
     return files
 
 
@@ -309,7 +312,7 @@ def read_table(path: str | Path, name: str | None = None) -> pa.Table:
     """Read all shards of a table and validate each against its schema.
 
     Args:
-        path: A table folder (``runs/x/segment/clips``), a stage folder plus ``name``, or a file.
+        path: A table folder (``runs/x/clips``), a run folder plus ``name``, or a file.
         name: Table name; inferred from the files' metadata when omitted.
 
     Raises:
@@ -342,12 +345,28 @@ class Shard:
     @property
     def fingerprint(self) -> str:
         return content_id(
-            "shard", *[json.dumps(i, sort_keys=True, default=str) for i in self.items]
+            "shard", *[json.dumps(_plain(i), sort_keys=True, default=str) for i in self.items]
         )
 
     @property
     def name(self) -> str:
-        return f"{self.index:05d}"
+        return shard_name(self.index)
+
+
+def _plain(item: Any) -> Any:
+    """A typed item as the dict it fingerprints as (its fields, without derived ones).
+
+    A field with ``metadata={"fingerprint": False}`` is left out: it is a function of the others
+    (a video's duration of its id), and runs written before it existed recorded fingerprints
+    without it, so their finished shards stay finished.
+    """
+    if not is_dataclass(item) or isinstance(item, type):
+        return item
+    out = asdict(item)
+    for f in item.__dataclass_fields__.values():
+        if not f.metadata.get("fingerprint", True):
+            out.pop(f.name)
+    return out
 
 
 def plan_shards(
@@ -387,17 +406,38 @@ ShardFn = Callable[[Shard], dict[str, pa.Table]]
 
 
 class Stage:
-    """A stage folder: shard files per table, completion markers, manifest."""
+    """A sharded stage of a run: its tables' shard files, completion markers and manifests.
 
-    def __init__(self, stage_dir: str | Path, tables: Sequence[str]):
-        self.dir = Path(stage_dir)
-        self.tables = list(tables)
+    Shard files live in the run's table folders (``runs/x/clips/00000.parquet``), markers and
+    manifests in the stage's own folder (``runs/x/_stages/segment/``); `RunLayout` names both and
+    ``lvr.layout.STAGE_TABLES`` says which tables a stage writes.
+    """
 
-    def shard_path(self, table: str, shard: Shard) -> Path:
-        return self.dir / table / f"{shard.name}.parquet"
+    def __init__(self, layout: RunLayout | str | Path, name: str):
+        if name not in STAGE_TABLES:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_TABLES)}")
+        self.layout = layout if isinstance(layout, RunLayout) else RunLayout(Path(layout))
+        self.name = name
+        self.tables = list(STAGE_TABLES[name])
+        self.dir = self.layout.stage(name)  # bookkeeping: _done/, manifest*.json
 
-    def marker(self, shard: Shard) -> Path:
-        return self.dir / "_done" / f"{shard.name}.json"
+    @property
+    def done_dir(self) -> Path:
+        return self.layout.done(self.name)
+
+    def table_dir(self, table: str) -> Path:
+        return self.layout.table(table)
+
+    def shard_path(self, table: str, shard: Shard | int) -> Path:
+        index = shard.index if isinstance(shard, Shard) else shard
+        return self.layout.shard_file(table, index)
+
+    def marker(self, shard: Shard | int) -> Path:
+        index = shard.index if isinstance(shard, Shard) else shard
+        return self.done_dir / f"{shard_name(index)}.json"
+
+    def manifest(self, name: str = "manifest.json") -> Path:
+        return self.layout.manifest(self.name, name)
 
     def is_done(self, shard: Shard) -> bool:
         marker = self.marker(shard)
@@ -410,7 +450,7 @@ class Stage:
     def clear_partial(self, shard: Shard) -> None:
         """Remove temp files a killed writer left for this shard (only this machine owns it)."""
         for table in self.tables:
-            for tmp in (self.dir / table).glob(f".{shard.name}.parquet.tmp-*"):
+            for tmp in self.table_dir(table).glob(f".{shard.name}.parquet.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
     def write_shard(self, shard: Shard, outputs: dict[str, pa.Table]) -> dict[str, int]:
@@ -419,7 +459,7 @@ class Stage:
         counts = {}
         for table in self.tables:
             if table not in outputs:
-                raise ValueError(f"stage {self.dir} shard {shard.name} did not produce '{table}'")
+                raise ValueError(f"stage {self.name} shard {shard.name} did not produce '{table}'")
             write_parquet(self.shard_path(table, shard), outputs[table], table)
             counts[table] = outputs[table].num_rows
         errors = {t: _error_count(outputs[t]) for t in self.tables}
@@ -429,7 +469,7 @@ class Stage:
         return counts
 
     def read(self, table: str) -> pa.Table:
-        return read_table(self.dir / table, table)
+        return read_table(self.table_dir(table), table)
 
 
 def _error_count(table: pa.Table) -> int:
@@ -459,8 +499,6 @@ def run_stage(
     manifest fields (e.g. model-call usage); they are refreshed after every shard, so a killed
     run's manifest still accounts for the shards it finished.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     start = time.time()
     todo = [s for s in shards if not stage.is_done(s)]
     extra = report or dict
@@ -472,12 +510,12 @@ def run_stage(
         TimeElapsedColumn(),
         disable=not progress,
     ) as bar:
-        task = bar.add_task(description or stage.dir.name, total=len(todo))
+        task = bar.add_task(description or stage.name, total=len(todo))
         for shard in todo:
             stage.write_shard(shard, fn(shard))
             bar.advance(task)
             if report is not None:  # counts stay those of the start until "done"
-                atomic_write_json(stage.dir / manifest, {**running, **report()})
+                atomic_write_json(stage.manifest(manifest), {**running, **report()})
     seconds = time.time() - start
     info = _write_manifest(stage, config, inputs, shards, "done", seconds, manifest, extra())
     return StageResult(
@@ -512,7 +550,7 @@ def _write_manifest(
                 rows[t] += info["rows"].get(t, 0)
                 errors[t] += info["errors"].get(t, 0)
     manifest = {
-        "stage": stage.dir.name,
+        "stage": stage.name,
         "status": status,
         "tables": stage.tables,
         "config": to_dict(config) if config is not None else None,
@@ -527,7 +565,7 @@ def _write_manifest(
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    atomic_write_json(stage.dir / name, manifest)
+    atomic_write_json(stage.manifest(name), manifest)
     return manifest
 
 

@@ -19,7 +19,7 @@ app = typer.Typer(
     help=(
         "lvr: turn long videos into a reasoning dataset, train VLMs on it (CoT-SFT, then RL with "
         "MR-SP), and evaluate them on long-video benchmarks. Every stage reads and writes Parquet "
-        "under a run folder (runs/<name>/<stage>/<table>/) that `lvr inspect` summarizes."
+        "under a run folder (one folder per table, runs/<name>/<table>/) that `lvr inspect` summarizes."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -50,8 +50,7 @@ def _mount_subcommands() -> None:
     from lvr.datagen.cli import app as datagen_app
     from lvr.demo import demo
     from lvr.eval.cli import app as eval_app
-    from lvr.train.cli import sft
-    from lvr.train.rl_cli import rl
+    from lvr.train.cli import rl, sft
 
     app.add_typer(datagen_app, name="datagen")
     app.command("sft")(sft)

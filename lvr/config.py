@@ -1,7 +1,10 @@
 """Stage configuration: dataclasses, a YAML file, and ``--set key=value`` overrides.
 
 Every command has one dataclass. Nested dataclasses are addressed with dotted keys
-(``caption.backend=openai``). Unknown keys and wrong types are user mistakes, so they raise
+(``caption.backend=openai``). A dataclass may list keys it renamed in a ``RENAMED`` class
+attribute (old -> new) and keys it dropped in ``REMOVED`` (key -> what to do instead), so old
+config files get a one-line pointer. Unknown keys
+and wrong types are user mistakes, so they raise
 :class:`ConfigError` with a one-line message naming the key and the valid choices; the CLI
 prints it without a traceback.
 """
@@ -100,8 +103,17 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    removed: dict[str, str] = getattr(cls, "REMOVED", {})
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if key in renamed and key not in fields:
+            raise ConfigError(
+                f"config key '{prefix}{key}' was renamed to '{prefix}{renamed[key]}'; "
+                "update the file or the --set"
+            )
+        if key in removed and key not in fields:
+            raise ConfigError(f"config key '{prefix}{key}' was removed: {removed[key]}")
         if key not in fields:
             raise ConfigError(_unknown_key_message(prefix + key, list(fields), prefix))
         kwargs[key] = _coerce(hints[key], value, prefix + key)

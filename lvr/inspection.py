@@ -1,7 +1,10 @@
-"""``lvr inspect``: summarize any run, stage, table folder or Parquet file with DuckDB.
+"""``lvr inspect``: summarize any run, table folder or Parquet file with DuckDB.
 
-Each table is exposed to ``--sql`` as a view named after the table (``clips``, ``qa``, ...), so
-``lvr inspect runs/demo --sql "SELECT category, count(*) FROM qa GROUP BY 1"`` just works.
+A run folder holds one folder per table (``runs/x/clips/``, ``runs/x/qa/``...); each table is
+exposed to ``--sql`` as a view named after it, so
+``lvr inspect runs/demo --sql "SELECT category, count(*) FROM qa GROUP BY 1"`` just works. Without
+``--sql``, a folder gets an overview (every table folder, every stage manifest) and then a
+summary per table.
 
 Model-call usage recorded in the stage manifests (requests, cache hits, attempts, retries,
 failures, prompt / completion tokens and cost per stage, machine and model) is printed as a
@@ -22,6 +25,7 @@ from rich.table import Table
 
 from lvr.artifacts import SCHEMAS, table_name_of
 from lvr.errors import LvrError
+from lvr.layout import RunLayout, check_layout
 
 # Columns whose value distribution is worth printing whenever a table has them.
 _DISTRIBUTION_COLUMNS = ("category", "format", "split", "answer", "benchmark", "method", "backend")
@@ -42,22 +46,32 @@ class TableRef:
 
 
 def find_tables(path: Path) -> list[TableRef]:
-    """All tables under ``path`` (a file, a table folder, a stage folder or a run folder)."""
+    """All tables under ``path`` (a file, a table folder or a run folder).
+
+    Raises:
+        LvrError: ``path`` is missing or holds no Parquet file.
+        LayoutError: ``path`` is a run written by an older lvr (names the migration).
+    """
     if not path.exists():
         raise LvrError(f"{path} does not exist")
     if path.is_file():
         if path.suffix != ".parquet":
             raise LvrError(f"{path} is not a Parquet file")
         return [TableRef(table_name_of(path) or path.stem, [path])]
+    check_layout(path)
     groups: dict[Path, list[Path]] = {}
     for f in sorted(path.rglob("*.parquet")):
         if not f.name.startswith("."):
             groups.setdefault(f.parent, []).append(f)
     if not groups and not usage_rows(path):
         raise LvrError(f"{path} holds no Parquet files")
-    refs = []
-    for folder, files in groups.items():
-        name = table_name_of(files[0]) or folder.name
+    named = [
+        (table_name_of(files[0]) or folder.name, folder, files) for folder, files in groups.items()
+    ]
+    order = list(SCHEMAS)  # lvr's tables in pipeline order, others after them
+    named.sort(key=lambda t: (order.index(t[0]) if t[0] in order else len(order), str(t[1])))
+    refs: list[TableRef] = []
+    for name, folder, files in named:
         refs.append(TableRef(_unique(name, folder, refs), files))
     return refs
 
@@ -126,6 +140,8 @@ def inspect_path(
             raise LvrError(f"SQL failed: {str(exc).splitlines()[0]} (tables: {views})") from None
         _print_relation(console, rel, title=sql)
         return
+    if path.is_dir():
+        _overview(console, con, tables, RunLayout(path))
     for ref in tables:
         _summarize(console, con, ref, samples)
     if usage:
@@ -158,6 +174,37 @@ def _summarize_usage(
         )
     elif not priced:
         console.print("cost: no price for some models (set prices.<model> in the config)")
+
+
+def _overview(
+    console: Console, con: duckdb.DuckDBPyConnection, tables: list[TableRef], layout: RunLayout
+) -> None:
+    """Every table folder (view name, rows, files) and every stage manifest of a folder."""
+    listing = Table(title="tables (one folder each)", title_justify="left")
+    for name in ("table", "rows", "files", "folder"):
+        listing.add_column(name, overflow="fold")
+    for ref in tables:
+        rows = con.execute(f'SELECT count(*) FROM "{ref.name}"').fetchone()[0]
+        folder = ref.files[0].parent.relative_to(layout.root)
+        listing.add_row(ref.name, str(rows), str(len(ref.files)), f"{folder}/")
+    console.print(listing)
+    manifests = layout.stage_manifests()
+    if not manifests:
+        return
+    stages = Table(title="stages", title_justify="left")
+    for name in ("stage", "status", "shards done/total", "rows (errors)", "manifest"):
+        stages.add_column(name, overflow="fold")
+    for path in manifests:
+        info = json.loads(path.read_text())
+        shards = info.get("shards") or {}
+        counts = ", ".join(
+            f"{t} {n} ({(info.get('errors') or {}).get(t, 0)})"
+            for t, n in (info.get("rows") or {}).items()
+        )
+        stages.add_row(str(info.get("stage")), str(info.get("status")),
+                       f"{shards.get('done', '?')}/{shards.get('total', '?')}", counts,
+                       str(path.relative_to(layout.root)))  # fmt: skip
+    console.print(stages)
 
 
 def _summarize(

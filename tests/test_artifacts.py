@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +17,7 @@ import pytest
 from lvr.artifacts import (
     SCHEMAS,
     SchemaError,
+    Shard,
     Stage,
     clip_id,
     manifest_name,
@@ -27,6 +29,7 @@ from lvr.artifacts import (
     video_id,
     write_parquet,
 )
+from lvr.layout import RunLayout
 
 
 def _clips(n: int, vid: str = "v") -> pa.Table:
@@ -43,6 +46,11 @@ def _clips(n: int, vid: str = "v") -> pa.Table:
         for i in range(n)
     ]
     return rows_to_table(rows, "clips")
+
+
+def _segment(n: int, vid: str = "v") -> dict[str, pa.Table]:
+    """Outputs of one segment shard: its clips (the videos table is not what is tested here)."""
+    return {"videos": SCHEMAS["videos"].empty_table(), "clips": _clips(n, vid)}
 
 
 def test_ids_are_content_based(tmp_path: Path) -> None:
@@ -89,35 +97,45 @@ def test_runner_skips_done_shards_and_redoes_changed_ones(tmp_path: Path) -> Non
 
     def fn(shard):
         calls.append(shard.name)
-        return {"clips": _clips(len(shard.items), vid=shard.items[0])}
+        return _segment(len(shard.items), vid=shard.items[0])
 
-    stage = Stage(tmp_path / "segment", ["clips"])
+    stage = Stage(RunLayout(tmp_path), "segment")
     shards = plan_shards(["a", "b", "c", "d"], 2)
     res = run_stage(stage, shards, fn, config=None, progress=False)
-    assert res.shards_run == 2 and res.rows == {"clips": 4}
+    assert res.shards_run == 2 and res.rows == {"videos": 0, "clips": 4}
+    # tables in the run's table folders, bookkeeping in the stage's folder
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [
+        "00000.parquet",
+        "00001.parquet",
+    ]
+    assert sorted(p.name for p in (tmp_path / "_stages" / "segment" / "_done").iterdir()) == [
+        "00000.json",
+        "00001.json",
+    ]
     res = run_stage(stage, shards, fn, config=None, progress=False)
     assert res.shards_run == 0 and res.shards_skipped == 2 and calls == ["00000", "00001"]
     changed = plan_shards(["a", "b", "c", "e"], 2)
     run_stage(stage, changed, fn, config=None, progress=False)
     assert calls == ["00000", "00001", "00001"]
-    manifest = json.loads((stage.dir / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "_stages" / "segment" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["shards"] == {"total": 2, "done": 2}
+    assert manifest["stage"] == "segment" and manifest["tables"] == ["videos", "clips"]
     assert "pyarrow" in manifest["versions"]
 
 
 _SLOW_STAGE = textwrap.dedent(
     """
     import sys, time
-    from lvr.artifacts import Stage, plan_shards, rows_to_table, run_stage, clip_id
+    from lvr.artifacts import SCHEMAS, Stage, plan_shards, rows_to_table, run_stage, clip_id
 
     def fn(shard):
         time.sleep(float(sys.argv[2]))
         rows = [{"clip_id": clip_id(v, 0, 1), "video_id": v, "video_path": v, "clip_index": 0,
                  "start_s": 0.0, "end_s": 1.0, "method": "stride"} for v in shard.items]
-        return {"clips": rows_to_table(rows, "clips")}
+        return {"videos": SCHEMAS["videos"].empty_table(), "clips": rows_to_table(rows, "clips")}
 
     items = [f"video{i:02d}" for i in range(12)]
-    run_stage(Stage(sys.argv[1], ["clips"]), plan_shards(items, 2), fn, config=None, progress=False)
+    run_stage(Stage(sys.argv[1], "segment"), plan_shards(items, 2), fn, config=None, progress=False)
     """
 )
 
@@ -128,11 +146,12 @@ def test_killed_stage_resumes_without_loss_or_duplicates(tmp_path: Path) -> None
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.4"])
     deadline = time.time() + 60
-    while len(list((killed / "_done").glob("*.json"))) < 2 and time.time() < deadline:
+    done = killed / "_stages" / "segment" / "_done"
+    while len(list(done.glob("*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list((killed / "_done").glob("*.json")))
+    done_before = len(list(done.glob("*.json")))
     assert 2 <= done_before < 6, "the kill should land mid-stage"
     subprocess.run([sys.executable, str(script), str(killed), "0"], check=True)
     clean = tmp_path / "clean"
@@ -146,13 +165,13 @@ def test_killed_stage_resumes_without_loss_or_duplicates(tmp_path: Path) -> None
 
 
 def test_machines_sharing_a_stage_keep_their_own_manifests(tmp_path: Path) -> None:
-    stage = Stage(tmp_path / "segment", ["clips"])
+    stage = Stage(RunLayout(tmp_path), "segment")
     items = ["a", "b", "c", "d", "e"]
     for i in range(2):
         run_stage(
             stage,
             plan_shards(items, 1, shard=i, num_shards=2),
-            lambda s: {"clips": _clips(1, vid=s.items[0])},
+            lambda s: _segment(1, vid=s.items[0]),
             config=None,
             progress=False,
             manifest=manifest_name(i, 2),
@@ -162,4 +181,28 @@ def test_machines_sharing_a_stage_keep_their_own_manifests(tmp_path: Path) -> No
         for i in range(2)
     ]
     assert counts == [3, 2] and not (stage.dir / "manifest.json").exists()
-    assert read_table(stage.dir / "clips").num_rows == 5
+    assert read_table(tmp_path / "clips").num_rows == 5
+
+
+def test_stage_names_its_tables_from_the_layout(tmp_path: Path) -> None:
+    stage = Stage(tmp_path, "filter")
+    assert stage.tables == ["qa", "qa_rejected"]
+    assert stage.shard_path("qa", Shard(3, [])) == tmp_path / "qa" / "00003.parquet"
+    assert stage.marker(3) == tmp_path / "_stages" / "filter" / "_done" / "00003.json"
+    with pytest.raises(ValueError, match="unknown stage 'segmnt'"):
+        Stage(tmp_path, "segmnt")
+
+
+@dataclass
+class _Item:
+    clip_id: str
+    start_s: float
+    duration_s: float | None = field(default=None, metadata={"fingerprint": False})
+
+
+def test_typed_items_fingerprint_as_their_fields() -> None:
+    """Typed items fingerprint like the dicts of their fields (runs written with dict items keep
+    their finished shards); a field marked derived does not count."""
+    typed = Shard(0, [_Item("c1", 1.5, duration_s=9.0)])
+    assert typed.fingerprint == Shard(0, [{"clip_id": "c1", "start_s": 1.5}]).fingerprint
+    assert typed.fingerprint != Shard(0, [_Item("c1", 2.5)]).fingerprint

@@ -43,6 +43,7 @@ from lvr.backends.limits import RateLimiter, backoff_delay, parse_retry_after
 from lvr.backends.openai_backend import read_choices
 from lvr.backends.schema import parse_and_validate, validate
 from lvr.errors import LvrError
+from lvr.layout import RunLayout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -401,27 +402,26 @@ def test_cache_prompt_edit_pays_only_for_changed_rows(tmp_path: Path) -> None:
 
 
 def test_cache_reads_sibling_shard_files_and_ignores_the_key(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path)  # the file names of a run's machines
     reqs = mixed_requests(12)
     with fake_server(api_key="sk-first-key-000001") as server:
         for i in range(2):  # a 2-shard run: each machine writes its own file
             shard = [r for k, r in enumerate(reqs) if k % 2 == i]
             CachedBackend(openai_backend(server.url, api_key="sk-first-key-000001"),
-                          tmp_path / f"requests-{i}of2.sqlite").run(shard, progress=False)  # fmt: skip
+                          layout.request_cache(i, 2)).run(shard, progress=False)  # fmt: skip
     # The same job on 3 machines, with a rotated key: every answer is found, nothing is sent.
     with fake_server(api_key="sk-rotated-key-0002") as server:
         for i in range(3):
             shard = [r for k, r in enumerate(reqs) if k % 3 == i]
             backend = openai_backend(server.url, api_key="sk-rotated-key-0002")
-            cached = CachedBackend(backend, tmp_path / f"requests-{i}of3.sqlite")
+            cached = CachedBackend(backend, layout.request_cache(i, 3))
             res = cached.run(shard, progress=False)
             assert all(r.cached for r in res) and cached.usage.cache_hits == len(shard)
         assert server.log == []
     # A file that is not a cache is skipped with a warning: misses, not a failed run.
-    (tmp_path / "requests-broken.sqlite").write_bytes(b"not sqlite")
-    assert (
-        len(RequestCache(tmp_path / "requests.sqlite").get_many([cache_key(reqs[0], "fake-model")]))
-        == 1
-    )
+    (layout.cache / "requests-broken.sqlite").write_bytes(b"not sqlite")
+    found = RequestCache(layout.request_cache()).get_many([cache_key(reqs[0], "fake-model")])
+    assert len(found) == 1
 
 
 def test_cache_key_covers_payload() -> None:
@@ -449,7 +449,7 @@ print("finished")
 
 
 def test_sigkill_during_cached_run_then_rerun(tmp_path: Path) -> None:
-    cache = tmp_path / "cache" / "requests.sqlite"
+    cache = RunLayout(tmp_path).request_cache()
     reqs = mixed_requests(300)
     with fake_server(latency_s=0.05) as server:
         script = _KILL_SCRIPT.format(

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 from backend_server import fake_server
 
-from lvr.artifacts import read_table
+from lvr.artifacts import manifest_name, read_table
 from lvr.backends.fake_server import FaultConfig
 from lvr.config import load_config
 from lvr.datagen.caption import run_caption
 from lvr.datagen.config import DatagenConfig
 from lvr.datagen.segment import run_segment
 from lvr.datagen.synthetic import VideoSpec, read_sidecar, render_video
+from lvr.layout import RunLayout
 
 SPEC = {
     "duration_s": 6.0,
@@ -53,7 +54,7 @@ def segmented(videos: Path, run: Path, *sets: str) -> DatagenConfig:
 
 
 def captions(run: Path) -> list[dict[str, Any]]:
-    return read_table(run / "caption" / "captions", "captions").to_pylist()
+    return read_table(run / "captions", "captions").to_pylist()
 
 
 def test_annotations_from_sidecars(videos: Path, tmp_path: Path) -> None:
@@ -61,10 +62,17 @@ def test_annotations_from_sidecars(videos: Path, tmp_path: Path) -> None:
                     "caption.backend=annotations", "caption.annotations=sidecar")  # fmt: skip
     result = run_caption(cfg, tmp_path, progress=False)
     rows = captions(tmp_path)
-    clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+    clips = read_table(tmp_path / "clips").to_pylist()
     assert len(rows) == len(clips) == result.rows["captions"] and result.errors["captions"] == 0
     paths = {c["clip_id"]: c["video_path"] for c in clips}
+    durations = {
+        v["video_id"]: v["duration_s"] for v in read_table(tmp_path / "videos").to_pylist()
+    }
     for r in rows:
+        # a caption carries what qa needs of its video
+        assert (
+            r["video_path"] == paths[r["clip_id"]] and r["duration_s"] == durations[r["video_id"]]
+        )
         scenes = read_sidecar(paths[r["clip_id"]])["clips"]
         want = [
             s["caption"]
@@ -113,7 +121,7 @@ def test_openai_backend_with_faults_then_retry_only_failures(videos: Path, tmp_p
                         "concurrency: 4, unreachable_after: 0}")  # fmt: skip
         first = run_caption(cfg, tmp_path, progress=False)
         rows = captions(tmp_path)
-        clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+        clips = read_table(tmp_path / "clips").to_pylist()
         assert sorted(r["clip_id"] for r in rows) == sorted(c["clip_id"] for c in clips)  # 12 clips
         assert all((r["caption"] is None) != (r["error"] is None) for r in rows)
         failed = {r["clip_id"] for r in rows if r["error"]}
@@ -154,7 +162,7 @@ def test_sigkill_mid_caption_then_resume_matches_uninterrupted(
     segmented(videos, base, "segment.stride_s=1")
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):
-        shutil.copytree(base / "segment", d / "segment")
+        shutil.copytree(base, d)  # the segment stage's tables and markers
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with fake_server(latency_s=0.25) as server:
         proc = subprocess.Popen(_caption_cmd(killed, server.url), env=env, stderr=subprocess.PIPE)
@@ -166,7 +174,7 @@ def test_sigkill_mid_caption_then_resume_matches_uninterrupted(
             proc.pid, signal.SIGKILL
         )  # mid-stage: the first shard (6 clips) is done, the second is not
         proc.wait()
-        done = sorted((killed / "caption" / "_done").glob("*.json"))
+        done = sorted((killed / "_stages" / "caption" / "_done").glob("*.json"))
         assert len(done) < 2, "the kill came too late to interrupt the stage"
         n_killed = len(server.log)
         subprocess.run(_caption_cmd(killed, server.url), env=env, check=True, capture_output=True)
@@ -189,6 +197,7 @@ def _openai_sets(url: str, *extra: str) -> list[str]:
 
 
 def test_request_cache_survives_a_new_number_of_shards(videos: Path, tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path)
     with fake_server() as server:
         cfg = segmented(videos, tmp_path, *_openai_sets(server.url))
         for i in range(2):  # two machines, each with its own cache file
@@ -197,18 +206,20 @@ def test_request_cache_survives_a_new_number_of_shards(videos: Path, tmp_path: P
         paid = len(server.log)
         assert paid == len(want) == 12
         for n in (1, 3):  # the same job again on 1, then 3 machines: every answer is a hit
-            shutil.rmtree(tmp_path / "caption")
+            shutil.rmtree(layout.captions)  # the stage's table and bookkeeping, not the cache
+            shutil.rmtree(layout.stage("caption"))
             for i in range(n):
                 run_caption(cfg, tmp_path, i, n, progress=False)
             assert sorted((r["clip_id"], r["caption"]) for r in captions(tmp_path)) == want
-            manifests = list((tmp_path / "caption").glob("manifest*.json"))
+            manifests = list(layout.stage("caption").glob("manifest*.json"))
             hits = sum(
                 json.loads(m.read_text())["usage"].get("fake-model", {}).get("cache_hits", 0)
                 for m in manifests
             )
             assert hits == 12
         assert len(server.log) == paid  # nothing was sent twice
-    names = {p.name for p in (tmp_path / "cache").glob("*.sqlite")}
+    names = {p.name for p in layout.cache.glob("*.sqlite")}
+    assert layout.request_cache(1, 2).name in names
     assert {"requests-0of2.sqlite", "requests-1of2.sqlite", "requests.sqlite"} <= names
 
 
@@ -232,9 +243,8 @@ def test_concurrent_shards_share_one_request_budget(videos: Path, tmp_path: Path
     overall = (len(times) - 1) / (times[-1] - times[0]) * 60
     assert overall <= rpm * 1.05, overall
     for i in range(2):
-        limits = json.loads((tmp_path / "caption" / f"manifest.{i}-of-2.json").read_text())[
-            "rate_limits"
-        ]
+        manifest = RunLayout(tmp_path).manifest("caption", manifest_name(i, 2))
+        limits = json.loads(manifest.read_text())["rate_limits"]
         assert limits == {"max_requests_per_minute": rpm, "max_tokens_per_minute": None, "share": 0.5,
                           "process_requests_per_minute": rpm / 2, "process_tokens_per_minute": None,
                           "num_shards": 2}  # fmt: skip
@@ -257,7 +267,7 @@ def test_manifest_and_inspect_report_usage_and_cost(videos: Path, tmp_path: Path
         errors = sum(r["error"] is not None for r in captions(tmp_path))
         run_caption(cfg, tmp_path, progress=False)  # redoes the shards with error rows
         second = server.log[len(first) :]
-    manifest = json.loads((tmp_path / "caption" / "manifest.json").read_text())
+    manifest = json.loads(RunLayout(tmp_path).manifest("caption").read_text())
     now, total = manifest["usage"]["fake-model"], manifest["usage_total"]["fake-model"]
     billed = [a.usage for a in first + second if a.usage]
     assert total["attempts"] == len(first) + len(second) and total["sent"] >= 12

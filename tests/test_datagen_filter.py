@@ -58,7 +58,7 @@ def row(qa_id: str, video: str = "v1", **kw: Any) -> dict[str, Any]:
 
 
 def write_raw(run: Path, rows: list[dict[str, Any]], name: str = "00000") -> Path:
-    path = run / "qa" / "qa_raw" / f"{name}.parquet"
+    path = run / "qa_raw" / f"{name}.parquet"
     write_parquet(path, rows_to_table(rows, "qa_raw"), "qa_raw")
     return path
 
@@ -72,8 +72,8 @@ def write_pass_rates(path: Path, rates: dict[str, tuple[int, int]], model: str =
     return path
 
 
-def fates(stage: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    return read_table(stage, "qa").to_pylist(), read_table(stage, "qa_rejected").to_pylist()
+def fates(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return read_table(run / "qa", "qa").to_pylist(), read_table(run / "qa_rejected").to_pylist()
 
 
 LOOSE = {"category_shares": {}, "max_per_video": None}
@@ -158,8 +158,8 @@ def test_each_rule_rejects_exactly_its_row(tmp_path: Path) -> None:
         category_share_tolerance=10.0,  # caps that never bind: only 'music' has no share
         missing_pass_rate="reject",
     )
-    result = run_filter(tmp_path / "qa", tmp_path / "filter", cfg, pass_rates=pr)
-    kept, rejected = fates(tmp_path / "filter")
+    result = run_filter(tmp_path, cfg, pass_rates=pr)
+    kept, rejected = fates(tmp_path)
 
     # the cap keeps the 3 of vcap's 4 rows with the lowest salted hash
     capped = max(
@@ -189,15 +189,15 @@ def test_outputs_conserve_rows_and_carry_manifest(tmp_path: Path) -> None:
     ]
     rows += [row(f"e{i}", "v0", error="parse failed") for i in range(5)]
     write_raw(tmp_path, rows)
-    result = run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig(shard_rows=10))
-    kept, rejected = fates(tmp_path / "filter")
+    result = run_filter(tmp_path, FilterConfig(shard_rows=10))
+    kept, rejected = fates(tmp_path)
     assert Counter(r["qa_id"] for r in kept + rejected) == Counter(r["qa_id"] for r in rows)
     assert result.rows == {"qa": len(kept), "qa_rejected": len(rejected)}
     assert sum(result.by_rule.values()) == len(rows)
-    files = sorted(p.name for p in (tmp_path / "filter" / "qa").glob("*.parquet"))
+    files = sorted(p.name for p in (tmp_path / "qa").glob("*.parquet"))
     assert len(files) == result.shards_total >= 6  # 60+ rows in shards of <= 10
-    assert all(pq.read_metadata(tmp_path / "filter" / "qa" / f).num_rows <= 10 for f in files)
-    manifest = json.loads((tmp_path / "filter" / "manifest.json").read_text())
+    assert all(pq.read_metadata(tmp_path / "qa" / f).num_rows <= 10 for f in files)
+    manifest = json.loads((tmp_path / "_stages" / "filter" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["by_rule"]["generation_error"] == 5
     assert manifest["inputs"][0]["path"].endswith("00000.parquet") and manifest["config_hash"]
 
@@ -208,17 +208,17 @@ def test_rerun_is_noop_and_changed_input_recomputes(tmp_path: Path) -> None:
     ]
     write_raw(tmp_path, rows)
     stage = tmp_path / "filter"
-    first = run_filter(tmp_path / "qa", stage, FilterConfig(shard_rows=5))
+    first = run_filter(stage, FilterConfig(shard_rows=5), qa_raw=tmp_path / "qa_raw")
     mtimes = {p: p.stat().st_mtime_ns for p in stage.rglob("*.parquet")}
-    again = run_filter(tmp_path / "qa", stage, FilterConfig(shard_rows=5))
+    again = run_filter(stage, FilterConfig(shard_rows=5), qa_raw=tmp_path / "qa_raw")
     assert again.skipped and not first.skipped and again.by_rule == first.by_rule
     assert {p: p.stat().st_mtime_ns for p in stage.rglob("*.parquet")} == mtimes
     # a new shard of input (another machine) and a new config: recompute, no stale shard files
     write_raw(tmp_path, [row("z1", "vz", question=GOOD_QUESTIONS[5])], "00001")
-    third = run_filter(tmp_path / "qa", stage, FilterConfig(shard_rows=1000))
+    third = run_filter(stage, FilterConfig(shard_rows=1000), qa_raw=tmp_path / "qa_raw")
     assert not third.skipped and third.rows_in == 31 and third.shards_total == 1
     assert [p.name for p in (stage / "qa").glob("*")] == ["00000.parquet"]
-    assert [p.name for p in (stage / "_done").glob("*")] == ["00000.json"]
+    assert [p.name for p in (stage / "_stages" / "filter" / "_done").glob("*")] == ["00000.json"]
     assert len(read_table(stage, "qa")) + len(read_table(stage, "qa_rejected")) == 31
 
 
@@ -247,8 +247,8 @@ def many_rows(videos: int, per_video: int, categories: list[str]) -> list[dict[s
 def test_splits_are_video_disjoint_and_stable(tmp_path: Path) -> None:
     rows = many_rows(300, 3, ["temporal"])
     write_raw(tmp_path / "a", rows)
-    result = run_filter(tmp_path / "a" / "qa", tmp_path / "a" / "filter", FilterConfig(**LOOSE))
-    kept = read_table(tmp_path / "a" / "filter", "qa").to_pylist()
+    result = run_filter(tmp_path / "a", FilterConfig(**LOOSE))
+    kept = read_table(tmp_path / "a" / "qa", "qa").to_pylist()
     split_of: dict[str, set[str]] = {}
     for r in kept:
         split_of.setdefault(r["video_id"], set()).add(r["split"])
@@ -257,12 +257,14 @@ def test_splits_are_video_disjoint_and_stable(tmp_path: Path) -> None:
         assert abs(result.splits[name]["video_fraction"] - target) < 0.07, result.splits
     # another run with half the videos and other rows: every video keeps its split
     write_raw(tmp_path / "b", rows[::2] + many_rows(40, 2, ["temporal"])[:5])
-    run_filter(tmp_path / "b" / "qa", tmp_path / "b" / "filter", FilterConfig(**LOOSE))
-    for r in read_table(tmp_path / "b" / "filter", "qa").to_pylist():
+    run_filter(tmp_path / "b", FilterConfig(**LOOSE))
+    for r in read_table(tmp_path / "b" / "qa", "qa").to_pylist():
         if r["video_id"] in split_of:
             assert split_of[r["video_id"]] == {r["split"]}
     # a different seed reshuffles
-    run_filter(tmp_path / "a" / "qa", tmp_path / "c", FilterConfig(**LOOSE, seed="other"))
+    run_filter(
+        tmp_path / "c", FilterConfig(**LOOSE, seed="other"), qa_raw=tmp_path / "a" / "qa_raw"
+    )
     moved = sum(
         split_of[r["video_id"]] != {r["split"]}
         for r in read_table(tmp_path / "c", "qa").to_pylist()
@@ -276,13 +278,13 @@ def test_category_shares_approach_targets(tmp_path: Path) -> None:
     write_raw(tmp_path, rows)
     targets = {"temporal": 0.36, "goal": 0.36, "plot": 0.24, "spatial": 0.04}
     exact = run_filter(
-        tmp_path / "qa", tmp_path / "exact", FilterConfig(category_share_tolerance=0.0)
+        tmp_path / "exact", FilterConfig(category_share_tolerance=0.0), qa_raw=tmp_path / "qa_raw"
     )
     for cat, share in targets.items():
         assert abs(exact.category_shares[cat] - share) < 0.005, exact.category_shares
     assert exact.rows["qa"] == pytest.approx(400 / 0.36, abs=4)  # goal (400 rows) binds
     loose = run_filter(
-        tmp_path / "qa", tmp_path / "loose", FilterConfig(category_share_tolerance=0.1)
+        tmp_path / "loose", FilterConfig(category_share_tolerance=0.1), qa_raw=tmp_path / "qa_raw"
     )
     assert loose.rows["qa"] > exact.rows["qa"]
     for cat, share in targets.items():
@@ -290,7 +292,10 @@ def test_category_shares_approach_targets(tmp_path: Path) -> None:
     assert loose.by_rule["category_cap"] == len(rows) - loose.rows["qa"]
     # deterministic selection: a recomputation keeps the same rows
     again = run_filter(
-        tmp_path / "qa", tmp_path / "loose", FilterConfig(category_share_tolerance=0.1), force=True
+        tmp_path / "loose",
+        FilterConfig(category_share_tolerance=0.1),
+        force=True,
+        qa_raw=tmp_path / "qa_raw",
     )
     assert not again.skipped
     ids = [r["qa_id"] for r in read_table(tmp_path / "loose", "qa").to_pylist()]
@@ -309,35 +314,38 @@ def test_pass_rate_bounds_missing_and_models(tmp_path: Path) -> None:
         {"q0": (0, 10), "q1": (1, 10), "q2": (5, 10), "q3": (9, 10), "q4": (10, 10)},
     )
     cfg = FilterConfig(**LOOSE, pass_rate_min=0.1, pass_rate_max=0.9)
-    run_filter(tmp_path / "qa", tmp_path / "f1", cfg, pass_rates=tmp_path / "pr")
+    run_filter(tmp_path / "f1", cfg, pass_rates=tmp_path / "pr", qa_raw=tmp_path / "qa_raw")
     kept, rejected = fates(tmp_path / "f1")
     assert {r["qa_id"]: r["pass_rate"] for r in kept} == {"q2": 0.5, "q5": None}  # missing: keep
     assert {r["qa_id"]: r["rule"] for r in rejected} == {
         "q0": "too_hard", "q1": "too_hard", "q3": "too_easy", "q4": "too_easy"
     }  # fmt: skip
     run_filter(
-        tmp_path / "qa",
         tmp_path / "f2",
         FilterConfig(**LOOSE, missing_pass_rate="reject"),
         pass_rates=pr,
+        qa_raw=tmp_path / "qa_raw",
     )
     kept, rejected = fates(tmp_path / "f2")
     assert sorted(r["qa_id"] for r in kept) == ["q1", "q2", "q3"]
     assert {r["qa_id"]: r["rule"] for r in rejected}["q5"] == "no_pass_rate"
     # no pass-rate table: the rule is off, every row kept with a null pass rate
-    run_filter(tmp_path / "qa", tmp_path / "f3", FilterConfig(**LOOSE))
+    run_filter(tmp_path / "f3", FilterConfig(**LOOSE), qa_raw=tmp_path / "qa_raw")
     assert [r["pass_rate"] for r in fates(tmp_path / "f3")[0]] == [None] * 6
     # two models in one table: choosing is required
     write_pass_rates(tmp_path / "pr" / "00001.parquet", {"q0": (3, 10)}, model="other")
     with pytest.raises(FilterError, match="holds 2 models"):
         run_filter(
-            tmp_path / "qa", tmp_path / "f4", FilterConfig(**LOOSE), pass_rates=tmp_path / "pr"
+            tmp_path / "f4",
+            FilterConfig(**LOOSE),
+            pass_rates=tmp_path / "pr",
+            qa_raw=tmp_path / "qa_raw",
         )
     run_filter(
-        tmp_path / "qa",
         tmp_path / "f4",
         FilterConfig(**LOOSE, pass_rate_model="other"),
         pass_rates=tmp_path / "pr",
+        qa_raw=tmp_path / "qa_raw",
     )
     assert [r["qa_id"] for r in fates(tmp_path / "f4")[0]] == ["q0", "q1", "q2", "q3", "q4", "q5"]
 
@@ -345,14 +353,16 @@ def test_pass_rate_bounds_missing_and_models(tmp_path: Path) -> None:
 def test_exact_duplicates_across_videos_are_optional(tmp_path: Path) -> None:
     rows = [row("q1", "v1"), row("q2", "v2"), row("q3", "v1", question=GOOD_QUESTIONS[0] + " ")]
     write_raw(tmp_path, rows)
-    run_filter(tmp_path / "qa", tmp_path / "within", FilterConfig(**LOOSE))
+    run_filter(tmp_path / "within", FilterConfig(**LOOSE), qa_raw=tmp_path / "qa_raw")
     kept, rejected = fates(tmp_path / "within")
     assert [r["qa_id"] for r in kept] == ["q1", "q2"]
     assert [(r["qa_id"], r["reason"]) for r in rejected] == [
         ("q3", "same normalized question as q1")
     ]
     run_filter(
-        tmp_path / "qa", tmp_path / "across", FilterConfig(**LOOSE, dedup_across_videos=True)
+        tmp_path / "across",
+        FilterConfig(**LOOSE, dedup_across_videos=True),
+        qa_raw=tmp_path / "qa_raw",
     )
     kept, rejected = fates(tmp_path / "across")
     assert [r["qa_id"] for r in kept] == ["q1"]
@@ -386,24 +396,24 @@ def test_custom_policy_replaces_builtin(tmp_path: Path) -> None:
         "  NULL::DOUBLE AS pass_rate, 'rl' AS split\n"
         "FROM qa_in;\n"
     )
-    result = run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig(policy=policy))
-    kept, rejected = fates(tmp_path / "filter")
+    result = run_filter(tmp_path, FilterConfig(policy=policy))
+    kept, rejected = fates(tmp_path)
     # the built-in rules (length, generation_error) are gone: only the user's rule applies
     assert sorted(r["qa_id"] for r in kept) == ["q1", "q3"] and {r["split"] for r in kept} == {"rl"}
     assert [(r["qa_id"], r["rule"], r["reason"]) for r in rejected] == [
         ("q2", "no_fruit", "mentions a banana")
     ]
-    assert json.loads((tmp_path / "filter" / "manifest.json").read_text())["policy"]["path"] == str(
-        policy
-    )
+    assert json.loads((tmp_path / "_stages" / "filter" / "manifest.json").read_text())["policy"][
+        "path"
+    ] == str(policy)
     assert result.splits["rl"]["rows"] == 2
     # a policy that loses rows is refused, naming the file
     policy.write_text("CREATE TEMP TABLE fates AS SELECT _ord, NULL AS rule, NULL AS reason, "
                       "NULL::DOUBLE AS pass_rate, 'rl' AS split FROM qa_in WHERE _ord > 0;")  # fmt: skip
     with pytest.raises(FilterError, match=r"mine\.sql: fates has 2 rows .* for 3 input rows"):
-        run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig(policy=policy))
+        run_filter(tmp_path, FilterConfig(policy=policy))
     with pytest.raises(FilterError, match="does not exist"):
-        run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig(policy=tmp_path / "nope.sql"))
+        run_filter(tmp_path, FilterConfig(policy=tmp_path / "nope.sql"))
 
 
 def test_malformed_input_names_file_and_column(tmp_path: Path) -> None:
@@ -412,22 +422,22 @@ def test_malformed_input_names_file_and_column(tmp_path: Path) -> None:
     bad = table.set_column(
         table.schema.get_field_index("options"), "options", pa.array(["not a list"])
     )
-    path = tmp_path / "qa" / "qa_raw" / "00001.parquet"
+    path = tmp_path / "qa_raw" / "00001.parquet"
     # a lossless difference (duration_s stored as int64) is cast, not refused
     lossless = table.set_column(3, "duration_s", pa.array([120], pa.int64()))
     pq.write_table(lossless, path)
-    result = run_filter(tmp_path / "qa", tmp_path / "ok", FilterConfig(**LOOSE))
+    result = run_filter(tmp_path / "ok", FilterConfig(**LOOSE), qa_raw=tmp_path / "qa_raw")
     assert result.rows_in == 2
     assert read_table(tmp_path / "ok", "qa").column("duration_s").to_pylist() == [120.0, 120.0]
     pq.write_table(bad, path)
     with pytest.raises(SchemaError, match=r"00001\.parquet: column 'options' has type string"):
-        run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig())
+        run_filter(tmp_path, FilterConfig())
     pq.write_table(table.drop_columns(["question"]), path)
     with pytest.raises(SchemaError, match=r"00001\.parquet: missing column 'question'"):
-        run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig())
+        run_filter(tmp_path, FilterConfig())
     (tmp_path / "empty").mkdir()
     with pytest.raises(FilterError, match="no qa_raw Parquet files"):
-        run_filter(tmp_path / "empty", tmp_path / "filter", FilterConfig())
+        run_filter(tmp_path / "filter", FilterConfig(), qa_raw=tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,12 +451,12 @@ def filtered(tmp_path: Path) -> Path:
     rows.append(row("open1", "vid_open", format="open", options=[], answer="a silver key",
                     question="What does the girl put into the box on the shelf?", category="plot"))  # fmt: skip
     write_raw(tmp_path, rows)
-    run_filter(tmp_path / "qa", tmp_path / "filter", FilterConfig(**LOOSE))
-    return tmp_path / "filter"
+    run_filter(tmp_path, FilterConfig(**LOOSE))
+    return tmp_path
 
 
 def test_export_jsonl_public_format(filtered: Path, tmp_path: Path) -> None:
-    kept = read_table(filtered, "qa").to_pylist()
+    kept = read_table(filtered / "qa", "qa").to_pylist()
     total = 0
     for split in ("sft", "rl", "eval"):
         n = export_jsonl(filtered, tmp_path / f"{split}.jsonl", split, video_root="/videos")
@@ -488,7 +498,7 @@ def test_export_hf_round_trip(filtered: Path, tmp_path: Path) -> None:
     loaded = datasets.load_from_disk(str(tmp_path / "hf"))
     assert set(loaded) == {"sft", "rl", "eval"}
     assert {k: len(v) for k, v in loaded.items()} == counts
-    assert sum(counts.values()) == len(read_table(filtered, "qa"))
+    assert sum(counts.values()) == len(read_table(filtered / "qa", "qa"))
     assert loaded["rl"].features["videos"] == datasets.Value("string")
     example = next(r for r in loaded["rl"] if r["format"] == "mc")
     assert set(PUBLIC_FIELDS) <= set(example) and example["videos"].endswith(".mp4")
@@ -501,7 +511,7 @@ def test_export_hf_round_trip(filtered: Path, tmp_path: Path) -> None:
 
 
 def test_export_refuses_unfinished_stage(filtered: Path, tmp_path: Path) -> None:
-    manifest = filtered / "manifest.json"
+    manifest = filtered / "_stages" / "filter" / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "running"}))
     with pytest.raises(ExportError, match="not finished"):
         export_jsonl(filtered, tmp_path / "x.jsonl", "rl")
@@ -522,9 +532,11 @@ def test_embedding_near_duplicates(tmp_path: Path) -> None:
         row("a3", question="How many cars drive past the gas station at dawn?"),
     ]
     write_raw(tmp_path, rows)
-    run_filter(tmp_path / "qa", tmp_path / "plain", FilterConfig(**LOOSE))
+    run_filter(tmp_path / "plain", FilterConfig(**LOOSE), qa_raw=tmp_path / "qa_raw")
     assert len(fates(tmp_path / "plain")[0]) == 3  # token Jaccard alone misses the paraphrase
-    run_filter(tmp_path / "qa", tmp_path / "emb", FilterConfig(**LOOSE, embed_threshold=0.7))
+    run_filter(
+        tmp_path / "emb", FilterConfig(**LOOSE, embed_threshold=0.7), qa_raw=tmp_path / "qa_raw"
+    )
     kept, rejected = fates(tmp_path / "emb")
     assert [r["qa_id"] for r in kept] == ["a1", "a3"]
     assert rejected[0]["rule"] == "near_duplicate" and "embedding cosine" in rejected[0]["reason"]

@@ -46,7 +46,7 @@ def pipeline(videos: Path, run: Path, *sets: str) -> list[dict[str, Any]]:
     run_segment(cfg, run, progress=False)
     run_caption(cfg, run, progress=False)
     run_qa(cfg, run, progress=False)
-    return read_table(run / "qa" / "qa_raw", "qa_raw").to_pylist()
+    return read_table(run / "qa_raw", "qa_raw").to_pylist()
 
 
 def expected_answer(q: str, side: dict[str, Any]) -> Any:
@@ -345,7 +345,7 @@ def test_hf_backends_tiny_models(videos: Path, tmp_path: Path) -> None:
     ])  # fmt: skip
     run_segment(cfg, tmp_path / "cap", progress=False)
     run_caption(cfg, tmp_path / "cap", progress=False)
-    caps = read_table(tmp_path / "cap" / "caption" / "captions", "captions").to_pylist()
+    caps = read_table(tmp_path / "cap" / "captions", "captions").to_pylist()
     assert len(caps) == 8 and all((c["caption"] is None) != (c["error"] is None) for c in caps)
     assert all(c["backend"] == "hf" and c["prompt_version"] == "caption-v1" for c in caps)
     # random weights may well say nothing: then the row says so instead of storing ""

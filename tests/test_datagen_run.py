@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from backend_server import fake_server
 
 from lvr.artifacts import read_table
 from lvr.config import load_config
@@ -32,16 +33,17 @@ def test_demo_config_end_to_end(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     out = lvr("datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run), "-q")
     assert "filter:" in out.stdout, out.stdout + out.stderr
-    videos = read_table(run / "segment" / "videos", "videos")
-    clips = read_table(run / "segment" / "clips", "clips")
-    caps = read_table(run / "caption" / "captions", "captions")
-    raw = read_table(run / "qa" / "qa_raw", "qa_raw")
-    qa = read_table(run / "filter" / "qa", "qa")
+    videos = read_table(run / "videos", "videos")
+    clips = read_table(run / "clips", "clips")
+    caps = read_table(run / "captions", "captions")
+    raw = read_table(run / "qa_raw", "qa_raw")
+    qa = read_table(run / "qa", "qa")
     assert videos.num_rows == 6 and clips.num_rows > 12 and caps.num_rows == clips.num_rows
     assert raw.num_rows == 48 and qa.num_rows > 24
     assert set(qa.column("split").to_pylist()) <= {"sft", "rl", "eval"}
     for stage in ("segment", "caption", "qa", "filter"):
-        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done"
+        manifest = run / "_stages" / stage / "manifest.json"
+        assert json.loads(manifest.read_text())["status"] == "done"
     again = lvr("datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run), "-q")
     assert again.stdout.count("0 shards run") == 3  # everything resumed from markers
     exported = lvr("datagen", "export", "--run", str(run), "--split", "rl")
@@ -78,17 +80,50 @@ def test_two_machines_equal_one(tmp_path: Path) -> None:
     chain(tmp_path / "one", 0, 1)
     shared = tmp_path / "two"
     chain(shared, 1, 2)  # machine 1 first: it must not need machine 0's outputs
-    assert sorted(p.name for p in (shared / "qa" / "qa_raw").glob("*.parquet")) == [
+    assert sorted(p.name for p in (shared / "qa_raw").glob("*.parquet")) == [
         "00001.parquet",
         "00003.parquet",
     ]
     chain(shared, 0, 2)
-    for stage, table, key in (("segment", "videos", "video_id"), ("segment", "clips", "clip_id"),
-                              ("caption", "captions", "clip_id"), ("qa", "qa_raw", "qa_id")):  # fmt: skip
-        a = read_table(tmp_path / "one" / stage / table, table).sort_by(key).to_pylist()
-        b = read_table(shared / stage / table, table).sort_by(key).to_pylist()
-        assert a == b, (stage, table)
+    for table, key in (("videos", "video_id"), ("clips", "clip_id"), ("captions", "clip_id"),
+                       ("qa_raw", "qa_id")):  # fmt: skip
+        a = read_table(tmp_path / "one" / table, table).sort_by(key).to_pylist()
+        b = read_table(shared / table, table).sort_by(key).to_pylist()
+        assert a == b, table
         assert len({r[key] for r in b}) == len(b)
+
+
+_NO_TORCH = """
+import sys
+from lvr.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    if exc.code:
+        raise
+heavy = [m for m in ("torch", "transformers") if m in sys.modules]
+sys.exit(f"imported {heavy}" if heavy else 0)
+"""
+
+
+def test_api_backends_chain_imports_no_torch(tmp_path: Path) -> None:
+    """The core install's path: segment -> caption/qa over an OpenAI-compatible server -> filter
+    runs end to end without importing torch or transformers."""
+    from lvr.datagen.synthetic import make_videos
+
+    src = tmp_path / "videos"
+    make_videos(src, 2, seed=3, duration_s=4.0, width=96, height=64, fps=12.0, encoder_threads=1)
+    with fake_server() as server:
+        opts = f"{{base_url: '{server.url}'}}"
+        sets = [f"input.source={src}", "segment.stride_s=2", "caption.backend=openai",
+                "caption.model=fake-model", "caption.frames=2", f"caption.options={opts}",
+                "qa.backend=openai", "qa.model=fake-model", "qa.questions_per_video=2",
+                f"qa.options={opts}", "filter.min_reasoning_chars=1"]  # fmt: skip
+        args = ["datagen", "run", "--run", str(tmp_path / "run"), "-q"]
+        res = subprocess.run([sys.executable, "-c", _NO_TORCH, *args, *[a for s in sets for a in ("--set", s)]],
+                             cwd=REPO, text=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "captions 4 rows (0 errors)" in res.stdout and "filter:" in res.stdout, res.stdout
 
 
 def test_show_config_and_user_errors(tmp_path: Path) -> None:

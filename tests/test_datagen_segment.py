@@ -52,9 +52,7 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_folder_with_good_corrupt_and_non_video_files(mixed_dir: Path, tmp_path: Path) -> None:
     result = run_segment(cfg_for(mixed_dir), tmp_path, progress=False)
-    videos = {
-        Path(r["path"]).name: r for r in read_table(tmp_path / "segment" / "videos").to_pylist()
-    }
+    videos = {Path(r["path"]).name: r for r in read_table(tmp_path / "videos").to_pylist()}
     # sidecars (.json) and hidden files are not inputs; everything else is a row
     assert set(videos) == {"v0.mp4", "v1.mp4", "corrupt.mp4", "truncated.mp4", "truncated_noindex.mp4",
                            "empty.mp4", "audio_only.mp4", "not_video.mp4", "notes.pdf"}  # fmt: skip
@@ -68,7 +66,7 @@ def test_folder_with_good_corrupt_and_non_video_files(mixed_dir: Path, tmp_path:
     assert "empty" in bad["empty.mp4"] and "audio" in bad["audio_only.mp4"]
     assert "not a video file" in bad["notes.pdf"] and ".pdf" in bad["notes.pdf"]
     assert "truncated" in bad["truncated.mp4"]
-    clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+    clips = read_table(tmp_path / "clips").to_pylist()
     good_ids = {videos["v0.mp4"]["video_id"], videos["v1.mp4"]["video_id"]}
     assert {c["video_id"] for c in clips} == good_ids
     assert result.errors["videos"] == 7 and result.errors["clips"] == 0
@@ -77,7 +75,7 @@ def test_folder_with_good_corrupt_and_non_video_files(mixed_dir: Path, tmp_path:
 def test_stride_clips_cover_the_video(mixed_dir: Path, tmp_path: Path) -> None:
     cfg = cfg_for(mixed_dir / "good", "segment.stride_s=2.5", "segment.min_clip_s=1.2")
     run_segment(cfg, tmp_path, progress=False)
-    clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+    clips = read_table(tmp_path / "clips").to_pylist()
     for vid in {c["video_id"] for c in clips}:
         mine = sorted((c for c in clips if c["video_id"] == vid), key=lambda c: c["clip_index"])
         # 6 s at stride 2.5: [0, 2.5), [2.5, 5), [5, 6) (remainder 1 s < 1.2 s joins the last clip)
@@ -150,7 +148,7 @@ def test_shot_method_clips_follow_cuts(shot_videos: list[Path], tmp_path: Path) 
     shutil.copy(shot_videos[0], src / "a.mp4")
     cfg = cfg_for(src, "segment.method=shots", "segment.min_clip_s=0.5", "segment.max_clip_s=4.0")
     run_segment(cfg, tmp_path / "run", progress=False)
-    clips = read_table(tmp_path / "run" / "segment" / "clips").to_pylist()
+    clips = read_table(tmp_path / "run" / "clips").to_pylist()
     cuts = read_sidecar(shot_videos[0])["cuts_s"]
     starts = [c["start_s"] for c in sorted(clips, key=lambda c: c["start_s"])]
     assert all(c["method"] == "shots" and c["end_s"] - c["start_s"] <= 4.0 + 1e-6 for c in clips)
@@ -165,7 +163,7 @@ def test_shot_detection_error_on_broken_file(tmp_path: Path) -> None:
 
 
 def _table(run: Path, name: str) -> list[dict[str, Any]]:
-    return read_table(run / "segment" / name, name).to_pylist()
+    return read_table(run / name, name).to_pylist()
 
 
 def test_shards_are_disjoint_and_complete(mixed_dir: Path, tmp_path: Path) -> None:
@@ -184,10 +182,10 @@ def test_shards_are_disjoint_and_complete(mixed_dir: Path, tmp_path: Path) -> No
         r["clip_id"] for r in _table(full, "clips")
     )
     # the same file names on both: shard k holds the same videos whichever machine ran it
-    for f in sorted((full / "segment" / "videos").glob("*.parquet")):
+    for f in sorted((full / "videos").glob("*.parquet")):
         assert (
             pq.read_table(f).column("path").to_pylist()
-            == pq.read_table(split / "segment" / "videos" / f.name).column("path").to_pylist()
+            == pq.read_table(split / "videos" / f.name).column("path").to_pylist()
         )
 
 
@@ -219,7 +217,7 @@ def test_list_parquet_glob_and_duplicate_inputs(mixed_dir: Path, tmp_path: Path)
         resolve_inputs(cfg_for(tmp_path / "nope").input)
     # the copy has the same content: one of the two rows explains it is a duplicate
     run_segment(cfg_for(lst, f"input.root={good[0].parent}"), tmp_path / "run", progress=False)
-    rows = read_table(tmp_path / "run" / "segment" / "videos").to_pylist()
+    rows = read_table(tmp_path / "run" / "videos").to_pylist()
     dup = [r for r in rows if r["error"]]
     assert len(rows) == 3 and len(dup) == 1 and "duplicate of" in dup[0]["error"]
 

@@ -16,6 +16,7 @@ from lvr.artifacts import SCHEMAS, read_table, rows_to_table, write_parquet
 from lvr.datagen.synthetic import VideoSpec, render_video, write_bad_files
 from lvr.errors import LvrError
 from lvr.eval.config import EvalConfig, JudgeConfig
+from lvr.eval.extract import PARSER_VERSION
 from lvr.eval.runner import run_eval
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,7 +189,7 @@ def test_frame_sweep_and_report(tiny_vlm: Path, lvr_videos: Path, tmp_path: Path
     md, page = run / "eval" / "report.md", run / "eval" / "report.html"
     text = md.read_text()
     assert "robust [95% CI]" in text and "strict (official)" in text and "floor" in text
-    assert "accuracy_vs_frames.png" in text and "max_pixels" in text and "lvr-extract-v1" in text
+    assert "accuracy_vs_frames.png" in text and "max_pixels" in text and PARSER_VERSION in text
     assert page.read_text().startswith("<!doctype html>") and "<img" in page.read_text()
     pngs = sorted((run / "eval" / "plots").glob("*.png"))
     # frames plot + per evaluation: category bars and confusion (this benchmark has no durations)

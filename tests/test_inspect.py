@@ -4,7 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lvr.artifacts import rows_to_table, write_parquet
+from lvr.artifacts import SCHEMAS, Stage, plan_shards, rows_to_table, run_stage
+from lvr.layout import RunLayout
 
 
 def _lvr(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,20 +32,23 @@ def _qa_run(tmp_path: Path) -> Path:
         }
         for i in range(7)
     ]
-    write_parquet(
-        tmp_path / "run" / "filter" / "qa" / "00000.parquet", rows_to_table(rows, "qa"), "qa"
-    )
+    outputs = {"qa": rows_to_table(rows, "qa"), "qa_rejected": SCHEMAS["qa_rejected"].empty_table()}
+    stage = Stage(tmp_path / "run", "filter")
+    run_stage(stage, plan_shards(["job"], 1), lambda s: outputs, config=None, progress=False)
     return tmp_path / "run"
 
 
 def test_inspect_summarizes_tables(tmp_path: Path) -> None:
     run = _qa_run(tmp_path)
     out = _lvr("inspect", str(run)).stdout
+    # the overview: every table folder of the run, then every stage manifest
+    assert "tables (one folder each)" in out and "qa/" in out and "qa_rejected/" in out
+    assert "_stages/filter/manifest.json" in out and "qa 7 (2)" in out
     assert "qa (lvr table): 7 rows in 1 file(s)" in out
     assert "errors by reason" in out and "bad json" in out
     assert "distribution of category" in out and "temporal" in out
     assert "sample row 0" in out and "What happens 0?" in out
-    single = _lvr("inspect", str(run / "filter" / "qa" / "00000.parquet")).stdout
+    single = _lvr("inspect", str(RunLayout(run).shard_file("qa", 0))).stdout
     assert "7 rows" in single
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import lvr.train.rewards as R
 from lvr.errors import LvrError
+from lvr.train import rewards
 
 
 def test_doctests_pass() -> None:
-    result = doctest.testmod(R)
+    result = doctest.testmod(rewards)
     assert result.attempted >= 7
     assert result.failed == 0
 
@@ -28,7 +28,7 @@ def test_format_reward_whole_output() -> None:
         "<think>a<answer>C</answer>",
         "",
     ]
-    assert R.format_reward([good, *bad]) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert rewards.format_reward([good, *bad]) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_mc_accuracy_uses_answer_span_only() -> None:
@@ -41,14 +41,14 @@ def test_mc_accuracy_uses_answer_span_only() -> None:
         "<answer>AB</answer>",
         "<answer>A video</answer>",  # a letter followed by a word is prose, not a choice
     ]
-    assert R.mc_accuracy_reward(outs, ["A"] * 7) == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert rewards.mc_accuracy_reward(outs, ["A"] * 7) == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_weighted_sum_default_and_components() -> None:
-    specs = R.build_reward_specs(
+    specs = rewards.build_reward_specs(
         [{"fn": "accuracy", "weight": 0.9}, {"fn": "format", "weight": 0.1}]
     )
-    total, parts = R.compute_rewards(
+    total, parts = rewards.compute_rewards(
         specs,
         [
             "<think>x</think><answer>A</answer>",
@@ -71,9 +71,9 @@ def test_user_reward_by_dotted_path(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    specs = R.build_reward_specs([{"fn": "myrewards:short", "weight": 0.5}])
+    specs = rewards.build_reward_specs([{"fn": "myrewards:short", "weight": 0.5}])
     assert specs[0].name == "short"
-    total, _ = R.compute_rewards(specs, ["ok", "much too long text"], {"answer": ["A", "A"]})
+    total, _ = rewards.compute_rewards(specs, ["ok", "much too long text"], {"answer": ["A", "A"]})
     assert total == [0.5, 0.0]
     sys.modules.pop("myrewards", None)
 
@@ -89,14 +89,14 @@ def test_user_reward_by_dotted_path(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ],
 )
 def test_bad_reward_entries_raise_clear_errors(entry: dict, message: str) -> None:
-    with pytest.raises(R.RewardError, match=message):
-        R.build_reward_specs([entry])
+    with pytest.raises(rewards.RewardError, match=message):
+        rewards.build_reward_specs([entry])
 
 
 def test_reward_returning_wrong_length_is_an_error() -> None:
-    spec = R.RewardSpec("bad", lambda completions, **kw: [1.0], 1.0)
-    with pytest.raises(R.RewardError, match="returned 1 values for 2"):
-        R.compute_rewards([spec], ["a", "b"], {})
+    spec = rewards.RewardSpec("bad", lambda completions, **kw: [1.0], 1.0)
+    with pytest.raises(rewards.RewardError, match="returned 1 values for 2"):
+        rewards.compute_rewards([spec], ["a", "b"], {})
 
 
 def test_judged_accuracy_over_loopback_judge() -> None:
@@ -120,22 +120,24 @@ def test_judged_accuracy_over_loopback_judge() -> None:
             "weight": 1.0,
             "args": {"model": "fake-model", "base_url": server.url},
         }
-        specs = R.build_reward_specs([entry])
-        total, _ = R.compute_rewards(specs, completions, columns)
+        specs = rewards.build_reward_specs([entry])
+        total, _ = rewards.compute_rewards(specs, completions, columns)
         sent = [a.user_text for a in server.log]
     assert total == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert len(sent) == 2 and all("Reference answer: a red circle" in t for t in sent)
 
 
 def test_judged_accuracy_errors_are_one_line() -> None:
-    with pytest.raises(R.RewardError, match=r"needs args \['model'\]"):
-        R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0}])
-    with pytest.raises(R.RewardError, match="unknown args"):
-        R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1, "args": {"modle": "m"}}])
+    with pytest.raises(rewards.RewardError, match=r"needs args \['model'\]"):
+        rewards.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0}])
+    with pytest.raises(rewards.RewardError, match="unknown args"):
+        rewards.build_reward_specs([{"fn": "judged_accuracy", "weight": 1, "args": {"modle": "m"}}])
     dead = {"model": "m", "base_url": "http://127.0.0.1:9/v1", "timeout_s": 1.0}
-    specs = R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0, "args": dead}])
+    specs = rewards.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0, "args": dead}])
     with pytest.raises(LvrError, match="cannot reach .* http://127.0.0.1:9/v1") as err:
-        R.compute_rewards(specs, ["<answer>blue</answer>"], {"answer": ["red"], "question": ["Q"]})
+        rewards.compute_rewards(
+            specs, ["<answer>blue</answer>"], {"answer": ["red"], "question": ["Q"]}
+        )
     assert "\n" not in str(err.value)
 
 
@@ -149,7 +151,7 @@ def test_judged_accuracy_dead_judge_stops_the_step(kind: str) -> None:
     completion = ["<answer>the red circle moving left</answer>"]  # the judge would say Yes
     with FakeOpenAIServer(faults=FaultConfig(rate=1.0, kinds=(kind,))) as server:
         args = {"model": "fake-model", "base_url": server.url, "timeout_s": 5.0}
-        specs = R.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0, "args": args}])
-        with pytest.raises(R.RewardError, match="all 1 judge requests .* failed") as err:
-            R.compute_rewards(specs, completion, columns)
+        specs = rewards.build_reward_specs([{"fn": "judged_accuracy", "weight": 1.0, "args": args}])
+        with pytest.raises(rewards.RewardError, match="all 1 judge requests .* failed") as err:
+            rewards.compute_rewards(specs, completion, columns)
     assert "\n" not in str(err.value)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lvr.config import load_config  # noqa: E402
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 from lvr.train.rl import RLConfig, run_rl  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lvr.datagen.color_task import make_color_qa
+from lvr.demo.color_task import make_color_qa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -185,11 +185,11 @@ def test_dp2_sp2_with_bad_video_matches_single_process(tmp_path: Path, varied_re
 )
 def test_dp_sp_config_errors(sets: list[str], world: int, match: str) -> None:
     from lvr.config import load_config
-    from lvr.train.common import TrainError
+    from lvr.errors import LvrError
     from lvr.train.rl import RLConfig
-    from lvr.train.rl_parallel import check_topology
+    from lvr.train.rl.recipe import check_config
 
     base = ["rollout_batch=4", "update_batch=2"]
-    with pytest.raises(TrainError, match=match):
-        check_topology(load_config(RLConfig, None, base + sets), world)
-    check_topology(load_config(RLConfig, None, base + ["sp_size=2"]), 4)  # dp 2 x sp 2 is fine
+    with pytest.raises(LvrError, match=match):
+        check_config(load_config(RLConfig, None, base + sets), world)
+    check_config(load_config(RLConfig, None, base + ["sp_size=2"]), 4)  # dp 2 x sp 2 is fine

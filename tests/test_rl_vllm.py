@@ -22,15 +22,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine inside pytest's process
 
 from lvr.config import load_config  # noqa: E402
-from lvr.datagen.color_task import make_color_qa  # noqa: E402
+from lvr.demo.color_task import make_color_qa  # noqa: E402
 from lvr.models.loading import load_vlm  # noqa: E402
+from lvr.mrsp import engines  # noqa: E402
 from lvr.mrsp.batch import PromptInput  # noqa: E402
+from lvr.mrsp.comm import MrspError  # noqa: E402
 from lvr.mrsp.rollout import HFRolloutEngine  # noqa: E402
 from lvr.mrsp.synthetic import model_prompt  # noqa: E402
-from lvr.train import rl, rl_engines  # noqa: E402
-from lvr.train.common import TrainError  # noqa: E402
-from lvr.train.rl import RLConfig, run_rl  # noqa: E402
-from lvr.train.rl_state import State  # noqa: E402
+from lvr.train.rl import RLConfig, recipe, run_rl  # noqa: E402
+from lvr.train.rl.state import RLRun  # noqa: E402
 
 VLLM = [
     "rollout.engine=vllm", "rollout.vllm.dtype=float32", "rollout.vllm.max_model_len=2048",
@@ -55,17 +55,17 @@ def _cfg(qa: Path, reward: str, *sets: str) -> RLConfig:
     return cfg
 
 
-def _run(cfg: RLConfig, run: Path, resume: bool = False) -> tuple[State, dict]:
+def _run(cfg: RLConfig, run: Path, resume: bool = False) -> tuple[RLRun, dict]:
     """`run_rl`, keeping the run state (policy + engine) to probe afterwards."""
-    kept: dict[str, State] = {}
-    setup = rl.setup
+    kept: dict[str, RLRun] = {}
+    setup = recipe.setup
 
-    def spy(*args: object, **kwargs: object) -> State:
+    def spy(*args: object, **kwargs: object) -> RLRun:
         kept["st"] = setup(*args, **kwargs)
         return kept["st"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rl, "setup", spy)
+        mp.setattr(recipe, "setup", spy)
         manifest = run_rl(cfg, run, resume=resume)
     return kept["st"], manifest
 
@@ -85,11 +85,11 @@ def _first(engine: object, prompt: PromptInput) -> tuple[int, float]:
     return int(out.response_ids[0][0]), float(out.logprobs[0][0])
 
 
-def _assert_engine_follows_policy(st: State, run: Path) -> None:
-    prompt = _probe(st.base)
-    st.base.eval()
-    tok_v, lp_v = _first(st.engine, prompt)
-    tok_p, lp_p = _first(HFRolloutEngine(st.base, st.eos_ids, st.pad_id), prompt)
+def _assert_engine_follows_policy(st: RLRun, run: Path) -> None:
+    prompt = _probe(st.model)
+    st.model.eval()
+    tok_v, lp_v = _first(st.sampler, prompt)
+    tok_p, lp_p = _first(HFRolloutEngine(st.model, st.eos_ids, st.pad_id), prompt)
     init, _ = load_vlm(run / "models/tiny-vlm", dtype=torch.float32)
     tok_0, lp_0 = _first(HFRolloutEngine(init, st.eos_ids, st.pad_id), prompt)
     print(f"vllm {tok_v} {lp_v:.5f}  policy {tok_p} {lp_p:.5f}  initial {tok_0} {lp_0:.5f}")
@@ -138,7 +138,7 @@ def test_vllm_rollouts_lora_sync(qa, tmp_path, varied_reward):
 
 
 def test_unknown_vllm_argument_is_a_clear_error():
-    with pytest.raises(TrainError, match="did you mean 'rollout.vllm.gpu_memory_utilization'"):
-        rl_engines.check_vllm({"gpu_memory_util": 0.3})
-    with pytest.raises(TrainError, match="model is set from model.path"):
-        rl_engines.check_vllm({"model": "x"})
+    with pytest.raises(MrspError, match="did you mean 'rollout.vllm.gpu_memory_utilization'"):
+        engines.check_vllm({"gpu_memory_util": 0.3})
+    with pytest.raises(MrspError, match="model is set from model.path"):
+        engines.check_vllm({"model": "x"})

@@ -19,6 +19,7 @@ from lvr.backends.fake_server import FaultConfig
 from lvr.backends.openai_backend import resolve_api_key
 from lvr.config import config_hash, load_config, to_dict, to_yaml
 from lvr.datagen.config import DatagenConfig
+from lvr.layout import RunLayout
 from lvr.secrets import REDACTED, redact, scrub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,15 +131,17 @@ def test_datagen_run_folder_holds_no_copy_of_the_key(
         assert "filter:" in out.stdout
         echoed = [a for a in server.log if a.outcome == "500"]
         # The error rows of this first run (the rerun below may retry them all successfully).
-        errors = [
-            r["error"] for r in read_table(run / "caption" / "captions", "captions").to_pylist()
-        ]
-        errors += [r["error"] for r in read_table(run / "qa" / "qa_raw", "qa_raw").to_pylist()]
+        layout = RunLayout(run)
+        errors = [r["error"] for r in read_table(layout.captions, "captions").to_pylist()]
+        errors += [r["error"] for r in read_table(layout.qa_raw, "qa_raw").to_pylist()]
         rerun = lvr("datagen", "run", "--run", str(run), "-q", *sets, env=env)  # retries errors
         assert rerun.returncode == 0, rerun.stderr
         # A wrong key on a fresh caption stage (the rerun above may have left nothing to send).
-        shutil.copytree(run / "segment", tmp_path / "bad" / "segment")
-        bad = lvr("datagen", "caption", "--run", str(tmp_path / "bad"), "-q", *sets, "--set",
+        bad_run = RunLayout(tmp_path / "bad")
+        for table in ("videos", "clips"):  # the segment stage: its tables and markers
+            shutil.copytree(layout.table(table), bad_run.table(table))
+        shutil.copytree(layout.stage("segment"), bad_run.stage("segment"))
+        bad = lvr("datagen", "caption", "--run", str(bad_run.root), "-q", *sets, "--set",
                   "caption.options.api_key=sk-wrong-key-0123456789", env=env)  # fmt: skip
     # The server quoted the key in some 500s; those rows say it was there, never what it was.
     assert echoed, "no injected 500 quoted the key: the scrubbing was not exercised"
@@ -147,7 +150,7 @@ def test_datagen_run_folder_holds_no_copy_of_the_key(
     assert bad.returncode != 0 and "rejected the API key" in bad.stderr
     assert "sk-wrong-key-0123456789" not in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr
-    assert (run / "cache" / "requests.sqlite").is_file() and list(run.rglob("*.parquet"))
+    assert layout.request_cache().is_file() and list(run.rglob("*.parquet"))
     assert files_holding(tmp_path, KEY) == []
     for proc in (out, rerun, bad):
         assert KEY not in proc.stdout + proc.stderr
@@ -183,7 +186,7 @@ def test_eval_run_folder_holds_no_copy_of_the_env_key(
 @pytest.mark.slow
 def test_rl_judge_key_stays_out_of_manifest_and_metrics(tmp_path: Path) -> None:
     """A tiny RL run with the judged reward's key in `rewards[].args` (model build ~10 s)."""
-    from lvr.datagen.color_task import make_color_qa
+    from lvr.demo.color_task import make_color_qa
     from lvr.train.rl import RLConfig, run_rl
 
     qa = make_color_qa(tmp_path / "data", 2, 0, seed=0, size=56)
@@ -197,5 +200,5 @@ def test_rl_judge_key_stays_out_of_manifest_and_metrics(tmp_path: Path) -> None:
         cfg.rewards = [{"fn": "judged_accuracy", "weight": 1.0, "args": judge}]
         manifest = run_rl(cfg, tmp_path / "run")
     assert manifest["config"]["rewards"][0]["args"]["api_key"] == REDACTED
-    assert (tmp_path / "run" / "rl" / "metrics.jsonl").is_file()
+    assert (RunLayout(tmp_path / "run").rl / "metrics.jsonl").is_file()
     assert files_holding(tmp_path / "run", KEY) == []

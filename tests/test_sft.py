@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lvr.config import load_config  # noqa: E402
-from lvr.datagen.color_task import make_color_qa
+from lvr.demo.color_task import make_color_qa
 from lvr.train.common import TrainError  # noqa: E402
 from lvr.train.sft import SFTConfig, run_sft  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_sft_learns_changes_weights_and_writes_hf_checkpoint(qa, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in vit)
     # The bad video was skipped, counted and logged, not replaced.
     assert manifest["counts"]["skipped_decode"] >= 1
-    skipped = (tmp_path / "sft/skipped_rank00000.jsonl").read_text()
+    skipped = (tmp_path / "sft/skipped.jsonl").read_text()
     assert "bad_0.mp4" in skipped and "decode" in skipped
     metrics = (tmp_path / "sft/metrics.parquet").stat().st_size
     assert metrics > 0 and (tmp_path / "sft/manifest.json").is_file()
@@ -106,9 +106,9 @@ def test_resume_reproduces_uninterrupted_losses(qa, tmp_path, engine):
 
 def test_two_processes_match_one_process(qa, tmp_path):
     common = ["max_steps=3", "deepspeed=configs/deepspeed/zero2.json", "grad_accum=1"]
-    run_sft(_cfg(qa, *common, "micro_batch_size=2"), tmp_path / "one")
+    run_sft(_cfg(qa, *common, "micro_batch=2"), tmp_path / "one")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["--set", f"data.qa={qa}", "--set", "progress=false", "--set", "micro_batch_size=1"]
+    args = ["--set", f"data.qa={qa}", "--set", "progress=false", "--set", "micro_batch=1"]
     for s in common:
         args += ["--set", s]
     cmd = [
@@ -149,10 +149,10 @@ def test_lora_export_is_merged_and_matches_the_adapter_model(qa, tmp_path):
     # Same logits as base + adapter (rebuilt from the resume state) on a real sample.
     from peft import LoraConfig, get_peft_model
 
-    from lvr.train import data as D
+    from lvr.train import data
 
-    row = D.read_qa(qa, "sft")[0]
-    sample = D.load_sample(processor, row, D.FrameSpec(frames=8), 4096).inputs
+    row = data.read_qa(qa, "sft")[0]
+    sample = data.load_sample(processor, row, data.FrameSpec(frames=8), 4096).inputs
     sample.pop("labels")
     model, _ = load_vlm(tmp_path / "models/tiny-vlm")
     targets = "|".join(cfg.model.lora_targets)
@@ -185,11 +185,11 @@ def test_cli_show_config_and_config_errors():
 def test_two_process_zero3_matches_one_process_and_exports(qa, tmp_path):
     common = ["max_steps=2", "deepspeed=configs/deepspeed/zero3.json"]
     run_sft(
-        _cfg(qa, *common, "micro_batch_size=2", "deepspeed=configs/deepspeed/zero2.json"),
+        _cfg(qa, *common, "micro_batch=2", "deepspeed=configs/deepspeed/zero2.json"),
         tmp_path / "one",
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["--set", f"data.qa={qa}", "--set", "progress=false", "--set", "micro_batch_size=1"]
+    args = ["--set", f"data.qa={qa}", "--set", "progress=false", "--set", "micro_batch=1"]
     for s in common:
         args += ["--set", s]
     cmd = [

@@ -9,63 +9,84 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lvr.train import common as C
+from lvr.train import checkpoint, common
+from lvr.train.common import TrainError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_schedule_warms_up_then_decays_to_floor():
-    f = [C.lr_factor(s, "cosine", 2, 10, min_lr_ratio=0.1) for s in range(11)]
+    f = [common.lr_factor(s, "cosine", 2, 10, min_lr_ratio=0.1) for s in range(11)]
     assert f[0] < f[1] < f[2] == 1.0
     assert all(a >= b for a, b in zip(f[2:-1], f[3:], strict=True))
     assert f[10] == pytest.approx(0.1)
-    lin = [C.lr_factor(s, "linear", 0, 4) for s in range(5)]
+    lin = [common.lr_factor(s, "linear", 0, 4) for s in range(5)]
     assert lin == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert C.lr_factor(7, "constant", 2, 10) == 1.0
+    assert common.lr_factor(7, "constant", 2, 10) == 1.0
+
+
+def _mark(ckpt: Path, state: dict) -> None:
+    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps(state))
 
 
 def test_latest_checkpoint_ignores_unfinished_folders(tmp_path):
-    assert C.latest_checkpoint(tmp_path) is None
+    assert checkpoint.latest_checkpoint(tmp_path) is None
     for step in (2, 4, 6):
-        C.checkpoint_dir(tmp_path, step).mkdir()
-    C.write_trainer_state(C.checkpoint_dir(tmp_path, 2), {"step": 2})
-    C.write_trainer_state(C.checkpoint_dir(tmp_path, 4), {"step": 4})
-    assert C.latest_checkpoint(tmp_path).name == "checkpoint-000004"  # 6 has no marker
-    with pytest.raises(C.TrainError, match="not a finished checkpoint"):
-        C.read_trainer_state(C.checkpoint_dir(tmp_path, 6))
-    ckpt = C.checkpoint_dir(tmp_path, 2)
-    C.write_trainer_state(ckpt, {"step": 2, "world_size": 2})
-    assert C.read_trainer_state(ckpt, world_size=2)["step"] == 2
-    with pytest.raises(C.TrainError, match="written by 2 ranks; resume with the same number"):
-        C.read_trainer_state(ckpt, world_size=1)  # per-rank RNG/data state would not fit
+        checkpoint.checkpoint_dir(tmp_path, step).mkdir()
+    _mark(checkpoint.checkpoint_dir(tmp_path, 2), {"step": 2})
+    _mark(checkpoint.checkpoint_dir(tmp_path, 4), {"step": 4})
+    assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint-000004"  # 6 has no marker
+    with pytest.raises(TrainError, match="not a finished checkpoint"):
+        checkpoint.read_trainer_state(checkpoint.checkpoint_dir(tmp_path, 6))
+    ckpt = checkpoint.checkpoint_dir(tmp_path, 2)
+    _mark(ckpt, {"step": 2, "world_size": 2})
+    assert checkpoint.read_trainer_state(ckpt, world_size=2)["step"] == 2
+    with pytest.raises(TrainError, match="written by 2 ranks; resume with the same number"):
+        checkpoint.read_trainer_state(ckpt, world_size=1)  # per-rank RNG/data state would not fit
 
 
 def test_metrics_logger_jsonl_parquet_and_resume_truncation(tmp_path):
-    log = C.MetricsLogger(tmp_path)
+    log = common.MetricsLogger(tmp_path)
     for step in (1, 2, 3):
         log.log(step, {"loss": 1.0 / step})
     log.close()
     assert pq.read_table(tmp_path / "metrics.parquet").num_rows == 3
-    resumed = C.MetricsLogger(tmp_path, start_step=2)  # steps after the checkpoint are redone
+    resumed = common.MetricsLogger(tmp_path, start_step=2)  # steps after the checkpoint are redone
     assert [r["step"] for r in resumed.rows()] == [1, 2]
-    quiet = C.MetricsLogger(tmp_path / "other", enabled=False)
+    quiet = common.MetricsLogger(tmp_path / "other", enabled=False)
     quiet.log(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()
 
 
-def test_rng_state_round_trip(tmp_path):
-    C.seed_everything(3)
-    C.save_rng(tmp_path, rank=0)
+def test_checkpoint_restores_rng_and_needs_the_same_world(tmp_path):
+    one = common.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    common.seed_everything(3)
+    ckpt = checkpoint.save_checkpoint(
+        tmp_path, 5, one, export=lambda folder: folder.mkdir(parents=True),
+        training_state=lambda folder: None, trainer_state={"counts": {}}, keep_last=0,
+    )  # fmt: skip
     a = (torch.rand(3), __import__("random").random())
-    C.load_rng(tmp_path, rank=0)
+    state = checkpoint.resume_trainer_state(ckpt, one)
     b = (torch.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
-    with pytest.raises(C.TrainError, match="same world size"):
-        C.load_rng(tmp_path, rank=1)
+    assert state["step"] == 5 and state["world_size"] == 1
+    two = common.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    with pytest.raises(TrainError, match="resume with the same number"):
+        checkpoint.resume_trainer_state(ckpt, two)
+
+
+def test_fresh_run_never_overwrites_checkpoints(tmp_path):
+    assert checkpoint.checkpoint_to_resume(tmp_path, resume=False) is None
+    checkpoint.checkpoint_dir(tmp_path, 3).mkdir()
+    common_state = checkpoint.checkpoint_dir(tmp_path, 3) / checkpoint.STATE_FILE
+    common_state.write_text(json.dumps({"step": 3}))
+    with pytest.raises(TrainError, match="pass --resume"):
+        checkpoint.checkpoint_to_resume(tmp_path, resume=False)
+    assert checkpoint.checkpoint_to_resume(tmp_path, resume=True).name == "checkpoint-000003"
 
 
 def test_deepspeed_config_takes_batch_and_precision_from_the_recipe(tmp_path):
-    cfg = C.deepspeed_config("configs/deepspeed/zero3.json", 2, 4, 8, 1.0, bf16=True)
+    cfg = common.deepspeed_config("configs/deepspeed/zero3.json", 2, 4, 8, 1.0, bf16=True)
     assert cfg["train_batch_size"] == 64 and cfg["zero_optimization"]["stage"] == 3
     assert cfg["bf16"] == {"enabled": True} and cfg["gradient_clipping"] == 1.0
     assert (
@@ -74,8 +95,8 @@ def test_deepspeed_config_takes_batch_and_precision_from_the_recipe(tmp_path):
         ]
         == 2
     )
-    with pytest.raises(C.TrainError, match="not found"):
-        C.deepspeed_config(tmp_path / "nope.json", 1, 1, 1, 1.0, False)
+    with pytest.raises(TrainError, match="not found"):
+        common.deepspeed_config(tmp_path / "nope.json", 1, 1, 1, 1.0, False)
 
 
 def test_merge_lora_state_dict_folds_adapters():
@@ -88,6 +109,6 @@ def test_merge_lora_state_dict_folds_adapters():
         "base_model.model.layer.q_proj.lora_B.default.weight": b,
         "base_model.model.norm.weight": torch.ones(3),
     }
-    out = C.merge_lora_state_dict(state, scaling=0.5)
+    out = checkpoint.merge_lora_state_dict(state, scaling=0.5)
     assert sorted(out) == ["layer.q_proj.bias", "layer.q_proj.weight", "norm.weight"]
     assert torch.allclose(out["layer.q_proj.weight"], w + 0.5 * b @ a)

@@ -10,8 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lvr.datagen.color_task import make_color_qa
-from lvr.train import data as D  # noqa: E402
+from lvr.demo.color_task import make_color_qa
+from lvr.media import sample_video  # noqa: E402
+from lvr.train import data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,21 +30,21 @@ def setup(tmp_path_factory):
 
 def test_read_qa_keeps_split_and_sorts(setup):
     qa, _ = setup
-    rows = D.read_qa(qa, "sft")
+    rows = data.read_qa(qa, "sft")
     assert len(rows) == 5
     assert [r.qa_id for r in rows] == sorted(r.qa_id for r in rows)
-    with pytest.raises(D.DataError, match="split='rl'"):
-        D.read_qa(qa, "rl")
+    with pytest.raises(data.DataError, match="split='rl'"):
+        data.read_qa(qa, "rl")
 
 
 def test_labels_cover_exactly_the_assistant_answer(setup):
     qa, processor = setup
     from lvr.models.inputs import end_of_turn_ids
 
-    row = D.read_qa(qa, "sft")[0]
-    s = D.load_sample(processor, row, D.FrameSpec(frames=8), max_seq_len=4096)
+    row = data.read_qa(qa, "sft")[0]
+    s = data.load_sample(processor, row, data.FrameSpec(frames=8), max_seq_len=4096)
     ids, labels = s.inputs["input_ids"][0], s.inputs["labels"][0]
-    target = D.target_text(row, "think")
+    target = data.target_text(row, "think")
     assert target.startswith("<think>The first color is") and target.endswith(
         f"<answer>{row.answer}</answer>"
     )
@@ -61,9 +62,9 @@ def test_labels_cover_exactly_the_assistant_answer(setup):
 
 def test_video_tokens_match_processor_count(setup):
     qa, processor = setup
-    row = D.read_qa(qa, "sft")[1]
-    s = D.load_sample(processor, row, D.FrameSpec(frames=8), max_seq_len=4096)
-    frames, _ = D._sample_frames(row.video_path, 8, 0.0, 0)
+    row = data.read_qa(qa, "sft")[1]
+    s = data.load_sample(processor, row, data.FrameSpec(frames=8), max_seq_len=4096)
+    frames = sample_video(row.video_path, data.FrameSpec(frames=8)).frames
     out = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
     merge = processor.video_processor.merge_size
     expected = int(out["video_grid_thw"].prod()) // merge**2
@@ -75,10 +76,10 @@ def test_video_tokens_match_processor_count(setup):
 
 def test_overlong_sample_is_truncated_by_frames_not_tokens(setup):
     qa, processor = setup
-    row = D.read_qa(qa, "sft")[2]
-    full = D.load_sample(processor, row, D.FrameSpec(frames=16), max_seq_len=4096)
+    row = data.read_qa(qa, "sft")[2]
+    full = data.load_sample(processor, row, data.FrameSpec(frames=16), max_seq_len=4096)
     limit = full.inputs["input_ids"].shape[1] - 10  # 16 frames no longer fit
-    cut = D.load_sample(processor, row, D.FrameSpec(frames=16), max_seq_len=limit)
+    cut = data.load_sample(processor, row, data.FrameSpec(frames=16), max_seq_len=limit)
     assert cut.error is None and cut.truncated
     assert cut.frames < 16 and cut.frames % 2 == 0
     assert cut.inputs["input_ids"].shape[1] <= limit
@@ -87,31 +88,31 @@ def test_overlong_sample_is_truncated_by_frames_not_tokens(setup):
     assert text(cut) == text(full)
     assert cut.video_tokens < full.video_tokens
     # Cannot fit even min_frames: an error, not a token cut.
-    tiny = D.load_sample(processor, row, D.FrameSpec(frames=16, min_frames=2), max_seq_len=40)
+    tiny = data.load_sample(processor, row, data.FrameSpec(frames=16, min_frames=2), max_seq_len=40)
     assert tiny.inputs is None and tiny.error.startswith("too long")
 
 
 def test_undecodable_video_is_an_error_not_a_substitute(setup):
     qa, processor = setup
-    bad = [r for r in D.read_qa(qa, "sft") if "bad_" in r.video_path][0]
-    s = D.load_sample(processor, bad, D.FrameSpec(frames=8), max_seq_len=4096)
+    bad = [r for r in data.read_qa(qa, "sft") if "bad_" in r.video_path][0]
+    s = data.load_sample(processor, bad, data.FrameSpec(frames=8), max_seq_len=4096)
     assert s.inputs is None and s.error.startswith("decode: VideoDecodeError")
     assert bad.video_path in s.error
 
 
 def test_plan_is_seeded_length_grouped_and_rank_split():
     lengths = [5, 50, 7, 48, 6, 52, 9, 47]
-    plan = D.plan_steps(lengths, global_batch=4, num_steps=5, seed=1)
-    assert plan == D.plan_steps(lengths, global_batch=4, num_steps=5, seed=1)
-    assert plan != D.plan_steps(lengths, global_batch=4, num_steps=5, seed=2)
+    plan = data.plan_steps(lengths, global_batch=4, num_steps=5, seed=1)
+    assert plan == data.plan_steps(lengths, global_batch=4, num_steps=5, seed=1)
+    assert plan != data.plan_steps(lengths, global_batch=4, num_steps=5, seed=2)
     assert sorted(plan[0] + plan[1]) == list(range(8))  # one epoch = every row once
     for step in plan:
         assert [lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True)
     # The micro-batches of 2 ranks x 2 accumulation steps cover the step's rows exactly once.
-    parts = [D.rank_micro_batches(plan[0], 1, 2, r, 2) for r in range(2)]
+    parts = [data.rank_micro_batches(plan[0], 1, 2, r, 2) for r in range(2)]
     assert sorted(i for p in parts for mb in p for i in mb) == sorted(plan[0])
-    with pytest.raises(D.DataError, match="cannot fill"):
-        D.plan_steps([1, 2], global_batch=4, num_steps=1, seed=0)
+    with pytest.raises(data.DataError, match="cannot fill"):
+        data.plan_steps([1, 2], global_batch=4, num_steps=1, seed=0)
 
 
 @pytest.mark.parametrize("options", ["fixed", "shuffled"])
@@ -120,8 +121,8 @@ def test_color_task_answer_follows_the_rendered_order(tmp_path: Path, options: s
     rerun reuses the videos and another variant renders new ones."""
     import pyarrow.parquet as pq
 
-    from lvr.datagen.color_task import FIXED_OPTIONS
     from lvr.datagen.synthetic import read_sidecar
+    from lvr.demo.color_task import FIXED_OPTIONS
 
     qa = make_color_qa(tmp_path, 8, 0, seed=4, size=32, options=options)
     rows = pq.read_table(qa / "00000.parquet").to_pylist()

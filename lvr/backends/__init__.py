@@ -9,8 +9,9 @@ Usage::
     responses = backend.run([Request(item_id=clip_id, messages=[...], images=frames)])
 
 Backends: "openai" (`OpenAIBackend`, any OpenAI-compatible endpoint, async with retries and rate
-limits) and "hf" (`HFBackend`, local transformers with JSON-schema constrained decoding). This module
-stays light: torch, transformers and openai are imported only when a backend is built or run.
+limits) and "hf" (`HFBackend`, local transformers with JSON-schema constrained decoding). The API
+path needs no torch: `lvr.backends.hf` (and with it torch and transformers) is imported only when
+an "hf" backend is built, and the openai client only when an "openai" backend runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from lvr.backends.base import Backend, BackendError, Request, Response, cache_key, payload_hash
 from lvr.backends.cache import CachedBackend, RequestCache
 from lvr.backends.limits import Limiter, RateLimiter
+from lvr.backends.openai_backend import OpenAIBackend, OpenAIOptions
 from lvr.backends.usage import Usage
 
 KINDS = ("openai", "hf")
@@ -76,11 +78,9 @@ def make_backend(
         BackendError: Unknown kind or option.
     """
     if kind == "openai":
-        from lvr.backends.openai_backend import OpenAIBackend, OpenAIOptions
-
         backend: Backend = OpenAIBackend(model, _options(OpenAIOptions, kind, opts), limiter)
     elif kind == "hf":
-        from lvr.backends.hf import HFBackend, HFOptions
+        from lvr.backends.hf import HFBackend, HFOptions  # local models: torch, transformers
 
         backend = HFBackend(model, _options(HFOptions, kind, opts))
     else:

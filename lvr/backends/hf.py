@@ -37,6 +37,7 @@ from lvr.backends.base import (
     one_line,
     with_system_line,
 )
+from lvr.backends.json_grammar import JsonGrammar
 from lvr.backends.progress import progress_bar
 from lvr.backends.schema import parse_and_validate, schema_instruction
 
@@ -115,7 +116,7 @@ class HFBackend:
         """
         if self._model is not None:
             return
-        import torch
+        import torch  # torch, transformers and lvr.models load only when a local model does
         from transformers import AutoConfig
 
         from lvr.models import ModelLoadError, load_llm, load_vlm
@@ -315,8 +316,7 @@ class HFBackend:
         return [group * first.n if reps == 1 else group for group in per]
 
     def _constraint(self, req: Request, prompt_len: int) -> Any:
-        from lvr.backends.constrained import JsonLogitsProcessor, TokenTable
-        from lvr.backends.json_grammar import JsonGrammar
+        from lvr.backends.constrained import JsonLogitsProcessor, TokenTable  # imports torch
 
         if self._table is None:
             self._table = TokenTable(self.tokenizer)

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
+from lvr.datagen.synthetic import sidecar_path
 from lvr.errors import LvrError
 
 _VIDEO_KEYS = (
@@ -92,8 +95,6 @@ def _read(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             return pq.read_table(path).to_pylist()
         text = path.read_text(encoding="utf-8")
         if suffix == ".csv":
@@ -199,8 +200,6 @@ def find_segments(
 
 def sidecar_segments(path: str) -> list[Segment] | None:
     """Segments from the lvr synthetic sidecar next to a video (None when there is none)."""
-    from lvr.datagen.synthetic import sidecar_path
-
     side = sidecar_path(path)
     if not side.is_file():
         return None

@@ -2,7 +2,7 @@
 
 Every stage command takes ``--config/--set/--show-config/--run`` and ``--shard i --num-shards n``
 (machine ``i`` of ``n`` runs shards ``k`` with ``k % n == i``; see docs/datagen.md for Slurm).
-Heavy modules are imported inside the commands so that ``lvr --help`` stays fast.
+A run folder of an older lvr is refused with the one line naming ``lvr datagen migrate``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,21 @@ from typing import Any
 import typer
 
 from lvr.cli_options import ConfigOpt, RunOpt, SetOpt, ShowOpt
+from lvr.config import resolve_cli_config
+from lvr.datagen import caption, qa, segment
+from lvr.datagen.config import DatagenConfig
+from lvr.datagen.export import export_hf, export_jsonl
+from lvr.datagen.filter import run_filter
+from lvr.datagen.migrate import migrate_run
+from lvr.datagen.runner import DatagenStage, run_datagen_stage
+from lvr.errors import LvrError
+from lvr.layout import RunLayout, check_layout
 
 app = typer.Typer(
     help=(
         "Turn folders of long videos into a LongVideo-Reason-style reasoning QA dataset: "
-        "segment -> caption -> qa -> filter -> export (all resumable, all Parquet under --run)."
+        "segment -> caption -> qa -> filter -> export (all resumable, one Parquet folder per "
+        "table under --run)."
     ),
     no_args_is_help=True,
 )
@@ -37,98 +47,76 @@ PassRatesOpt = typer.Option(
 )
 
 
-def _config(config: Path | None, sets: list[str] | None, show: bool) -> Any:
-    from lvr.config import resolve_cli_config
-    from lvr.datagen.config import DatagenConfig
-
+def _config(config: Path | None, sets: list[str] | None, show: bool) -> DatagenConfig | None:
     return resolve_cli_config(DatagenConfig, config, sets, show)
 
 
 def _check_shard(shard: int, num_shards: int) -> None:
-    from lvr.errors import LvrError
-
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise LvrError(
             f"--shard must be in [0, --num-shards); got --shard {shard} --num-shards {num_shards}"
         )
 
 
-def _report(name: str, result: Any) -> None:
-    """One summary line per stage: shards run/skipped, rows and error rows per table."""
+def _run(
+    stage: DatagenStage[Any], cfg: DatagenConfig, layout: RunLayout, shard: int, num_shards: int,
+    quiet: bool, retry: bool = True,
+) -> None:  # fmt: skip
+    """Run one sharded stage and print its summary: shards run/skipped, rows and error rows."""
+    result = run_datagen_stage(stage, cfg, layout, shard, num_shards, not quiet, retry)
     tables = ", ".join(
         f"{t} {n} rows ({result.errors.get(t, 0)} errors)" for t, n in result.rows.items()
     )
-    skipped = getattr(result, "shards_skipped", 0)
     typer.echo(
-        f"{name}: {result.shards_run} shards run, {skipped} skipped; {tables} -> {result.stage_dir}"
+        f"{stage.name}: {result.shards_run} shards run, {result.shards_skipped} skipped; {tables} "
+        f"in {layout.root}"
     )
 
 
-def _segment(cfg: Any, run: Path, shard: int, num_shards: int, quiet: bool) -> None:
-    from lvr.datagen.segment import run_segment
-
-    _report("segment", run_segment(cfg, run, shard, num_shards, progress=not quiet))
-
-
-def _caption(cfg: Any, run: Path, shard: int, num_shards: int, quiet: bool, retry: bool) -> None:
-    from lvr.datagen.caption import run_caption
-
-    _report(
-        "caption", run_caption(cfg, run, shard, num_shards, progress=not quiet, retry_errors=retry)
-    )
+def _stage_command(
+    stage: DatagenStage[Any], config: Path | None, sets: list[str] | None, show: bool, run: Path,
+    shard: int, num_shards: int, quiet: bool, retry: bool = True,
+) -> None:  # fmt: skip
+    cfg = _config(config, sets, show)
+    if cfg is not None:
+        _check_shard(shard, num_shards)
+        _run(stage, cfg, check_layout(run), shard, num_shards, quiet, retry)
 
 
-def _qa(cfg: Any, run: Path, shard: int, num_shards: int, quiet: bool, retry: bool) -> None:
-    from lvr.datagen.qa import run_qa
-
-    _report("qa", run_qa(cfg, run, shard, num_shards, progress=not quiet, retry_errors=retry))
-
-
-def _filter(cfg: Any, run: Path, pass_rates: Path | None) -> None:
-    from lvr.datagen.filter import run_filter
-
-    result = run_filter(run / "qa" / "qa_raw", run / "filter", cfg.filter, pass_rates=pass_rates)
+def _filter(cfg: DatagenConfig, layout: RunLayout, pass_rates: Path | None) -> None:
+    result = run_filter(layout, cfg.filter, pass_rates=pass_rates)
     kept, rejected = result.rows.get("qa", 0), result.rows.get("qa_rejected", 0)
-    note = " (outputs were current)" if getattr(result, "skipped", False) else ""
-    typer.echo(f"filter: {kept} kept, {rejected} rejected{note} -> {result.stage_dir}")
+    note = " (outputs were current)" if result.skipped else ""
+    typer.echo(f"filter: {kept} kept, {rejected} rejected{note} -> {layout.qa}")
     if result.by_rule:
         typer.echo("  by rule: " + ", ".join(f"{k} {v}" for k, v in sorted(result.by_rule.items())))
 
 
 @app.command("segment")
-def segment(
+def segment_cmd(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt,
 ) -> None:  # fmt: skip
     """Probe every input video into `videos` and cut it into `clips` (fixed stride or shots)."""
-    cfg = _config(config, sets, show)
-    if cfg is not None:
-        _check_shard(shard, num_shards)
-        _segment(cfg, run, shard, num_shards, quiet)
+    _stage_command(segment.STAGE, config, sets, show, run, shard, num_shards, quiet)
 
 
 @app.command("caption")
-def caption(
+def caption_cmd(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
 ) -> None:  # fmt: skip
     """Caption every clip with a VLM (openai / hf) or import annotations."""
-    cfg = _config(config, sets, show)
-    if cfg is not None:
-        _check_shard(shard, num_shards)
-        _caption(cfg, run, shard, num_shards, quiet, retry)
+    _stage_command(caption.STAGE, config, sets, show, run, shard, num_shards, quiet, retry)
 
 
 @app.command("qa")
-def qa(
+def qa_cmd(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
 ) -> None:  # fmt: skip
     """Write reasoning questions per video from its timestamped captions (LLM or template)."""
-    cfg = _config(config, sets, show)
-    if cfg is not None:
-        _check_shard(shard, num_shards)
-        _qa(cfg, run, shard, num_shards, quiet, retry)
+    _stage_command(qa.STAGE, config, sets, show, run, shard, num_shards, quiet, retry)
 
 
 @app.command("filter")
@@ -139,7 +127,7 @@ def filter_cmd(
     """Filter qa_raw into `qa` (sft / rl / eval splits) and `qa_rejected` (one job over all shards)."""
     cfg = _config(config, sets, show)
     if cfg is not None:
-        _filter(cfg, run, pass_rates)
+        _filter(cfg, check_layout(run), pass_rates)
 
 
 @app.command("export")
@@ -151,16 +139,14 @@ def export(
     video_root: Path | None = typer.Option(None, "--video-root", help="Write video paths relative to this folder."),
 ) -> None:  # fmt: skip
     """Export the filtered questions as LongVideo-Reason JSONL or a Hugging Face dataset."""
-    from lvr.datagen.export import export_hf, export_jsonl
-    from lvr.errors import LvrError
-
+    layout = check_layout(run)
     if fmt == "jsonl":
-        target = out or run / "export" / f"{split or 'all'}.jsonl"
-        n = export_jsonl(run / "filter", target, split, video_root=video_root)
+        target = out or layout.export / f"{split or 'all'}.jsonl"
+        n = export_jsonl(layout, target, split, video_root=video_root)
         typer.echo(f"export: {n} records -> {target}")
     elif fmt == "hf":
-        target = out or run / "export" / "hf"
-        counts = export_hf(run / "filter", target, video_root=video_root)
+        target = out or layout.export / "hf"
+        counts = export_hf(layout, target, video_root=video_root)
         typer.echo(f"export: {counts} -> {target}")
     else:
         raise LvrError(f"--format must be jsonl or hf, got {fmt!r}")
@@ -177,12 +163,25 @@ def run_all(
     if cfg is None:
         return
     _check_shard(shard, num_shards)
-    _segment(cfg, run, shard, num_shards, quiet)
-    _caption(cfg, run, shard, num_shards, quiet, retry)
-    _qa(cfg, run, shard, num_shards, quiet, retry)
+    layout = check_layout(run)
+    for stage in (segment.STAGE, caption.STAGE, qa.STAGE):
+        _run(stage, cfg, layout, shard, num_shards, quiet, retry)
     if num_shards == 1:
-        _filter(cfg, run, pass_rates)
+        _filter(cfg, layout, pass_rates)
     else:
         typer.echo(
             f"filter: not run on a shard; once all {num_shards} machines are done: lvr datagen filter --run {run} ..."
         )
+
+
+@app.command("migrate")
+def migrate_cmd(run: Path = RunOpt) -> None:
+    """Move a run folder written by an older lvr into the current layout (rows stay as they are)."""
+    lines = migrate_run(run)
+    for line in lines:
+        typer.echo(line)
+    typer.echo(
+        f"migrate: {len(lines)} changes; {run} is in the current layout"
+        if lines
+        else f"migrate: nothing to do; {run} is in the current layout"
+    )

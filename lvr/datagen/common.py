@@ -1,22 +1,20 @@
-"""Small helpers every datagen stage shares: shard planning with stale-file cleanup, upstream reads,
-and the model-call side of a stage (this shard's share of the request budget, usage in manifests)."""
+"""Small helpers the datagen stages share: settings ids, error lines, and the model-call side of a
+stage (backends built on use, this machine's share of the request budget, usage in manifests).
+
+Shard bookkeeping (upstream shards, orphans, retries) lives with the runner, :mod:`lvr.datagen.runner`,
+which also builds a stage's `ModelBackends` and `CallReport` once per run.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from lvr.artifacts import Shard, Stage, content_id, plan_shards, read_table
-from lvr.errors import LvrError
-
-
-class StageInputError(LvrError):
-    """An upstream stage has not been run (or left no table) in this run folder."""
+from lvr.artifacts import content_id
+from lvr.backends import Backend, Limiter, RateLimiter, Usage, make_backend
+from lvr.backends.usage import usage_table
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -28,106 +26,6 @@ def settings_id(settings: dict[str, Any]) -> str:
     return content_id("settings", json.dumps(settings, sort_keys=True, default=str))
 
 
-def shards_for(
-    items: Sequence[Any], shard_size: int, shard: int, num_shards: int, stage: Stage
-) -> list[Shard]:
-    """This machine's shards of ``items``; stale files of an older, longer plan are removed.
-
-    Args:
-        items: Work items, already in their deterministic order.
-        shard_size: Items per shard.
-        shard: This machine's index.
-        num_shards: Number of machines.
-        stage: The stage whose folder may hold shard files from an earlier plan.
-
-    Returns:
-        The shards to run here.
-    """
-    total = math.ceil(len(items) / shard_size) if items else 0
-    _drop_beyond(stage, total)
-    return plan_shards(items, shard_size, shard, num_shards)
-
-
-def _drop_beyond(stage: Stage, total: int) -> None:
-    """Delete shard files and markers whose index is >= the current number of shards.
-
-    They can only come from an earlier plan with more shards (more inputs or a smaller shard size)
-    and would otherwise be read back as current rows.
-    """
-    folders = [stage.dir / t for t in stage.tables] + [stage.dir / "_done"]
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            stem = f.name.split(".")[0]
-            if stem.isdigit() and int(stem) >= total:
-                f.unlink(missing_ok=True)
-
-
-def retry_failed_shards(stage: Stage, shards: Sequence[Shard]) -> int:
-    """Forget the completion markers of ``shards`` that hold error rows, so they run again.
-
-    Used by stages whose errors may be transient (model calls): with the request cache, the redo
-    pays only for the failed rows. Returns the number of shards reopened.
-    """
-    reopened = 0
-    for shard in shards:
-        marker = stage.marker(shard)
-        if not marker.is_file():
-            continue
-        try:
-            errors = json.loads(marker.read_text()).get("errors", {})
-        except (OSError, json.JSONDecodeError):
-            errors = {"?": 1}  # an unreadable marker proves nothing: redo the shard
-        if any(int(v) > 0 for v in errors.values()):
-            marker.unlink(missing_ok=True)
-            reopened += 1
-    return reopened
-
-
-def upstream_shards(upstream: Stage, shard: int, num_shards: int, command: str) -> list[int]:
-    """Indices of the finished upstream shards that belong to this machine (``k % n == shard``).
-
-    Downstream stages follow the upstream shard numbering (caption shard k captions the clips of
-    segment shard k), so every machine works only on what it produced itself and no stage has to
-    wait for the others.
-
-    Raises:
-        StageInputError: No finished upstream shard at all (the upstream stage was not run).
-    """
-    done = upstream.dir / "_done"
-    ready = []
-    for marker in sorted(done.glob("*.json")) if done.is_dir() else []:
-        stem = marker.name.split(".")[0]
-        if not stem.isdigit():
-            continue
-        k = int(stem)
-        if all((upstream.dir / t / f"{stem}.parquet").is_file() for t in upstream.tables):
-            ready.append(k)
-    if not ready:
-        raise StageInputError(
-            f"{upstream.dir} has no finished shards; run `lvr datagen {command}` on this run first"
-        )
-    return [k for k in ready if k % num_shards == shard]
-
-
-def read_shard(upstream: Stage, table: str, k: int) -> pa.Table:
-    """One shard file of an upstream table (validated against its schema)."""
-    return read_table(upstream.dir / table / f"{k:05d}.parquet", table)
-
-
-def drop_orphans(stage: Stage, upstream: Stage) -> None:
-    """Delete this stage's shard files and markers whose upstream shard no longer exists."""
-    probe_table = upstream.tables[0]
-    for folder in [stage.dir / t for t in stage.tables] + [stage.dir / "_done"]:
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            stem = f.name.split(".")[0]
-            if stem.isdigit() and not (upstream.dir / probe_table / f"{stem}.parquet").is_file():
-                f.unlink(missing_ok=True)
-
-
 def error_line(exc: BaseException, limit: int = 300) -> str:
     """One line naming the error type and message, for ``error`` columns."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -135,11 +33,11 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model calls: request budget and usage
+# Model calls: backends, request budget, usage
 # ---------------------------------------------------------------------------------------------
 
 
-def shard_limiter(backend: str, options: Mapping[str, Any], num_shards: int) -> Any:
+def shard_limiter(backend: str, options: Mapping[str, Any], num_shards: int) -> Limiter | None:
     """This process's request budget: ``1 / num_shards`` of the job's limits in ``options``.
 
     Shards of a Slurm-array style run cannot talk to each other, so each spends an equal share of
@@ -155,13 +53,58 @@ def shard_limiter(backend: str, options: Mapping[str, Any], num_shards: int) -> 
     """
     if backend != "openai":
         return None
-    from lvr.backends.limits import RateLimiter
-
     return RateLimiter.for_share(
         options.get("max_requests_per_minute"),
         options.get("max_tokens_per_minute"),
         share=1.0 / num_shards,
     )
+
+
+class ModelBackends:
+    """The model backends of one stage worker, built on first use over the run's request cache.
+
+    Building is deferred so that a run whose shards are all finished never loads a model. Every
+    model of the stage (e.g. the qa and rewrite models, same endpoint and options) spends one
+    request budget: this machine's share of the job's limits (`shard_limiter`).
+
+    Args:
+        kind: The stage's backend kind (``openai``, ``hf``).
+        options: The stage's backend options (`lvr.backends.make_backend`).
+        cache_file: This machine's request cache (`lvr.layout.RunLayout.request_cache`); lookups
+            also read the folder's other ``requests*.sqlite`` files, so a rerun with another
+            number of shards reuses every answer (`lvr.backends.cache`).
+        num_shards: Number of machines sharing the job's request budget.
+    """
+
+    def __init__(
+        self, kind: str, options: Mapping[str, Any], cache_file: Path, num_shards: int = 1
+    ):
+        self.kind, self.options, self.cache_file = kind, dict(options), cache_file
+        self.num_shards = num_shards
+        self.limiter = shard_limiter(kind, self.options, num_shards)
+        self._built: dict[str, Backend] = {}
+
+    def __call__(self, model: str) -> Backend:
+        """The backend serving ``model``."""
+        if model not in self._built:
+            self._built[model] = make_backend(self.kind, model, cache_path=self.cache_file,
+                                              limiter=self.limiter, **self.options)  # fmt: skip
+        return self._built[model]
+
+    def built(self) -> list[Backend]:
+        """The backends built so far (their ``usage`` goes into the manifest)."""
+        return list(self._built.values())
+
+    def rate_limits(self) -> dict[str, Any] | None:
+        """The job's limits and this machine's share of them, or None without rate limits."""
+        if self.limiter is None:
+            return None
+        return {**self.limiter.describe(), "num_shards": self.num_shards}
+
+    def close(self) -> None:
+        for backend in self._built.values():
+            if hasattr(backend, "close"):
+                backend.close()
 
 
 class CallReport:
@@ -170,29 +113,18 @@ class CallReport:
     ``usage`` counts this invocation; ``usage_total`` adds it to the ``usage_total`` of the
     manifest this invocation replaces (same stage, same machine name), so reruns and resumes add
     up to what the run folder cost. Cost comes from the config's ``prices`` at writing time.
+    Create it before the stage writes its first manifest (it reads the one being replaced).
 
     Args:
         manifest: Path of the manifest this stage run will write.
         prices: model -> {prompt_per_1m, completion_per_1m}.
-        backends: Returns the stage's backends built so far (each with ``model`` and ``usage``).
-        limiter: This process's request budget (None: no rate limits).
-        num_shards: Number of machines sharing the job's budget.
+        models: The stage's model backends (those built so far are counted).
     """
 
     def __init__(
-        self,
-        manifest: Path,
-        prices: Mapping[str, Mapping[str, float]],
-        backends: Callable[[], Iterable[Any]],
-        limiter: Any = None,
-        num_shards: int = 1,
+        self, manifest: Path, prices: Mapping[str, Mapping[str, float]], models: ModelBackends
     ):
-        from lvr.backends.usage import Usage
-
-        self.prices, self.backends = prices, backends
-        self.limits = None
-        if limiter is not None:
-            self.limits = {**limiter.describe(), "num_shards": num_shards}
+        self.prices, self.models = prices, models
         self.before: dict[str, Usage] = {}
         try:
             old = json.loads(manifest.read_text()).get("usage_total") or {}
@@ -201,11 +133,10 @@ class CallReport:
             pass  # no earlier manifest (or not one of ours): start from zero
 
     def __call__(self) -> dict[str, Any]:
-        from lvr.backends.usage import Usage, usage_table
-
+        """The manifest fields: ``usage``, ``usage_total`` and (with limits) ``rate_limits``."""
         now: dict[str, Usage] = {}
-        for backend in self.backends():
-            usage = getattr(backend, "usage", None)
+        for backend in self.models.built():
+            usage = getattr(backend, "usage", None)  # only cached backends count
             if usage is not None:
                 now[backend.model] = now.get(backend.model, Usage()) + usage
         total = dict(self.before)
@@ -215,6 +146,7 @@ class CallReport:
             "usage": usage_table(now, self.prices),
             "usage_total": usage_table(total, self.prices),
         }
-        if self.limits is not None:
-            out["rate_limits"] = self.limits
+        limits = self.models.rate_limits()
+        if limits is not None:
+            out["rate_limits"] = limits
         return out

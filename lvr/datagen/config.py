@@ -5,54 +5,40 @@ question categories with instructions and target shares, formats, model endpoint
 ``configs/datagen/*.yaml`` and ``docs/datagen.md``. Every key can be overridden on the command
 line: ``--set caption.options.base_url=http://gpu1:8000/v1``.
 
-Only light imports here (dataclasses, the filter's config): the CLI builds this before any stage
-module is imported.
+Stage modules import this one, never the reverse (the filter's knobs live here too), so a config
+is built and checked before any stage runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from lvr.datagen.filter import FilterConfig
 from lvr.datagen.shots import ShotParams
 from lvr.datagen.sources import InputConfig
 
-# The paper's categories and shares (LongVideo-Reason: temporal 36%, goal 36%, plot 24%, spatial 4%).
-_DEFAULT_CATEGORIES: list[dict[str, Any]] = [
-    {
-        "name": "temporal",
-        "share": 0.36,
-        "instruction": (
-            "Ask about the order, timing or duration of events across different parts of the "
-            "video, so that answering needs events from at least two separate time ranges."
-        ),
-    },
-    {
-        "name": "goal",
-        "share": 0.36,
-        "instruction": (
-            "Ask about the intention or purpose behind what someone does, which must be inferred "
-            "by connecting actions and their consequences across the video."
-        ),
-    },
-    {
-        "name": "plot",
-        "share": 0.24,
-        "instruction": (
-            "Ask about the storyline: causes and effects, how a situation develops, or why the "
-            "video ends the way it does, combining several moments of the video."
-        ),
-    },
-    {
-        "name": "spatial",
-        "share": 0.04,
-        "instruction": (
-            "Ask about where people or objects are relative to each other or to the scene, and "
-            "how these positions change over the video."
-        ),
-    },
-]
+# The paper's categories and shares (LongVideo-Reason: temporal 36%, goal 36%, plot 24%, spatial 4%):
+# the qa stage's target shares and the filter's caps.
+PAPER_SHARES: dict[str, float] = {"temporal": 0.36, "goal": 0.36, "plot": 0.24, "spatial": 0.04}
+_INSTRUCTIONS: dict[str, str] = {
+    "temporal": (
+        "Ask about the order, timing or duration of events across different parts of the "
+        "video, so that answering needs events from at least two separate time ranges."
+    ),
+    "goal": (
+        "Ask about the intention or purpose behind what someone does, which must be inferred "
+        "by connecting actions and their consequences across the video."
+    ),
+    "plot": (
+        "Ask about the storyline: causes and effects, how a situation develops, or why the "
+        "video ends the way it does, combining several moments of the video."
+    ),
+    "spatial": (
+        "Ask about where people or objects are relative to each other or to the scene, and "
+        "how these positions change over the video."
+    ),
+}
 
 
 @dataclass
@@ -106,7 +92,7 @@ class SegmentConfig:
         shots: Shot detector thresholds.
         write_clips: Also write each clip as a file by stream copy (no re-encoding; the file starts at
             the keyframe at or before the clip start).
-        clip_dir: Folder for clip files (default ``<run>/segment/clip_files``).
+        clip_dir: Folder for clip files (default ``<run>/clip_files``).
         id_threads: Threads that hash files into video ids (I/O bound).
         workers: Processes that decode videos in parallel for ``shots``/``write_clips`` (0 = one
             per core). The shot detector decodes with one thread, its most efficient setting.
@@ -210,7 +196,9 @@ class QAConfig:
     options: dict[str, Any] = field(default_factory=dict)
     prompt: str = "qa_v1"
     categories: list[CategoryConfig] = field(
-        default_factory=lambda: [CategoryConfig(**c) for c in _DEFAULT_CATEGORIES]
+        default_factory=lambda: [
+            CategoryConfig(name, _INSTRUCTIONS[name], share) for name, share in PAPER_SHARES.items()
+        ]
     )
     format_shares: dict[str, float] = field(default_factory=lambda: {"mc": 0.5, "open": 0.5})
     questions_per_video: int = 4
@@ -236,6 +224,72 @@ class QAConfig:
             )
         if self.questions_per_video < 1:
             raise ValueError("qa.questions_per_video must be >= 1")
+
+
+@dataclass
+class FilterConfig:
+    """Knobs of the filter policy (section ``filter``; :mod:`lvr.datagen.filter` runs it).
+
+    Every scalar key is visible in the policy SQL as ``getvariable('key')``.
+    """
+
+    policy: Path | None = None  # own .sql policy file; None = the built-in filter.sql
+    # rule 2: schema
+    mc_num_options: int = 4
+    # rule 4: length bounds, in characters as stored (blank text is caught separately)
+    min_question_chars: int = 10
+    max_question_chars: int = 2000
+    min_option_chars: int = 1
+    max_option_chars: int = 500
+    max_open_answer_chars: int = 500
+    min_reasoning_chars: int = 20  # CoT-SFT needs a reasoning text
+    max_reasoning_chars: int = 10000
+    # rule 5: leaks
+    leak_check_open: bool = True
+    leak_min_chars: int = 3  # open answers shorter than this (normalized) are not leak-checked
+    # rule 6: duplicates
+    dedup_across_videos: bool = False
+    near_dup_jaccard: float | None = 0.8  # token-set Jaccard of normalized questions; None = off
+    embed_threshold: float | None = None  # cosine with all-MiniLM-L6-v2 (extra `embed`); None = off
+    embed_batch_size: int = 256
+    # rule 7: difficulty (only with a pass_rates table); keep pass_rate_min < rate < pass_rate_max
+    pass_rate_min: float = 0.0
+    pass_rate_max: float = 1.0
+    missing_pass_rate: Literal["keep", "reject"] = "keep"
+    pass_rate_model: str | None = None  # required when the table holds several models
+    # rule 8: caps
+    max_per_video: int | None = 50
+    category_shares: dict[str, float] = field(default_factory=lambda: dict(PAPER_SHARES))
+    category_share_tolerance: float = 0.1  # a share may exceed its target by this fraction of it
+    # rule 9: video-disjoint splits (fractions of videos, must sum to 1)
+    split_sft: float = 0.30
+    split_rl: float = 0.60
+    split_eval: float = 0.10
+    seed: str = "lvr"  # salt of every hash-based choice (caps, splits)
+    shard_rows: int = 50000
+
+    def __post_init__(self) -> None:
+        fractions = (self.split_sft, self.split_rl, self.split_eval)
+        if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(
+                f"split_sft + split_rl + split_eval must be 1 (each >= 0); got {fractions}"
+            )
+        if not 0.0 <= self.pass_rate_min < self.pass_rate_max <= 1.0:
+            raise ValueError("need 0 <= pass_rate_min < pass_rate_max <= 1")
+        for key in ("near_dup_jaccard", "embed_threshold"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{key} must be in (0, 1] or null; got {value}")
+        if any(not isinstance(v, int | float) or v < 0 for v in self.category_shares.values()):
+            raise ValueError(
+                f"category_shares values must be numbers >= 0; got {self.category_shares}"
+            )
+        if self.category_share_tolerance < 0:
+            raise ValueError("category_share_tolerance must be >= 0")
+        if self.max_per_video is not None and self.max_per_video < 1:
+            raise ValueError("max_per_video must be >= 1 or null")
+        if self.shard_rows < 1 or not 2 <= self.mc_num_options <= 26:
+            raise ValueError("shard_rows must be >= 1 and mc_num_options in [2, 26] (letters A-Z)")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 
 from lvr.artifacts import read_table
 from lvr.errors import LvrError
+from lvr.layout import RunLayout, check_layout
 
 PUBLIC_FIELDS = (
     "problem_id",
@@ -43,7 +44,7 @@ class ExportError(LvrError):
 
 
 def export_jsonl(
-    qa_stage_dir: str | Path,
+    run: str | Path | RunLayout,
     out_path: str | Path,
     split: str | None,
     video_root: str | Path | None = None,
@@ -51,7 +52,7 @@ def export_jsonl(
     """Write one split (or every split with ``split=None``) as LongVideo-Reason JSONL.
 
     Args:
-        qa_stage_dir: The filter stage folder (``runs/<run>/filter``) or its ``qa`` table folder.
+        run: The run folder (or its layout) whose ``qa`` table the filter wrote.
         out_path: JSONL file to write (atomically: temp file + rename).
         split: ``sft``, ``rl``, ``eval`` (or another split the policy made); None = all rows.
         video_root: Make ``videos`` relative to this folder.
@@ -61,8 +62,9 @@ def export_jsonl(
 
     Raises:
         ExportError: Unfinished filter stage, unknown split, or a video outside ``video_root``.
+        LayoutError: ``run`` was written by an older lvr (names the migration).
     """
-    rows = _qa_rows(qa_stage_dir, split)
+    rows = _qa_rows(run, split)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
@@ -74,12 +76,12 @@ def export_jsonl(
 
 
 def export_hf(
-    qa_stage_dir: str | Path, out_dir: str | Path, video_root: str | Path | None = None
+    run: str | Path | RunLayout, out_dir: str | Path, video_root: str | Path | None = None
 ) -> dict[str, int]:
     """Save a ``datasets.DatasetDict`` (sft / rl / eval) with ``save_to_disk``.
 
     Args:
-        qa_stage_dir: The filter stage folder or its ``qa`` table folder.
+        run: The run folder (or its layout) whose ``qa`` table the filter wrote.
         out_dir: Target folder; replaced as a whole (written next to it, then swapped in).
         video_root: Make ``videos`` relative to this folder.
 
@@ -88,10 +90,11 @@ def export_hf(
 
     Raises:
         ExportError: Unfinished filter stage or a video outside ``video_root``.
+        LayoutError: ``run`` was written by an older lvr (names the migration).
     """
     import datasets
 
-    rows = _qa_rows(qa_stage_dir, None)
+    rows = _qa_rows(run, None)
     features = datasets.Features(
         {
             **{name: datasets.Value("string") for name in PUBLIC_FIELDS},
@@ -170,22 +173,18 @@ def _records(rows: list[dict[str, Any]], video_root: str | Path | None) -> Itera
         yield public_record(row, video_root)
 
 
-def _qa_rows(qa_stage_dir: str | Path, split: str | None) -> list[dict[str, Any]]:
+def _qa_rows(run: str | Path | RunLayout, split: str | None) -> list[dict[str, Any]]:
     """Rows of the finished filter stage's ``qa`` table, optionally of one split."""
-    stage = Path(qa_stage_dir)
-    manifest = (
-        stage / "manifest.json"
-        if (stage / "manifest.json").is_file()
-        else stage.parent / "manifest.json"
-    )
+    layout = run if isinstance(run, RunLayout) else check_layout(run)
+    manifest = layout.manifest("filter")
     if manifest.is_file():
         status = json.loads(manifest.read_text()).get("status")
         if status != "done":
             raise ExportError(
-                f"filter stage {manifest.parent} is not finished (status {status}); rerun it"
+                f"filter stage of {layout.root} is not finished (status {status}); rerun it"
             )
     try:
-        table = read_table(stage, "qa")
+        table = read_table(layout.qa, "qa")
     except FileNotFoundError as exc:
         raise ExportError(f"{exc} (run `lvr datagen filter` first)") from None
     columns = [
@@ -205,6 +204,6 @@ def _qa_rows(qa_stage_dir: str | Path, split: str | None) -> list[dict[str, Any]
     present = {r["split"] for r in rows}
     if split not in present | set(SPLITS):
         raise ExportError(
-            f"unknown split '{split}'; splits in {stage}: {', '.join(sorted(present))}"
+            f"unknown split '{split}'; splits in {layout.qa}: {', '.join(sorted(present))}"
         )
     return [r for r in rows if r["split"] == split]

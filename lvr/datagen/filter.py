@@ -6,15 +6,15 @@ what the SQL decided (every input row has exactly one fate) and writes the table
 Filtering is global (dedup, caps and splits need every row), so it is one job, not per-shard; the
 output is still cut into shards of at most ``shard_rows`` rows.
 
-CLI wiring expected in ``lvr/datagen/cli.py`` (heavy imports inside the command functions)::
+The CLI (``lvr/datagen/cli.py``)::
 
     lvr datagen filter --run R [--pass-rates P] [--config C] [--set filter.key=value]
-        -> run_filter(R / "qa" / "qa_raw", R / "filter", cfg.filter, pass_rates=P or cfg pass-rates)
+        -> run_filter(R, cfg.filter, pass_rates=P): reads R/qa_raw, writes R/qa and R/qa_rejected
            P: a pass_rates table (file or folder) from `lvr eval --passes K`; without it rule 7 is off.
     lvr datagen export --run R --format jsonl --split rl [--out F] [--video-root D]
-        -> export_jsonl(R / "filter", F or R / "export" / "rl.jsonl", "rl", video_root=D)
+        -> export_jsonl(R, F or R/export/rl.jsonl, "rl", video_root=D)
     lvr datagen export --run R --format hf [--out D2] [--video-root D]
-        -> export_hf(R / "filter", D2 or R / "export" / "hf", video_root=D)
+        -> export_hf(R, D2 or R/export/hf, video_root=D)
 
 Rerunning with the same inputs, policy and config is a no-op (the manifest's job fingerprint
 matches); changed inputs or config recompute everything and remove stale shard files.
@@ -35,87 +35,36 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lvr.artifacts import (
+    SCHEMAS,
+    Shard,
+    Stage,
+    atomic_write_json,
+    conform,
+    content_id,
+    fingerprint,
+    package_versions,
+    read_table,
+    table_files,
+)
 from lvr.config import config_hash, to_dict
+from lvr.datagen.config import FilterConfig
 from lvr.errors import LvrError
-
-if TYPE_CHECKING:  # pyarrow and lvr.artifacts load lazily: lvr.datagen.config imports this module
-    import pyarrow as pa
-
-    from lvr.artifacts import Stage
+from lvr.layout import STAGE_TABLES, RunLayout, check_layout
 
 FILTER_SQL = Path(__file__).with_name("filter.sql")
 SPLITS = ("sft", "rl", "eval")
-TABLES = ("qa", "qa_rejected")
-DEFAULT_SHARES = {"temporal": 0.36, "goal": 0.36, "plot": 0.24, "spatial": 0.04}
+TABLES = STAGE_TABLES["filter"]  # ("qa", "qa_rejected")
 
 
 class FilterError(LvrError):
     """Bad filter input or a policy SQL that broke the contract (one actionable line)."""
-
-
-@dataclass
-class FilterConfig:
-    """Knobs of the filter policy. Every scalar key is visible in SQL as ``getvariable('key')``."""
-
-    policy: Path | None = None  # own .sql policy file; None = the built-in filter.sql
-    # rule 2: schema
-    mc_num_options: int = 4
-    # rule 4: length bounds, in characters as stored (blank text is caught separately)
-    min_question_chars: int = 10
-    max_question_chars: int = 2000
-    min_option_chars: int = 1
-    max_option_chars: int = 500
-    max_open_answer_chars: int = 500
-    min_reasoning_chars: int = 20  # CoT-SFT needs a reasoning text
-    max_reasoning_chars: int = 10000
-    # rule 5: leaks
-    leak_check_open: bool = True
-    leak_min_chars: int = 3  # open answers shorter than this (normalized) are not leak-checked
-    # rule 6: duplicates
-    dedup_across_videos: bool = False
-    near_dup_jaccard: float | None = 0.8  # token-set Jaccard of normalized questions; None = off
-    embed_threshold: float | None = None  # cosine with all-MiniLM-L6-v2 (extra `embed`); None = off
-    embed_batch_size: int = 256
-    # rule 7: difficulty (only with a pass_rates table); keep pass_rate_min < rate < pass_rate_max
-    pass_rate_min: float = 0.0
-    pass_rate_max: float = 1.0
-    missing_pass_rate: Literal["keep", "reject"] = "keep"
-    pass_rate_model: str | None = None  # required when the table holds several models
-    # rule 8: caps
-    max_per_video: int | None = 50
-    category_shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
-    category_share_tolerance: float = 0.1  # a share may exceed its target by this fraction of it
-    # rule 9: video-disjoint splits (fractions of videos, must sum to 1)
-    split_sft: float = 0.30
-    split_rl: float = 0.60
-    split_eval: float = 0.10
-    seed: str = "lvr"  # salt of every hash-based choice (caps, splits)
-    shard_rows: int = 50000
-
-    def __post_init__(self) -> None:
-        fractions = (self.split_sft, self.split_rl, self.split_eval)
-        if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                f"split_sft + split_rl + split_eval must be 1 (each >= 0); got {fractions}"
-            )
-        if not 0.0 <= self.pass_rate_min < self.pass_rate_max <= 1.0:
-            raise ValueError("need 0 <= pass_rate_min < pass_rate_max <= 1")
-        for key in ("near_dup_jaccard", "embed_threshold"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{key} must be in (0, 1] or null; got {value}")
-        if any(not isinstance(v, int | float) or v < 0 for v in self.category_shares.values()):
-            raise ValueError(
-                f"category_shares values must be numbers >= 0; got {self.category_shares}"
-            )
-        if self.category_share_tolerance < 0:
-            raise ValueError("category_share_tolerance must be >= 0")
-        if self.max_per_video is not None and self.max_per_video < 1:
-            raise ValueError("max_per_video must be >= 1 or null")
-        if self.shard_rows < 1 or not 2 <= self.mc_num_options <= 26:
-            raise ValueError("shard_rows must be >= 1 and mc_num_options in [2, 26] (letters A-Z)")
 
 
 @dataclass
@@ -139,20 +88,22 @@ class FilterResult:
 
 
 def run_filter(
-    qa_raw: str | Path,
-    out_stage_dir: str | Path,
+    run: str | Path | RunLayout,
     cfg: FilterConfig,
     pass_rates: str | Path | None = None,
     *,
+    qa_raw: str | Path | None = None,
     force: bool = False,
 ) -> FilterResult:
     """Apply the filter policy to every qa_raw shard and write ``qa`` + ``qa_rejected``.
 
     Args:
-        qa_raw: The qa stage folder, its ``qa_raw`` table folder, or one Parquet file.
-        out_stage_dir: Stage folder to write (``runs/<run>/filter``).
+        run: The run folder (or its layout): reads its ``qa_raw`` table, writes its ``qa`` and
+            ``qa_rejected`` tables and ``_stages/filter/`` (markers, manifest).
         cfg: Filter knobs.
         pass_rates: Optional pass_rates table (file or folder); enables the difficulty rule.
+        qa_raw: Read this qa_raw table (a table folder, a folder holding ``qa_raw/``, or one
+            Parquet file) instead of the run's own.
         force: Recompute even when the manifest says the outputs are current.
 
     Returns:
@@ -161,20 +112,18 @@ def run_filter(
     Raises:
         SchemaError: An input file does not match its schema (names file and column).
         FilterError: No input, ambiguous pass rates, a missing or broken policy file.
+        LayoutError: ``run`` was written by an older lvr (names the migration).
     """
-    from lvr import artifacts as art
-
     start = time.time()
-    stage = art.Stage(out_stage_dir, TABLES)
-    files = _input_files(qa_raw, "qa_raw")
+    layout = run if isinstance(run, RunLayout) else check_layout(run)
+    stage = Stage(layout, "filter")
+    files = _input_files(qa_raw if qa_raw is not None else layout.qa_raw, "qa_raw")
     pass_files = _input_files(pass_rates, "pass_rates") if pass_rates is not None else []
     policy_name, policy_text = _policy(cfg)
     job = _job_fingerprint(files, pass_files, cfg, policy_text)
     previous = None if force else _current_manifest(stage, job)
     if previous is not None:
         return _result_from_manifest(stage, previous, skipped=True)
-
-    import duckdb
 
     con = duckdb.connect()
     try:
@@ -202,7 +151,7 @@ def run_filter(
         **summary,
         seconds=round(time.time() - start, 3),
     )
-    art.atomic_write_json(stage.dir / "manifest.json", manifest)
+    atomic_write_json(stage.manifest(), manifest)
     return _result_from_manifest(stage, manifest, skipped=False)
 
 
@@ -215,19 +164,17 @@ def _manifest(
     pass_files: list[Path],
 ) -> dict[str, Any]:
     """The manifest fields that describe the job: config, policy, inputs, versions."""
-    from lvr import artifacts as art
-
     return {
-        "stage": stage.dir.name,
+        "stage": stage.name,
         "status": "done",
         "job_fingerprint": job,
         "tables": list(TABLES),
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
         "policy": {"path": policy[0], "sha256": hashlib.sha256(policy[1].encode()).hexdigest()},
-        "inputs": [{"path": str(p), "fingerprint": art.fingerprint(p)} for p in files],
-        "pass_rates": [{"path": str(p), "fingerprint": art.fingerprint(p)} for p in pass_files],
-        "versions": art.package_versions(),
+        "inputs": [{"path": str(p), "fingerprint": fingerprint(p)} for p in files],
+        "pass_rates": [{"path": str(p), "fingerprint": fingerprint(p)} for p in pass_files],
+        "versions": package_versions(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -238,10 +185,8 @@ def _manifest(
 
 
 def _input_files(path: str | Path, name: str) -> list[Path]:
-    from lvr import artifacts as art
-
     try:
-        files = art.table_files(path, name)
+        files = table_files(path, name)
     except FileNotFoundError as exc:
         raise FilterError(str(exc)) from None
     if not files:
@@ -261,23 +206,17 @@ def _job_fingerprint(
     files: list[Path], pass_files: list[Path], cfg: FilterConfig, policy_text: str
 ) -> str:
     """Everything the outputs depend on: inputs, pass rates, config and the policy text."""
-    from lvr import artifacts as art
-
-    parts = [f"{p.resolve()}:{art.fingerprint(p)}" for p in files]
-    parts += [f"pass:{p.resolve()}:{art.fingerprint(p)}" for p in pass_files]
+    parts = [f"{p.resolve()}:{fingerprint(p)}" for p in files]
+    parts += [f"pass:{p.resolve()}:{fingerprint(p)}" for p in pass_files]
     policy_hash = hashlib.sha256(policy_text.encode()).hexdigest()
-    return art.content_id(
-        "filter", config_hash(cfg), policy_hash, art.package_versions().get("lvr"), *parts
+    return content_id(
+        "filter", config_hash(cfg), policy_hash, package_versions().get("lvr"), *parts
     )
 
 
 def _load_inputs(con: Any, files: list[Path]) -> int:
     """Register all qa_raw shards as ``qa_in`` with ``_ord`` (order: qa_id, file, row)."""
-    import pyarrow as pa
-
-    from lvr import artifacts as art
-
-    schema = art.SCHEMAS["qa_raw"]
+    schema = SCHEMAS["qa_raw"]
     columns = ", ".join(f'"{f.name}"' for f in schema)
     ordinal = "(row_number() OVER (ORDER BY qa_id NULLS LAST, _file, _row) - 1)::BIGINT AS _ord"
     if all(_exact_schema(path, schema) for path in files):
@@ -291,7 +230,7 @@ def _load_inputs(con: Any, files: list[Path]) -> int:
     else:  # read_table casts what is lossless and names file + column for everything else
         tables = []
         for index, path in enumerate(files):
-            table = art.read_table(path, "qa_raw")
+            table = read_table(path, "qa_raw")
             table = table.append_column("_file", pa.array([index] * table.num_rows, pa.int32()))
             tables.append(table.append_column("_row", pa.array(range(table.num_rows), pa.int64())))
         con.register("qa_arrow", pa.concat_tables(tables))
@@ -301,8 +240,6 @@ def _load_inputs(con: Any, files: list[Path]) -> int:
 
 def _exact_schema(path: Path, schema: pa.Schema) -> bool:
     """True when every column of ``schema`` is in the file with exactly its type."""
-    import pyarrow.parquet as pq
-
     found = pq.read_schema(path)
     return all(
         found.get_field_index(f.name) >= 0 and found.field(f.name).type.equals(f.type)
@@ -312,13 +249,9 @@ def _exact_schema(path: Path, schema: pa.Schema) -> bool:
 
 def _load_pass_rates(con: Any, pass_files: list[Path], cfg: FilterConfig) -> None:
     """``pass_rates_in``: one row per qa_id, correct/passes pooled over repeated evaluations."""
-    import pyarrow as pa
-
-    from lvr import artifacts as art
-
-    pr_src = art.SCHEMAS["pass_rates"].empty_table()
+    pr_src = SCHEMAS["pass_rates"].empty_table()
     if pass_files:
-        pr_src = pa.concat_tables([art.read_table(p, "pass_rates") for p in pass_files])
+        pr_src = pa.concat_tables([read_table(p, "pass_rates") for p in pass_files])
     con.register("pr_src", pr_src)
     models = [m for (m,) in con.sql("SELECT DISTINCT model FROM pr_src ORDER BY 1").fetchall()]
     where = "TRUE"
@@ -351,8 +284,6 @@ def _load_pass_rates(con: Any, pass_files: list[Path], cfg: FilterConfig) -> Non
 
 
 def _load_side_tables(con: Any, cfg: FilterConfig) -> None:
-    import pyarrow as pa
-
     shares = pa.table(
         {
             "category": pa.array(list(cfg.category_shares), pa.string()),
@@ -388,8 +319,6 @@ def _set_variables(con: Any, cfg: FilterConfig, use_pass_rates: bool) -> None:
 
 def _embed_pairs(con: Any, cfg: FilterConfig) -> pa.Table:
     """Within-video pairs (a_ord < b_ord) whose question embeddings have cosine >= threshold."""
-    import pyarrow as pa
-
     schema = pa.schema([("a_ord", pa.int64()), ("b_ord", pa.int64()), ("cosine", pa.float64())])
     if cfg.embed_threshold is None:
         return schema.empty_table()
@@ -435,8 +364,6 @@ def _embed_pairs(con: Any, cfg: FilterConfig) -> pa.Table:
 
 
 def _run_policy(con: Any, policy_text: str, policy_name: str) -> None:
-    import duckdb
-
     try:
         con.execute(policy_text)
     except duckdb.Error as exc:
@@ -446,8 +373,6 @@ def _run_policy(con: Any, policy_text: str, policy_name: str) -> None:
 
 def _check_fates(con: Any, n: int, policy_name: str) -> None:
     """The policy must give every input row exactly one fate (kept with a split, or a reason)."""
-    import duckdb
-
     need = {"_ord", "rule", "reason", "pass_rate", "split"}
     try:
         cols = {c[0] for c in con.sql("DESCRIBE fates").fetchall()}
@@ -473,8 +398,6 @@ def _check_fates(con: Any, n: int, policy_name: str) -> None:
 
 
 def _collect(con: Any) -> tuple[pa.Table, pa.Table]:
-    from lvr import artifacts as art
-
     kept = con.sql(
         "SELECT q.* EXCLUDE (_ord), f.split, f.pass_rate FROM qa_in q JOIN fates f USING (_ord)"
         " WHERE f.rule IS NULL ORDER BY q._ord"
@@ -483,7 +406,7 @@ def _collect(con: Any) -> tuple[pa.Table, pa.Table]:
         "SELECT q.* EXCLUDE (_ord), f.pass_rate, f.rule, f.reason FROM qa_in q JOIN fates f"
         " USING (_ord) WHERE f.rule IS NOT NULL ORDER BY q._ord"
     ).to_arrow_table()
-    return art.conform(kept, "qa"), art.conform(rejected, "qa_rejected")
+    return conform(kept, "qa"), conform(rejected, "qa_rejected")
 
 
 def _summarize(con: Any, n: int) -> dict[str, Any]:
@@ -526,26 +449,24 @@ def _write_tables(
     stage: Stage, job: str, kept: pa.Table, rejected: pa.Table, shard_rows: int
 ) -> int:
     """Write both tables as shards of <= shard_rows rows; remove stale shards; return the count."""
-    from lvr import artifacts as art
-
     stage.dir.mkdir(parents=True, exist_ok=True)
-    manifest = stage.dir / "manifest.json"
+    manifest = stage.manifest()
     if manifest.is_file():  # mark in progress so no reader trusts a half-replaced folder
-        art.atomic_write_json(
-            manifest, {"stage": stage.dir.name, "status": "running", "job_fingerprint": job}
+        atomic_write_json(
+            manifest, {"stage": stage.name, "status": "running", "job_fingerprint": job}
         )
-    for marker in (stage.dir / "_done").glob("*.json"):
+    for marker in stage.done_dir.glob("*.json"):
         marker.unlink()
     count = max(1, math.ceil(max(kept.num_rows, rejected.num_rows) / shard_rows))
     names = set()
     for k in range(count):
-        shard = art.Shard(k, [job, k])
+        shard = Shard(k, [job, k])
         stage.write_shard(
             shard, {"qa": _chunk(kept, k, count), "qa_rejected": _chunk(rejected, k, count)}
         )
         names.add(shard.name)
-    for folder in (*TABLES, "_done"):
-        for path in (stage.dir / folder).glob("*"):
+    for folder in (*[stage.table_dir(t) for t in TABLES], stage.done_dir):
+        for path in folder.glob("*"):
             if path.stem not in names and not path.name.startswith("."):
                 path.unlink()
     return count
@@ -558,16 +479,14 @@ def _chunk(table: pa.Table, k: int, count: int) -> pa.Table:
 
 def _current_manifest(stage: Stage, job: str) -> dict[str, Any] | None:
     """The manifest if the outputs on disk were made from exactly this job, else None."""
-    from lvr import artifacts as art
-
-    path = stage.dir / "manifest.json"
+    path = stage.manifest()
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("status") != "done" or manifest.get("job_fingerprint") != job:
         return None
     count = manifest["shards"]["total"]
-    if not all(stage.is_done(art.Shard(k, [job, k])) for k in range(count)):
+    if not all(stage.is_done(Shard(k, [job, k])) for k in range(count)):
         return None
     return manifest
 
@@ -587,5 +506,5 @@ def _result_from_manifest(stage: Stage, manifest: dict[str, Any], skipped: bool)
         by_rule=manifest["by_rule"],
         splits=manifest["splits"],
         category_shares=manifest["category_shares"],
-        manifest=stage.dir / "manifest.json",
+        manifest=stage.manifest(),
     )

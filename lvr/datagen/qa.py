@@ -1,7 +1,7 @@
 """Stage ``qa``: reasoning questions per video from its timestamped clip captions.
 
-Reads ``caption/captions`` and ``segment/videos``, writes ``qa/qa_raw``. Per video, the captions are
-rendered in time order as ``From 20 to 30, <caption>`` lines; each of ``qa.questions_per_video``
+Reads the table ``captions`` (which carries each video's path and duration), writes ``qa_raw``.
+Per video, the captions are rendered in time order as ``From 20 to 30, <caption>`` lines; each of ``qa.questions_per_video``
 slots gets a category (target shares) and a format (mc / open) by stratified, hash-seeded
 allocation, so the shares hold over the dataset and no shard or machine changes them. One slot is
 one model call (as in the paper: one question, one category per call) answering a JSON schema;
@@ -15,33 +15,16 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
 
-from lvr.artifacts import (
-    Shard,
-    Stage,
-    StageResult,
-    content_id,
-    manifest_name,
-    qa_id,
-    rows_to_table,
-    run_stage,
-)
-from lvr.datagen.caption import cache_path
-from lvr.datagen.common import (
-    CallReport,
-    drop_orphans,
-    error_line,
-    read_shard,
-    retry_failed_shards,
-    settings_id,
-    shard_limiter,
-    upstream_shards,
-)
+from lvr.artifacts import content_id, qa_id
+from lvr.backends import Request, Response
+from lvr.datagen import template_qa
+from lvr.datagen.common import ModelBackends, error_line, settings_id
 from lvr.datagen.config import DatagenConfig, QAConfig, category_shares
 from lvr.datagen.prompts import Prompt, load_prompt
 from lvr.datagen.qa_parse import (
@@ -52,9 +35,23 @@ from lvr.datagen.qa_parse import (
     parse_rewrite,
     qa_schema,
 )
+from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_stage
+from lvr.datagen.synthetic import read_sidecar
 from lvr.errors import LvrError
 
-TABLES = ("qa_raw",)
+Caption = tuple[float, float, str]  # (start_s, end_s, caption) of one clip
+
+
+@dataclass(frozen=True)
+class VideoCaptions:
+    """One video to ask about: its path, duration and captions (its fields are its fingerprint)."""
+
+    video_id: str
+    video_path: str
+    duration_s: float | None
+    captions: tuple[Caption, ...]  # the successful captions, in time order
+    caption_errors: int  # clips of the video without a caption
+    settings: str  # id of the qa settings that change rows
 
 
 class QAConfigError(LvrError):
@@ -114,48 +111,41 @@ def slots(video_id: str, cfg: QAConfig) -> list[tuple[int, str, str]]:
     return [(k, c, f) for k, (c, f) in enumerate(zip(cats, fmts, strict=True))]
 
 
-def plan_items(videos: pa.Table, captions: pa.Table, cfg: QAConfig) -> list[dict[str, Any]]:
-    """One item per video that has clips: its path, duration and successful captions (time order)."""
-    by_video: dict[str, list[list[Any]]] = {}
-    failed: dict[str, int] = {}
-    for r in captions.select(["video_id", "start_s", "end_s", "caption", "error"]).to_pylist():
+def plan_items(cfg: DatagenConfig, upstream: dict[str, pa.Table]) -> list[VideoCaptions]:
+    """Items of qa shard ``k``: one per video with clips in caption shard ``k``, by video_id."""
+    columns = ["video_id", "video_path", "duration_s", "start_s", "end_s", "caption", "error"]
+    videos: dict[str, dict[str, Any]] = {}
+    for r in upstream["captions"].select(columns).to_pylist():
+        v = videos.setdefault(r["video_id"], {"video_path": r["video_path"],
+                                              "duration_s": r["duration_s"], "ok": [], "failed": 0})  # fmt: skip
         if r["error"] is None and r["caption"]:
-            by_video.setdefault(r["video_id"], []).append([r["start_s"], r["end_s"], r["caption"]])
+            v["ok"].append((r["start_s"], r["end_s"], r["caption"]))
         else:
-            failed[r["video_id"]] = failed.get(r["video_id"], 0) + 1
-    settings = settings_id({k: v for k, v in asdict(cfg).items() if k != "options"})
-    items = []
-    for v in videos.select(["video_id", "path", "duration_s", "error"]).to_pylist():
-        vid = v["video_id"]
-        if v["error"] is not None or (vid not in by_video and vid not in failed):
-            continue  # the videos table already explains it; no clips, nothing to ask
-        items.append({"video_id": vid, "video_path": v["path"], "duration_s": v["duration_s"],
-                      "captions": sorted(by_video.get(vid, [])), "caption_errors": failed.get(vid, 0),
-                      "settings": settings})  # fmt: skip
-    return sorted(items, key=lambda it: it["video_id"])
+            v["failed"] += 1
+    settings = settings_id({k: v for k, v in asdict(cfg.qa).items() if k != "options"})
+    return [
+        VideoCaptions(vid, v["video_path"], v["duration_s"], tuple(sorted(v["ok"])), v["failed"], settings)
+        for vid, v in sorted(videos.items())
+    ]  # fmt: skip
 
 
 def _base(
-    it: dict[str, Any],
-    k: int | str,
-    category: str | None,
-    fmt: str | None,
-    generator: str,
+    it: VideoCaptions, k: int | str, category: str | None, fmt: str | None, generator: str,
     version: str,
-) -> dict[str, Any]:
-    return {"qa_id": qa_id(it["video_id"], generator, version, k), "video_id": it["video_id"],
-            "video_path": it["video_path"], "duration_s": it["duration_s"], "category": category,
+) -> dict[str, Any]:  # fmt: skip
+    return {"qa_id": qa_id(it.video_id, generator, version, k), "video_id": it.video_id,
+            "video_path": it.video_path, "duration_s": it.duration_s, "category": category,
             "format": fmt, "generator": generator, "prompt_version": version}  # fmt: skip
 
 
 def _too_few(
-    it: dict[str, Any], cfg: QAConfig, generator: str, version: str
+    it: VideoCaptions, cfg: QAConfig, generator: str, version: str
 ) -> dict[str, Any] | None:
-    if len(it["captions"]) >= cfg.min_captions:
+    if len(it.captions) >= cfg.min_captions:
         return None
     return {**_base(it, "too-few-captions", None, None, generator, version),
-            "error": f"{len(it['captions'])} captioned clips (< qa.min_captions={cfg.min_captions}); "
-                     f"{it['caption_errors']} caption errors"}  # fmt: skip
+            "error": f"{len(it.captions)} captioned clips (< qa.min_captions={cfg.min_captions}); "
+                     f"{it.caption_errors} caption errors"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,58 +157,49 @@ class TemplateWriter:
     """Questions from sidecar facts or structured captions (no model)."""
 
     def __init__(self, cfg: QAConfig):
-        from lvr.datagen.template_qa import CATEGORIES
-
-        unknown = [c.name for c in cfg.categories if c.name not in CATEGORIES]
+        unknown = [c.name for c in cfg.categories if c.name not in template_qa.CATEGORIES]
         if unknown:
             raise QAConfigError(
-                f"qa.backend=template writes categories {', '.join(CATEGORIES)}; qa.categories has "
-                f"{unknown}: remove them or use an LLM backend"
+                f"qa.backend=template writes categories {', '.join(template_qa.CATEGORIES)}; "
+                f"qa.categories has {unknown}: remove them or use an LLM backend"
             )
         self.cfg = cfg
 
-    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from lvr.datagen import template_qa as tq
-
+    def __call__(self, items: list[VideoCaptions]) -> Rows:
         rows = []
         for it in items:
-            early = _too_few(it, self.cfg, tq.GENERATOR, tq.PROMPT_VERSION)
-            if early:
-                rows.append(early)
+            early = _too_few(it, self.cfg, template_qa.GENERATOR, template_qa.PROMPT_VERSION)
+            rows += [early] if early else self._questions(it)
+        return {"qa_raw": rows}
+
+    def _questions(self, it: VideoCaptions) -> list[dict[str, Any]]:
+        facts, err = self._facts(it)
+        taken: set[str] = set()  # questions of this video so far (no repeats)
+        rows = []
+        for k, cat, fmt in slots(it.video_id, self.cfg):
+            base = _base(it, k, cat, fmt, template_qa.GENERATOR, template_qa.PROMPT_VERSION)
+            if facts is None:
+                rows.append({**base, "error": err})
                 continue
-            facts, err = self._facts(it)
-            taken: set[str] = set()
-            for k, cat, fmt in slots(it["video_id"], self.cfg):
-                base = _base(it, k, cat, fmt, tq.GENERATOR, tq.PROMPT_VERSION)
-                if facts is None:
-                    rows.append({**base, "error": err})
-                    continue
-                try:
-                    q = tq.generate(
-                        facts, cat, fmt, random.Random(f"{self.cfg.seed}:{base['qa_id']}"), taken
-                    )
-                except tq.TemplateError as exc:
-                    rows.append({**base, "error": str(exc)})
-                    continue
-                rows.append({**base, "question": q.question, "options": q.options, "answer": q.answer,
-                             "reasoning": q.reasoning, "evidence": q.evidence, "raw": tq.raw_record(q),
-                             "error": None})  # fmt: skip
+            rng = random.Random(f"{self.cfg.seed}:{base['qa_id']}")
+            try:
+                q = template_qa.generate(facts, cat, fmt, rng, taken)
+            except template_qa.TemplateError as exc:
+                rows.append({**base, "error": str(exc)})
+                continue
+            rows.append({**base, "question": q.question, "options": q.options, "answer": q.answer,
+                         "reasoning": q.reasoning, "evidence": q.evidence,
+                         "raw": template_qa.raw_record(q), "error": None})  # fmt: skip
         return rows
 
-    def _facts(self, it: dict[str, Any]) -> tuple[Any, str | None]:
-        from lvr.datagen import template_qa as tq
-        from lvr.datagen.synthetic import read_sidecar
-
+    def _facts(self, it: VideoCaptions) -> tuple[template_qa.Facts | None, str | None]:
         if self.cfg.template_source == "captions":
-            return tq.facts_from_captions(
-                [tuple(c) for c in it["captions"]], it["duration_s"]
-            ), None
+            return template_qa.facts_from_captions(list(it.captions), it.duration_s), None
         try:
-            return tq.facts_from_sidecar(read_sidecar(it["video_path"])), None
+            return template_qa.facts_from_sidecar(read_sidecar(it.video_path)), None
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            return (
-                None,
-                f"qa.template_source=sidecar: no usable sidecar for {it['video_path']} ({error_line(exc)})",
+            return None, (
+                f"qa.template_source=sidecar: no usable sidecar for {it.video_path} ({error_line(exc)})"
             )
 
 
@@ -240,55 +221,41 @@ _FORMAT_RULES = {
 
 
 class LLMWriter:
-    """Questions from an LLM through ``lvr.backends`` (cached requests, validated outputs)."""
+    """Questions from an LLM through ``lvr.backends`` (cached requests, validated outputs).
 
-    def __init__(self, cfg: QAConfig, cache_file: Path, progress: bool, limiter: Any = None):
+    Args:
+        cfg: The qa settings.
+        models: The stage's model backends: the qa and rewrite calls go to the same endpoint with
+            the same options and spend one request budget, this machine's share of the job's
+            (the runner builds and closes them).
+        progress: Show progress bars.
+    """
+
+    def __init__(self, cfg: QAConfig, models: ModelBackends, progress: bool):
         self.cfg = cfg
-        # This process's share of the job's request budget, spent by the qa and rewrite calls
-        # alike (they go to the same endpoint with the same options).
-        self.limiter = limiter
         self.prompt: Prompt = load_prompt(cfg.prompt)
         self.rewrite: Prompt | None = load_prompt(cfg.rewrite_prompt) if cfg.rewrite else None
         self.generator = f"{cfg.backend}:{cfg.model}"
         self.version = self.prompt.version + (f"+{self.rewrite.version}" if self.rewrite else "")
-        self.cache_file, self.progress = cache_file, progress
-        self._backends: dict[str, Any] = {}
+        self.backends = models
+        self.progress = progress
         self.instructions = {c.name: c.instruction for c in cfg.categories}
 
-    def backend(self, model: str) -> Any:
-        if model not in self._backends:
-            from lvr.backends import make_backend
-
-            self._backends[model] = make_backend(self.cfg.backend, model, cache_path=self.cache_file,
-                                                 limiter=self.limiter, **self.cfg.options)  # fmt: skip
-        return self._backends[model]
-
-    def backends(self) -> list[Any]:
-        """The backends built so far (for usage reports)."""
-        return list(self._backends.values())
-
-    def close(self) -> None:
-        for b in self._backends.values():
-            if hasattr(b, "close"):
-                b.close()
-
-    def request(self, it: dict[str, Any], k: int, cat: str, fmt: str, qid: str) -> Any:
-        from lvr.backends import Request
-
+    def request(self, it: VideoCaptions, cat: str, fmt: str, qid: str) -> Request:
         fields = (
             "question, options, reasoning, answer, evidence"
             if fmt == "mc"
             else "question, reasoning, answer, evidence"
         )
         messages = self.prompt.messages(
-            captions=render_captions(it["captions"]), duration=fmt_s(it["duration_s"] or 0.0),
+            captions=render_captions(list(it.captions)), duration=fmt_s(it.duration_s or 0.0),
             category=cat, instruction=self.instructions.get(cat, ""), format_rules=_FORMAT_RULES[fmt],
             fields=fields,
         )  # fmt: skip
         return Request(item_id=qid, messages=messages, json_schema=qa_schema(fmt), max_tokens=self.cfg.max_tokens,
                        temperature=self.cfg.temperature, seed=int(qid[:8], 16), prompt_version=self.prompt.version)  # fmt: skip
 
-    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(self, items: list[VideoCaptions]) -> Rows:
         rows: list[dict[str, Any]] = []
         reqs, owners = [], []
         for it in items:
@@ -296,24 +263,24 @@ class LLMWriter:
             if early:
                 rows.append(early)
                 continue
-            for k, cat, fmt in slots(it["video_id"], self.cfg):
+            for k, cat, fmt in slots(it.video_id, self.cfg):
                 base = _base(it, k, cat, fmt, self.generator, self.version)
-                reqs.append(self.request(it, k, cat, fmt, base["qa_id"]))
+                reqs.append(self.request(it, cat, fmt, base["qa_id"]))
                 owners.append((base, it))
-        responses = self.backend(self.cfg.model).run(reqs, progress=self.progress) if reqs else []
+        responses = self.backends(self.cfg.model).run(reqs, progress=self.progress) if reqs else []
         parsed = [
             self._parse(base, it, resp) for (base, it), resp in zip(owners, responses, strict=True)
         ]
         if self.rewrite is not None:
             parsed = self._rewrite(parsed)
-        return rows + parsed
+        return {"qa_raw": rows + parsed}
 
-    def _parse(self, base: dict[str, Any], it: dict[str, Any], resp: Any) -> dict[str, Any]:
+    def _parse(self, base: dict[str, Any], it: VideoCaptions, resp: Response) -> dict[str, Any]:
         if not resp.ok:
             return {**base, "error": f"model call failed: {resp.error}"}
         raw = resp.texts[0] if resp.texts else ""
         try:
-            qa = parse_qa(raw, base["format"], it["duration_s"])
+            qa = parse_qa(raw, base["format"], it.duration_s)
         except QAParseError as exc:
             return {**base, "raw": raw, "error": f"invalid output: {exc}"}
         return {**base, "question": qa.question, "options": qa.options, "answer": qa.answer,
@@ -321,8 +288,6 @@ class LLMWriter:
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Second pass: natural chain of thought for every valid row (failures become error rows)."""
-        from lvr.backends import Request
-
         todo = [r for r in rows if r["error"] is None]
         reqs = []
         for r in todo:
@@ -333,7 +298,7 @@ class LLMWriter:
                                 max_tokens=self.cfg.max_tokens, temperature=0.0,
                                 prompt_version=self.rewrite.version))  # type: ignore[union-attr]  # fmt: skip
         model = self.cfg.rewrite_model or self.cfg.model
-        responses = self.backend(model).run(reqs, progress=self.progress) if reqs else []
+        responses = self.backends(model).run(reqs, progress=self.progress) if reqs else []
         for r, resp in zip(todo, responses, strict=True):
             raw2 = resp.texts[0] if resp.ok and resp.texts else ""
             r["raw"] = json.dumps({"qa": r["raw"], "rewrite": raw2}, ensure_ascii=False)
@@ -347,66 +312,26 @@ class LLMWriter:
         return rows
 
 
-def make_writer(cfg: QAConfig, run_dir: Path, shard: int, num_shards: int, progress: bool) -> Any:
-    """The question writer of ``cfg.backend``."""
-    if cfg.backend == "template":
-        return TemplateWriter(cfg)
-    if not cfg.model:
-        raise QAConfigError(f"qa.backend={cfg.backend} needs qa.model (the served model name)")
-    limiter = shard_limiter(cfg.backend, cfg.options, num_shards)
-    return LLMWriter(cfg, cache_path(run_dir, shard, num_shards), progress, limiter)
+def make_writer(cfg: DatagenConfig, ctx: StageContext) -> TemplateWriter | LLMWriter:
+    """The question writer of ``qa.backend``."""
+    if cfg.qa.backend == "template":
+        return TemplateWriter(cfg.qa)
+    if not cfg.qa.model:
+        raise QAConfigError(f"qa.backend={cfg.qa.backend} needs qa.model (the served model name)")
+    assert ctx.models is not None  # the stage declares its models
+    return LLMWriter(cfg.qa, ctx.models, ctx.progress)
 
 
-def run_qa(
-    cfg: DatagenConfig,
-    run_dir: str | Path,
-    shard: int = 0,
-    num_shards: int = 1,
-    progress: bool = True,
-    retry_errors: bool = True,
-) -> StageResult:
-    """Run the qa stage (resumable; shards with error rows are redone when ``retry_errors``).
+STAGE = DatagenStage(
+    name="qa",
+    tables=("qa_raw",),
+    upstream="caption",
+    reads=("captions",),
+    plan=plan_items,
+    open_worker=make_writer,
+    models=lambda cfg: (cfg.qa.backend, cfg.qa.options),
+    transient_errors=True,  # model calls: a rerun retries the failed rows (cache hits for the rest)
+)
 
-    Args:
-        cfg: The datagen config (``qa`` section).
-        run_dir: Run folder; reads ``segment/videos`` and ``caption/captions``, writes ``qa/qa_raw``.
-            QA shard ``k`` covers the videos of segment shard ``k``.
-        shard: This machine's index.
-        num_shards: Number of machines.
-        progress: Show progress bars.
-        retry_errors: Redo finished shards that hold error rows (cached successes are free).
-
-    Returns:
-        The stage result.
-    """
-    run_dir = Path(run_dir)
-    segment = Stage(run_dir / "segment", ("videos", "clips"))
-    upstream = Stage(run_dir / "caption", ("captions",))
-    stage = Stage(run_dir / "qa", TABLES)
-    ready = upstream_shards(upstream, shard, num_shards, "caption")
-    drop_orphans(stage, upstream)
-    shards = [
-        Shard(
-            k,
-            plan_items(
-                read_shard(segment, "videos", k), read_shard(upstream, "captions", k), cfg.qa
-            ),
-        )
-        for k in ready
-    ]
-    if retry_errors:
-        retry_failed_shards(stage, shards)
-    writer = make_writer(cfg.qa, run_dir, shard, num_shards, progress)
-    manifest = manifest_name(shard, num_shards)
-    report = CallReport(stage.dir / manifest, cfg.prices, getattr(writer, "backends", list),
-                        getattr(writer, "limiter", None), num_shards)  # fmt: skip
-
-    def fn(s: Shard) -> dict[str, pa.Table]:
-        return {"qa_raw": rows_to_table(writer(s.items), "qa_raw")}
-
-    try:
-        return run_stage(stage, shards, fn, cfg, inputs=[upstream.dir / "captions"],
-                         description="qa", progress=progress, manifest=manifest, report=report)  # fmt: skip
-    finally:
-        if hasattr(writer, "close"):
-            writer.close()
+run_qa = partial(run_datagen_stage, STAGE)
+"""``run_qa(cfg, run, shard=0, num_shards=1, progress=True, retry_errors=True)``."""

@@ -1,37 +1,44 @@
 """Stage ``segment``: probe every input video and cut it into clips (fixed stride or shots).
 
-Outputs ``runs/<run>/segment/videos`` (one row per input file; unreadable and non-video files are
-rows with an ``error``) and ``runs/<run>/segment/clips`` (time ranges, optionally clip files).
-Work items are the inputs sorted by ``video_id``; shard ``k`` goes to machine ``k % num_shards``.
+Writes the tables ``videos`` (one row per input file; unreadable and non-video files are rows with
+an ``error``) and ``clips`` (time ranges, optionally clip files). Work items are the inputs sorted
+by ``video_id``; the runner (:mod:`lvr.datagen.runner`) cuts them into shards of
+``shards.videos_per_shard`` and shard ``k`` goes to machine ``k % num_shards``.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
+import av
 import pyarrow as pa
 
-from lvr.artifacts import (
-    Shard,
-    Stage,
-    StageResult,
-    clip_id,
-    content_id,
-    manifest_name,
-    rows_to_table,
-    run_stage,
-)
+from lvr.artifacts import clip_id, content_id
 from lvr.artifacts import video_id as file_video_id
-from lvr.datagen.common import error_line, settings_id, shards_for
+from lvr.datagen.common import error_line, settings_id
 from lvr.datagen.config import DatagenConfig, SegmentConfig
+from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_stage
 from lvr.datagen.shots import ShotDetectionError, detect_shots, shots_to_clips, stride_clips
 from lvr.datagen.sources import InputFile, render_synthetic, resolve_inputs
+from lvr.layout import RunLayout
+from lvr.media import VideoDecodeError, VideoInfo, probe
 
-TABLES = ("videos", "clips")
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input file of the stage (its fields are its shard fingerprint)."""
+
+    video_id: str
+    path: str
+    kind: str  # video | other
+    error: str | None  # unreadable, or a duplicate of an earlier file with the same content
+    settings: str  # id of the segment settings that change rows
 
 
 def _id_of(f: InputFile) -> tuple[str, str | None]:
@@ -44,30 +51,26 @@ def _id_of(f: InputFile) -> tuple[str, str | None]:
         ), f"cannot read file: {error_line(exc)}"
 
 
-def plan_items(cfg: DatagenConfig) -> list[dict[str, Any]]:
+def plan_items(cfg: DatagenConfig, upstream: dict[str, pa.Table] | None = None) -> list[InputItem]:
     """Work items of the stage: one per input file, sorted by (video_id, path).
 
-    A second file with the same content as an earlier one becomes an item flagged ``duplicate_of``
-    (its row explains why it yields no clips), so that clip ids stay unique.
+    A second file with the same content as an earlier one becomes an item with an ``error``
+    naming the first (its row explains why it yields no clips), so that clip ids stay unique.
     """
     resolved = resolve_inputs(cfg.input)
     with ThreadPoolExecutor(max(1, cfg.segment.id_threads)) as pool:
         ids = list(pool.map(_id_of, resolved.files))
     settings = settings_id(_settings(cfg.segment))
-    items = []
+    items, first = [], {}
     for f, (vid, err) in sorted(
         zip(resolved.files, ids, strict=True), key=lambda x: (x[1][0], x[0].path)
     ):
-        items.append(
-            {"video_id": vid, "path": f.path, "kind": f.kind, "error": err, "settings": settings}
-        )
-    first: dict[str, str] = {}
-    for it in items:
-        if it["error"] is None and it["kind"] == "video":
-            if it["video_id"] in first:
-                it["error"] = f"duplicate of {first[it['video_id']]} (same content, same video_id)"
+        if err is None and f.kind == "video":
+            if vid in first:
+                err = f"duplicate of {first[vid]} (same content, same video_id)"
             else:
-                first[it["video_id"]] = it["path"]
+                first[vid] = f.path
+        items.append(InputItem(vid, f.path, f.kind, err, settings))
     return items
 
 
@@ -79,25 +82,23 @@ def _settings(seg: SegmentConfig) -> dict[str, Any]:
     return out
 
 
-def video_row(item: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def video_row(item: InputItem) -> tuple[dict[str, Any], VideoInfo | None]:
     """Probe one input: (videos row, VideoInfo or None)."""
-    from lvr.media import VideoDecodeError, probe
-
-    row: dict[str, Any] = {"video_id": item["video_id"], "path": item["path"]}
+    row: dict[str, Any] = {"video_id": item.video_id, "path": item.path}
     try:
-        row["size_bytes"] = os.path.getsize(item["path"])
+        row["size_bytes"] = os.path.getsize(item.path)
     except OSError:
         row["size_bytes"] = None
-    if item["error"]:
-        return {**row, "error": item["error"]}, None
-    if item["kind"] != "video":
-        ext = Path(item["path"]).suffix or "(none)"
+    if item.error:
+        return {**row, "error": item.error}, None
+    if item.kind != "video":
+        ext = Path(item.path).suffix or "(none)"
         return {
             **row,
             "error": f"not a video file: extension {ext} is not in input.extensions",
         }, None
     try:
-        info = probe(item["path"])
+        info = probe(item.path)
     except VideoDecodeError as exc:
         return {**row, "error": error_line(exc)}, None
     row.update(duration_s=info.duration_s, fps=info.fps, num_frames=info.num_frames,
@@ -120,10 +121,10 @@ def clip_ranges(
 
 
 def clip_rows(
-    item: dict[str, Any], duration_s: float, seg: SegmentConfig, clip_dir: Path | None
+    item: InputItem, duration_s: float, seg: SegmentConfig, clip_dir: Path | None
 ) -> list[dict[str, Any]]:
     """Clip rows of one probed video (one error row when shot detection or clip writing fails)."""
-    vid, path = item["video_id"], item["path"]
+    vid, path = item.video_id, item.path
     try:
         ranges, method = clip_ranges(path, duration_s, seg)
     except ShotDetectionError as exc:
@@ -146,8 +147,6 @@ def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> No
     Stream copy cannot start between keyframes, so a file starts at the keyframe at or before the
     clip start (as in the paper's release) and ends before the first frame at or after its end.
     """
-    import av
-
     out_dir.mkdir(parents=True, exist_ok=True)
     for row in rows:
         target = out_dir / f"{row['clip_id']}.mp4"
@@ -156,7 +155,7 @@ def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> No
             continue
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.mp4")
         try:
-            _copy_range(av, path, tmp, row["start_s"], row["end_s"])
+            _copy_range(path, tmp, row["start_s"], row["end_s"])
             os.replace(tmp, target)
             row["clip_path"] = str(target)
         except (av.error.FFmpegError, ValueError, OSError) as exc:
@@ -165,7 +164,7 @@ def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> No
             tmp.unlink(missing_ok=True)
 
 
-def _copy_range(av: Any, src: str, dst: Path, start_s: float, end_s: float) -> None:
+def _copy_range(src: str, dst: Path, start_s: float, end_s: float) -> None:
     """Copy video packets from the keyframe at/before ``start_s`` until ``end_s`` (decode time).
 
     Timestamps are rebased so the file starts at 0. Cutting by decode time keeps every reference a
@@ -194,7 +193,7 @@ def _copy_range(av: Any, src: str, dst: Path, start_s: float, end_s: float) -> N
 
 
 def segment_item(
-    item: dict[str, Any], seg: SegmentConfig, clip_dir: Path | None
+    item: InputItem, seg: SegmentConfig, clip_dir: Path | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Probe one input and cut it: (videos row, clip rows). Runs in worker processes too."""
     row, info = video_row(item)
@@ -202,71 +201,61 @@ def segment_item(
     return row, clips
 
 
-def run_shard(
-    shard: Shard, cfg: DatagenConfig, run_dir: Path, pool: Executor | None = None
-) -> dict[str, pa.Table]:
-    """Probe and segment the videos of one shard (in parallel over videos when given a pool)."""
-    clip_dir = None
-    if cfg.segment.write_clips:
-        clip_dir = (
-            Path(cfg.segment.clip_dir)
-            if cfg.segment.clip_dir
-            else run_dir / "segment" / "clip_files"
+class Segmenter:
+    """The stage's worker: probes and cuts the videos of a shard (in parallel when it pays)."""
+
+    def __init__(self, cfg: DatagenConfig, ctx: StageContext):
+        self.seg = cfg.segment
+        self.clip_dir: Path | None = None
+        if self.seg.write_clips:
+            self.clip_dir = Path(self.seg.clip_dir) if self.seg.clip_dir else ctx.layout.clip_files
+
+    @cached_property
+    def pool(self) -> Executor | None:
+        """A process pool when decoding work is parallel over videos (shots, clip files) and wanted.
+
+        Made on the first shard that runs: a run whose shards are all finished starts no process.
+        """
+        workers = self.seg.workers or os.cpu_count() or 1
+        if workers <= 1 or (self.seg.method != "shots" and not self.seg.write_clips):
+            return None  # probing reads headers only: not worth a process pool
+        # spawn: the parent may hold threads (progress bars, thread pools), which fork does not copy safely
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def __call__(self, items: list[InputItem]) -> Rows:
+        args = [(item, self.seg, self.clip_dir) for item in items]
+        results = (
+            list(self.pool.map(segment_item, *zip(*args, strict=True)))
+            if self.pool and args
+            else [segment_item(*a) for a in args]
         )
-    args = [(item, cfg.segment, clip_dir) for item in shard.items]
-    results = (
-        list(pool.map(segment_item, *zip(*args, strict=True)))
-        if pool and args
-        else [segment_item(*a) for a in args]
-    )
-    videos = [row for row, _ in results]
-    clips = [c for _, cs in results for c in cs]
-    return {"videos": rows_to_table(videos, "videos"), "clips": rows_to_table(clips, "clips")}
+        return {
+            "videos": [row for row, _ in results],
+            "clips": [c for _, cs in results for c in cs],
+        }
+
+    def close(self) -> None:
+        if "pool" in self.__dict__ and self.pool is not None:  # only a pool that was made
+            self.pool.shutdown()
 
 
-def _pool(seg: SegmentConfig) -> Executor | None:
-    """A process pool when decoding work is parallel over videos (shots, clip files) and wanted."""
-    workers = seg.workers or os.cpu_count() or 1
-    if workers <= 1 or (seg.method != "shots" and not seg.write_clips):
-        return None  # probing reads headers only: not worth a process pool
-    import multiprocessing
-
-    # spawn: the parent may hold threads (progress bars, thread pools), which fork does not copy safely
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+def with_inputs(cfg: DatagenConfig, layout: RunLayout) -> DatagenConfig:
+    """The config with ``input.source`` set to the rendered synthetic videos, when asked for."""
+    if cfg.input.synthetic.videos <= 0:
+        return cfg
+    source = render_synthetic(cfg.input, layout.inputs)
+    return replace(cfg, input=replace(cfg.input, source=source))
 
 
-def run_segment(
-    cfg: DatagenConfig,
-    run_dir: str | Path,
-    shard: int = 0,
-    num_shards: int = 1,
-    progress: bool = True,
-) -> StageResult:
-    """Run the segment stage (resumable: finished shards are skipped).
+STAGE = DatagenStage(
+    name="segment",
+    tables=("videos", "clips"),
+    upstream=None,  # reads input.source
+    reads=(),
+    plan=plan_items,
+    open_worker=Segmenter,
+    prepare=with_inputs,
+)
 
-    Args:
-        cfg: The datagen config (``input``, ``segment``, ``shards`` sections are used).
-        run_dir: Run folder; writes ``<run_dir>/segment``.
-        shard: This machine's index.
-        num_shards: Number of machines.
-        progress: Show a progress bar.
-
-    Returns:
-        The stage result (shards run/skipped, rows and errors per table).
-    """
-    run_dir = Path(run_dir)
-    if cfg.input.synthetic.videos > 0:
-        cfg = replace(cfg, input=replace(cfg.input, source=render_synthetic(cfg.input, run_dir)))
-    stage = Stage(run_dir / "segment", TABLES)
-    items = plan_items(cfg)
-    shards = shards_for(items, cfg.shards.videos_per_shard, shard, num_shards, stage)
-    pool = _pool(cfg.segment) if any(not stage.is_done(s) for s in shards) else None
-    try:
-        return run_stage(
-            stage, shards, lambda s: run_shard(s, cfg, run_dir, pool), cfg,
-            inputs=[cfg.input.source] if Path(cfg.input.source).exists() else [],
-            description="segment", progress=progress, manifest=manifest_name(shard, num_shards),
-        )  # fmt: skip
-    finally:
-        if pool is not None:
-            pool.shutdown()
+run_segment = partial(run_datagen_stage, STAGE)
+"""``run_segment(cfg, run, shard=0, num_shards=1, progress=True)``: run the segment stage."""

@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import numpy as np
 
 from lvr.errors import LvrError
@@ -212,8 +213,6 @@ def frame_scores(path: str | os.PathLike[str], params: ShotParams | None = None)
     Raises:
         ShotDetectionError: The file cannot be opened or decoded, or holds no video frames.
     """
-    import av  # PyAV is imported lazily: `lvr datagen --help` must not pay for it
-
     params = params or ShotParams()
     path = str(path)
     try:
@@ -235,8 +234,6 @@ def frame_scores(path: str | os.PathLike[str], params: ShotParams | None = None)
 
 def _scan(container: Any, st: Any, path: str, pixel_threshold: float) -> tuple[list, np.ndarray]:
     """(pts per frame, changed fraction per frame) in decode-output order."""
-    import av
-
     sampler: _Sampler | None = None
     pts: list[int | None] = []
     try:

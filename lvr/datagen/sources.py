@@ -14,6 +14,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
+from lvr.datagen.synthetic import make_videos
 from lvr.errors import LvrError
 
 VIDEO_EXTENSIONS = [
@@ -37,7 +40,7 @@ class SyntheticInput:
 
     Attributes:
         videos: Number of videos to render (0 = off). They go to ``input.source`` (default
-            ``<run>/synthetic_videos``) with their sidecars, and are reused when already there.
+            ``<run>/inputs``) with their sidecars, and are reused when already there.
         duration_s: Length of each video.
         width: Frame width.
         height: Frame height.
@@ -142,12 +145,13 @@ def resolve_inputs(cfg: InputConfig) -> Resolved:
     return res
 
 
-def render_synthetic(cfg: InputConfig, run_dir: Path) -> str:
-    """Render ``cfg.synthetic.videos`` synthetic videos (cached) and return the folder holding them."""
-    from lvr.datagen.synthetic import make_videos
+def render_synthetic(cfg: InputConfig, default_folder: Path) -> str:
+    """Render ``cfg.synthetic.videos`` synthetic videos (cached) and return the folder holding them.
 
+    They go to ``cfg.source`` when set, else to ``default_folder`` (the run's ``inputs/``).
+    """
     syn = cfg.synthetic
-    folder = Path(cfg.source) if cfg.source else Path(run_dir) / "synthetic_videos"
+    folder = Path(cfg.source) if cfg.source else Path(default_folder)
     # One encoder thread: x264 with 2 threads produced different bytes across runs under load,
     # and video ids are content hashes.
     make_videos(folder, syn.videos, seed=syn.seed, duration_s=syn.duration_s, width=syn.width,
@@ -205,8 +209,6 @@ def _column(values: list[object], column: str, where: str) -> list[str]:
 
 
 def _read_parquet(path: Path, column: str) -> list[str]:
-    import pyarrow.parquet as pq
-
     try:
         schema = pq.read_schema(path)
     except OSError as exc:

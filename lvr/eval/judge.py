@@ -7,55 +7,12 @@ prediction row an error — never a guess in either direction.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from lvr.eval.extract import strip_reasoning
+from lvr.answers import JUDGE_PROMPT_VERSION, judge_messages, parse_verdict
+from lvr.backends import Request
 
-JUDGE_PROMPT_VERSION = "lvr-judge-v1"
-JUDGE_SYSTEM = (
-    "You grade answers to questions about a video. Reply with exactly one word: Yes or No."
-)
-JUDGE_TEMPLATE = (
-    "Question: {question}\n"
-    "Reference answer: {gold}\n"
-    "Candidate answer: {answer}\n"
-    "Does the candidate answer mean the same as the reference answer? Reply Yes or No."
-)
-_VERDICT = re.compile(r"^\W*(yes|no)\W*$", re.IGNORECASE)
-
-
-def judge_messages(question: str, gold: str, answer: str) -> list[dict[str, Any]]:
-    """Chat messages asking whether ``answer`` matches ``gold``.
-
-    Args:
-        question: The question text.
-        gold: Reference answer.
-        answer: The model's extracted answer.
-
-    Returns:
-        System + user messages (text only).
-    """
-    user = JUDGE_TEMPLATE.format(
-        question=question.strip(), gold=gold.strip(), answer=answer.strip()
-    )
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def parse_verdict(text: str | None) -> bool | None:
-    """Read a judge reply: True for Yes, False for No, None for anything else.
-
-    Reasoning blocks are ignored; the rest must be the single word (punctuation allowed).
-
-    >>> parse_verdict("Yes."), parse_verdict("no"), parse_verdict("Yes, but no")
-    (True, False, None)
-    """
-    if text is None:
-        return None
-    match = _VERDICT.match(strip_reasoning(text).strip())
-    if not match:
-        return None
-    return match.group(1).lower() == "yes"
+__all__ = ["JUDGE_PROMPT_VERSION", "judge_messages", "judge_rows", "parse_verdict"]
 
 
 def judge_rows(
@@ -78,8 +35,6 @@ def judge_rows(
     Returns:
         The number of judge requests sent.
     """
-    from lvr.backends import Request
-
     todo = [
         r
         for r in rows

@@ -12,8 +12,10 @@ from lvr.media.errors import VideoDecodeError
 from lvr.media.indices import plan_decode, plan_indices, select_indices
 from lvr.media.probe import VideoInfo, clear_cache, load_index, probe
 from lvr.media.sample import Frames, resized_shape, sample_frames
+from lvr.media.spec import FrameSpec, sample_video
 
 __all__ = [
+    "FrameSpec",
     "Frames",
     "VideoDecodeError",
     "VideoInfo",
@@ -24,5 +26,6 @@ __all__ = [
     "probe",
     "resized_shape",
     "sample_frames",
+    "sample_video",
     "select_indices",
 ]

@@ -32,6 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lvr.media.sample import Frames
+
 Mode = Literal["think", "direct"]
 IGNORE_INDEX = -100
 
@@ -385,3 +387,25 @@ def build_sample(
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     sample = _encode_prompt(processor, prompt, arr, fps, timestamps)
     return sample if target is None else _append_target(processor, sample, target)
+
+
+def frames_sample(
+    processor: Any,
+    question: str,
+    options: Sequence[str] | None,
+    frames: Frames,
+    target: str | None = None,
+    mode: Mode = "think",
+) -> BatchDict:
+    """The sample of a question over decoded frames, timed by their true timestamps.
+
+    The one video -> sample path of SFT, RL and evaluation with a local model: the frame times
+    the model is told are those of the frames `lvr.media` actually decoded (a single frame has no
+    spacing: it is given 1 fps).
+    """
+    ts = [float(t) for t in frames.timestamps_s]
+    timing: dict[str, Any] = {"timestamps": ts} if len(ts) >= 2 else {"fps": 1.0}
+    return build_sample(
+        processor, question, options or None, frames=frames.frames, target=target, mode=mode,
+        **timing,
+    )  # fmt: skip

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+import torch.nn.functional as functional
 from transformers import AttentionInterface
 
 from lvr.mrsp.comm import MrspError, all_to_all, sp_size
@@ -137,7 +137,7 @@ def _causal_attention(
             pass
     k = _repeat_heads(k, q.shape[1] // k.shape[1])
     v = _repeat_heads(v, q.shape[1] // v.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def ulysses_attention(

@@ -129,7 +129,7 @@ class VLLMRolloutEngine:
         """Load `model`'s current decoder weights into the running engine (no restart).
 
         `model` is the plain transformers model or its state dict with the same key names (e.g. a
-        LoRA policy's merged weights: `lvr.train.common.merge_lora_state_dict`).
+        LoRA policy's merged weights: `lvr.train.checkpoint.merge_lora_state_dict`).
 
         The vision tower is skipped: the engine only ever receives precomputed embeddings, so its
         copy of the tower is never run. (A plain `model.load_weights` through `collective_rpc`

@@ -1,4 +1,7 @@
-"""Training recipes: CoT-SFT (sft.py) and GRPO-family RL with MR-SP (rl.py)."""
+"""Training: CoT-SFT (`sft.py`) and GRPO-family RL with MR-SP (the `rl/` package).
 
-# LoRA on every linear layer of the language model (attention and MLP), shared by SFT and RL.
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+Shared parts, used by both recipes: `config.py` (one config vocabulary), `policy.py` (load,
+freeze, LoRA, optimizer), `checkpoint.py` (save / resume / manifest), `data.py` (the qa table and
+the video -> sample path), `common.py` (processes, schedule, metrics), `cli.py` (both commands).
+The RL maths: `algos.py` (advantages, losses, KL) and `rewards.py`.
+"""

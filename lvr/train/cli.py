@@ -1,16 +1,57 @@
-"""``lvr sft``: a thin command; the recipe lives in lvr/train/sft.py (``lvr rl``: rl_cli.py).
+"""``lvr sft`` and ``lvr rl``: the thin commands over the two recipes (registered by lvr/cli.py).
 
-Only light imports at module level (typer, lvr.config): torch and transformers load inside the
-commands, so ``lvr --help`` stays fast.
+Both take the same options (--config, --set, --show-config, --run, --resume) and print one
+summary line; only light imports at module level (typer, the torch-free configs), so
+``lvr --help`` stays fast and torch loads when a recipe runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from lvr.cli_options import ConfigOpt, RunOpt, SetOpt, ShowOpt
+from lvr.config import resolve_cli_config
+from lvr.train.config import RLConfig, SFTConfig
+
+ResumeOpt = typer.Option(
+    False, "--resume", help="Continue from the latest checkpoint of this recipe in the run folder."
+)
+
+
+def _run_recipe(
+    stage: str,
+    config_cls: type,
+    config: Path | None,
+    sets: list[str] | None,
+    show_config: bool,
+    run: Path,
+    resume: bool,
+    summary: Callable[[dict[str, Any]], str],
+) -> None:
+    """Resolve the config, run the recipe, print its summary on the main rank, leave cleanly."""
+    cfg = resolve_cli_config(config_cls, config, sets, show_config)
+    if cfg is None:
+        return
+    from lvr.train.common import finish_distributed, init_distributed  # torch loads here
+
+    if stage == "sft":
+        from lvr.train.sft import run_sft as recipe
+    else:
+        from lvr.train.rl.recipe import run_rl as recipe
+    manifest = recipe(cfg, run, resume=resume)
+    info = init_distributed(cfg.device)
+    if info.is_main:
+        typer.echo(summary(manifest))
+    # ZeRO-3 with several processes can abort in interpreter teardown: barrier, then os._exit(0).
+    finish_distributed(info, hard_exit=stage == "sft")
+
+
+def _last(manifest: dict[str, Any], key: str) -> float:
+    return float(manifest.get("last_metrics", {}).get(key, float("nan")))
 
 
 def sft(
@@ -18,31 +59,40 @@ def sft(
     sets: list[str] | None = SetOpt,
     show_config: bool = ShowOpt,
     run: Path = RunOpt,
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from the latest checkpoint in <run>/sft/ (exact resume)."
-    ),
+    resume: bool = ResumeOpt,
 ) -> None:
     """Chain-of-thought SFT of a VLM on the qa table's sft split (writes <run>/sft/).
 
     One process: `lvr sft -c configs/sft/tiny_cpu.yaml`. Several: `torchrun --nproc_per_node 8
     -m lvr.cli sft -c configs/sft/qwen25vl_8gpu.yaml` (DeepSpeed ZeRO when `deepspeed` is set).
     """
-    from lvr.config import resolve_cli_config
-    from lvr.train.sft import SFTConfig
 
-    cfg = resolve_cli_config(SFTConfig, config, sets, show_config)
-    if cfg is None:
-        return
-    from lvr.train.common import finish_distributed, init_distributed
-    from lvr.train.sft import run_sft
-
-    manifest = run_sft(cfg, run, resume=resume)
-    info = init_distributed(cfg.device)
-    if info.is_main:
-        last = manifest.get("last_metrics", {})
-        typer.echo(
-            f"sft done: {manifest['steps']} steps, loss {last.get('loss', float('nan')):.4f}, "
-            f"checkpoint {manifest['final_checkpoint']}"
+    def summary(m: dict[str, Any]) -> str:
+        return (
+            f"sft done: {m['steps']} steps, loss {_last(m, 'loss'):.4f}, "
+            f"checkpoint {m['final_checkpoint']}"
         )
-    # ZeRO-3 with several processes can abort in interpreter teardown: barrier, then os._exit(0).
-    finish_distributed(info, hard_exit=True)
+
+    _run_recipe("sft", SFTConfig, config, sets, show_config, run, resume, summary)
+
+
+def rl(
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+    show_config: bool = ShowOpt,
+    run: Path = RunOpt,
+    resume: bool = ResumeOpt,
+) -> None:
+    """GRPO-family RL with MR-SP on the qa table's rl split (writes <run>/rl/).
+
+    One process: `lvr rl -c configs/rl/tiny_cpu.yaml`. One SP group over 8 GPUs:
+    `torchrun --nproc_per_node 8 -m lvr.cli rl -c configs/rl/qwen25vl_8gpu_long.yaml`.
+    """
+
+    def summary(m: dict[str, Any]) -> str:
+        return (
+            f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps), "
+            f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}"
+        )
+
+    _run_recipe("rl", RLConfig, config, sets, show_config, run, resume, summary)

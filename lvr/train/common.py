@@ -1,16 +1,14 @@
-"""Pieces every training recipe shares (SFT now, RL later): process setup, schedule, checkpoints, metrics.
+"""Pieces both training recipes share: processes, seeds, the schedule, DeepSpeed, metrics.
 
-Nothing here is a trainer: recipes call these functions from their own top-to-bottom loop.
+Nothing here is a trainer: recipes call these functions from their own top-to-bottom loop
+(checkpoints: lvr/train/checkpoint.py; the policy and its optimizer: lvr/train/policy.py).
 
 - `init_distributed` / `finish_distributed`: one process or many (torchrun / the deepspeed launcher set
   RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, NCCL on GPU.
 - `lr_factor` / `build_scheduler`: cosine or linear decay after a linear warm-up.
 - `deepspeed_config`: a ZeRO-2/3 JSON file completed with the recipe's batch, clipping and precision.
-- Checkpoints: `runs/<run>/<stage>/checkpoint-000020/` holds the Hugging Face export (loadable by
-  `lvr eval`, `lvr rl`, vLLM) plus `training_state/` (optimizer, scheduler, per-rank RNG state, the
-  DeepSpeed engine state) and `trainer_state.json`, written last as the completion marker, so
-  `latest_checkpoint` never picks a half-written folder.
 - `MetricsLogger`: one JSON line per step, a Parquet table at the end, optional TensorBoard / W&B.
+- `Stopwatch`: seconds per named phase of a step.
 """
 
 from __future__ import annotations
@@ -19,23 +17,22 @@ import json
 import math
 import os
 import random
-import re
-import shutil
+import socket
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from lvr.artifacts import atomic_write_json
 from lvr.errors import LvrError
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-IGNORE_INDEX = -100
 
 
 class TrainError(LvrError):
@@ -116,8 +113,6 @@ def init_deepspeed_distributed(info: DistInfo) -> None:
 
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -296,138 +291,6 @@ def deepspeed_config(
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    """Folder of the checkpoint after optimizer step `step`."""
-    return Path(out_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The finished checkpoint with the highest step under `out_dir` (None if there is none).
-
-    A folder counts only when its `trainer_state.json` exists (written last).
-    """
-    found = []
-    for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
-def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the `keep_last` newest finished checkpoints (0 keeps all)."""
-    if keep_last <= 0:
-        return
-    done = sorted(
-        p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()
-    )
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_trainer_state(ckpt: Path, world_size: int | None = None) -> dict[str, Any]:
-    """Read a checkpoint's `trainer_state.json`.
-
-    Args:
-        ckpt: The checkpoint folder.
-        world_size: When given, the number of ranks about to resume from it (per-rank RNG and
-            data state only fit the same number).
-
-    Raises:
-        TrainError: The folder is not a finished checkpoint, or was written by another number of
-            ranks.
-    """
-    path = Path(ckpt) / STATE_FILE
-    if not path.is_file():
-        raise TrainError(f"{ckpt} is not a finished checkpoint (no {STATE_FILE})")
-    state = json.loads(path.read_text())
-    if world_size is not None and state.get("world_size", 1) != world_size:
-        raise TrainError(
-            f"{ckpt} was written by {state.get('world_size')} ranks; resume with the same number"
-        )
-    return state
-
-
-def merge_lora_state_dict(
-    state: dict[str, torch.Tensor], scaling: float
-) -> dict[str, torch.Tensor]:
-    """Fold LoRA adapters into their base weights and restore the plain model's key names.
-
-    PEFT keys look like `base_model.model.X.base_layer.weight`, `...X.lora_A.default.weight` and
-    `...X.lora_B.default.weight`; the result has `X.weight = W + scaling * B @ A` and no LoRA keys,
-    which is what `save_pretrained` of the base model, vLLM and `lvr eval` expect.
-
-    Args:
-        state: Full state dict of a PEFT-wrapped model (one adapter named "default").
-        scaling: lora_alpha / r.
-
-    Returns:
-        A merged state dict with base-model key names.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        name = key.removeprefix("base_model.model.")
-        if ".base_layer." in name:
-            prefix = key.rsplit(".base_layer.", 1)[0]
-            name = name.replace(".base_layer.", ".")
-            a = state.get(f"{prefix}.lora_A.default.weight")
-            b = state.get(f"{prefix}.lora_B.default.weight")
-            if a is not None and b is not None and key.endswith(".weight"):
-                delta = (b.float() @ a.float()) * scaling  # [out, r] @ [r, in]
-                value = (value.float() + delta).to(value.dtype)
-        out[name] = value
-    return out
-
-
-def save_hf_export(
-    model: torch.nn.Module, processor: Any, out: Path, state_dict: dict[str, torch.Tensor] | None
-) -> None:
-    """Write the Hugging Face folder (weights + config + processor) with `save_pretrained`.
-
-    Args:
-        model: The plain transformers model (not PEFT- or engine-wrapped).
-        processor: Its processor/tokenizer.
-        out: Target folder.
-        state_dict: Weights to write (e.g. merged LoRA, ZeRO-3 gathered); None = the model's own.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    processor.save_pretrained(out)
-
-
-def save_rng(ckpt: Path, rank: int) -> None:
-    """Write this rank's RNG state into `ckpt/training_state/`."""
-    path = Path(ckpt) / "training_state" / f"rng_rank{rank:05d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(get_rng_state(), path)
-
-
-def load_rng(ckpt: Path, rank: int) -> None:
-    """Restore this rank's RNG state from a checkpoint.
-
-    Raises:
-        TrainError: The checkpoint was written with fewer ranks.
-    """
-    path = Path(ckpt) / "training_state" / f"rng_rank{rank:05d}.pt"
-    if not path.is_file():
-        raise TrainError(
-            f"{ckpt} has no RNG state for rank {rank}; resume with the same world size"
-        )
-    set_rng_state(torch.load(path, weights_only=False))
-
-
-def write_trainer_state(ckpt: Path, state: dict[str, Any]) -> None:
-    """Write `trainer_state.json` (the completion marker: call it last, on rank 0)."""
-    atomic_write_json(Path(ckpt) / STATE_FILE, state)
-
-
-# ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -495,9 +358,6 @@ class MetricsLogger:
         """Write `metrics.parquet` and close the optional sinks."""
         if not self.enabled:
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         rows = self.rows()
         if rows:
             tmp = self.dir / ".metrics.parquet.tmp"
@@ -523,3 +383,18 @@ def _wandb_run(project: str, name: str, config: dict[str, Any]) -> Any:
     except ImportError:
         raise TrainError("W&B logging needs `pip install wandb` (or unset wandb_project)") from None
     return wandb.init(project=project, name=name, config=config)
+
+
+@dataclass
+class Stopwatch:
+    """Seconds spent per named phase of a step: ``with watch("encode_s"): ...``."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

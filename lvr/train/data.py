@@ -1,10 +1,11 @@
 """Training data over the `qa` table (shared by SFT and RL): rows, frames, samples, batches.
 
-- `read_qa` reads any Parquet in the `qa` schema (e.g. `runs/<run>/filter/qa`) and keeps one split.
-- `load_sample` samples frames with `lvr.media` and builds the model inputs with the shared
-  `lvr.models.inputs.build_sample` (chat template, video tokens, `mm_token_type_ids` for 3-D M-RoPE,
-  labels on the assistant turn only). A sample longer than `max_seq_len` is rebuilt with fewer frames
-  until it fits (never cut in the middle); a video that fails to decode is reported, never replaced.
+- `read_qa` reads any Parquet in the `qa` schema (e.g. `runs/<run>/qa`) and keeps one split.
+- `load_sample` samples frames with `lvr.media.sample_video` and builds the model inputs with the
+  shared `lvr.models.inputs.frames_sample` (chat template, video tokens and their true times,
+  `mm_token_type_ids` for 3-D M-RoPE, labels on the assistant turn only): the one video -> sample
+  path of SFT and RL. A sample longer than `max_seq_len` is rebuilt with fewer frames until it
+  fits (never cut in the middle); a video that fails to decode is reported, never replaced.
 - `plan_steps` fixes which rows form each optimizer step (seeded, optionally length-grouped) and
   `rank_micro_batches` gives each rank its share, so a 2-process run sees exactly the rows of a
   1-process run with the same global batch, and a resumed run continues with the same rows.
@@ -13,16 +14,21 @@ Batches are padded by the shared `lvr.models.batching.collate`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from lvr.artifacts import read_table
 from lvr.errors import LvrError
+from lvr.media import FrameSpec, VideoDecodeError, sample_video
+from lvr.models.inputs import format_target, frames_sample
+
+__all__ = ["DataError", "FrameSpec", "LoadedSample", "QARow", "load_sample", "read_qa"]
 
 
 class DataError(LvrError):
@@ -43,23 +49,6 @@ class QARow:
     duration_s: float | None
 
 
-@dataclass(frozen=True)
-class FrameSpec:
-    """How frames are taken from a video.
-
-    Attributes:
-        frames: Number of frames, evenly spread over the video (with `fps`, the maximum).
-        fps: Sample at this rate instead (0 = uniform `frames`).
-        min_frames: The fewest frames a sample may be truncated to.
-        max_pixels: Downscale each frame (aspect kept) to at most this many pixels (0 = as is).
-    """
-
-    frames: int = 16
-    fps: float = 0.0
-    min_frames: int = 2
-    max_pixels: int = 0
-
-
 @dataclass
 class LoadedSample:
     """A built sample, or why there is none.
@@ -77,6 +66,8 @@ class LoadedSample:
     frames: int = 0
     truncated: bool = False
     error: str | None = None
+    frame_indices: tuple[int, ...] = ()  # which frames of the video (an embedding cache key)
+    frame_shape: tuple[int, int] = (0, 0)  # their decoded (height, width)
 
     @property
     def video_tokens(self) -> int:
@@ -100,8 +91,6 @@ def read_qa(path: str | Path, split: str | None = "sft") -> list[QARow]:
         DataError: The path holds no table, or no usable row of that split.
         SchemaError: A file does not match the `qa` schema.
     """
-    from lvr.artifacts import read_table
-
     try:
         table = read_table(path, "qa")
     except FileNotFoundError as exc:
@@ -129,39 +118,8 @@ def read_qa(path: str | Path, split: str | None = "sft") -> list[QARow]:
 
 def target_text(row: QARow, mode: str) -> str:
     """The assistant target of a row (`<think>..</think><answer>X</answer>` in "think" mode)."""
-    from lvr.models.inputs import format_target
-
     reasoning = (row.reasoning or "").strip() if mode == "think" else None
     return format_target(row.answer.strip(), reasoning)
-
-
-def _sample_frames(
-    path: str, count: int, fps: float, max_pixels: int
-) -> tuple[np.ndarray, list[float]]:
-    """Decode frames: uniform `count`, or at `fps` capped to `count`; returns (frames, timestamps)."""
-    from lvr.media import sample_frames
-
-    px = max_pixels or None
-    if fps > 0:
-        res = sample_frames(path, fps=fps, max_frames=count, max_pixels=px)
-    else:
-        res = sample_frames(path, num_frames=count, max_pixels=px)
-    return res.frames, [float(t) for t in res.timestamps_s]
-
-
-def _build(processor: Any, row: QARow, frames: np.ndarray, ts: list[float], mode: str) -> dict:
-    from lvr.models.inputs import build_sample
-
-    kwargs: dict[str, Any] = {"timestamps": ts} if len(ts) >= 2 else {"fps": 1.0}
-    return build_sample(
-        processor,
-        row.question,
-        row.options or None,
-        frames=frames,
-        target=target_text(row, mode),
-        mode=mode,  # type: ignore[arg-type]
-        **kwargs,
-    )
 
 
 def _fitting_frames(inputs: dict, frames: int, max_seq_len: int, temporal: int) -> int:
@@ -174,9 +132,16 @@ def _fitting_frames(inputs: dict, frames: int, max_seq_len: int, temporal: int) 
 
 
 def load_sample(
-    processor: Any, row: QARow, spec: FrameSpec, max_seq_len: int, mode: str = "think"
+    processor: Any,
+    row: QARow,
+    spec: FrameSpec,
+    max_seq_len: int,
+    mode: str = "think",
+    target: bool = True,
 ) -> LoadedSample:
-    """Decode frames and build one training sample, truncating by frames when it is too long.
+    """Decode frames and build one sample, truncating by frames when it is too long.
+
+    The one video -> sample path of both recipes (RL builds prompts with `target=False`).
 
     Args:
         processor: The VLM processor.
@@ -184,30 +149,37 @@ def load_sample(
         spec: Frame sampling.
         max_seq_len: Longest allowed sequence (prompt + video tokens + target).
         mode: "think" (reasoning target) or "direct".
+        target: Append the assistant target (SFT); False builds the prompt alone (RL).
 
     Returns:
         A `LoadedSample`; decode failures and samples that do not fit even with `min_frames` come
         back with `error` set (the caller counts and logs them), never with other frames.
     """
-    from lvr.media import VideoDecodeError
-
     temporal = int(getattr(processor.video_processor, "temporal_patch_size", 2) or 1)
-    count, fps = spec.frames, spec.fps
-    truncated = False
+    text = target_text(row, mode) if target else None
+    want, truncated = spec, False
     for _ in range(4):  # the token count is linear in frames: one or two rebuilds suffice
         try:
-            frames, ts = _sample_frames(row.video_path, count, fps, spec.max_pixels)
+            frames = sample_video(row.video_path, want)
         except (VideoDecodeError, OSError) as exc:
             return LoadedSample(row, None, error=f"decode: {type(exc).__name__}: {exc}")
-        inputs = _build(processor, row, frames, ts, mode)
+        inputs = frames_sample(processor, row.question, row.options, frames, text, mode)  # type: ignore[arg-type]
         if inputs["input_ids"].shape[1] <= max_seq_len:
-            return LoadedSample(row, inputs, frames=len(frames), truncated=truncated)
-        fit = min(_fitting_frames(inputs, len(frames), max_seq_len, temporal), len(frames) - 1)
+            return LoadedSample(
+                row, inputs, frames=len(frames.frames), truncated=truncated,
+                frame_indices=tuple(int(i) for i in frames.indices),
+                frame_shape=(int(frames.frames.shape[1]), int(frames.frames.shape[2])),
+            )  # fmt: skip
+        n = len(frames.frames)
+        fit = min(_fitting_frames(inputs, n, max_seq_len, temporal), n - 1)
         if fit < max(spec.min_frames, 1):
             break
-        count, fps, truncated = fit, 0.0, True  # fewer frames, evenly spread over the video
+        # fewer frames, evenly spread over the video
+        want, truncated = dataclasses.replace(want, frames=fit, fps=0.0), True
     return LoadedSample(
-        row, None, error=f"too long: does not fit max_seq_len={max_seq_len} with {count} frames"
+        row,
+        None,
+        error=f"too long: does not fit max_seq_len={max_seq_len} with {want.frames} frames",
     )
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lvr import answers
+from lvr.backends import Request, make_backend
 from lvr.errors import LvrError
 
 RewardFn = Callable[..., list[float]]
@@ -159,8 +160,6 @@ def accuracy_reward(
 
 @functools.cache
 def _judge_backend(model: str, base_url: str, timeout_s: float, api_key: str | None) -> Any:
-    from lvr.backends import make_backend
-
     return make_backend("openai", model, base_url=base_url, timeout_s=timeout_s, api_key=api_key)
 
 
@@ -197,9 +196,6 @@ def judged_accuracy_reward(
     Raises:
         RewardError: Every judge request of the call failed (endpoint down or misconfigured).
     """
-    from lvr.backends import Request
-    from lvr.eval.judge import JUDGE_PROMPT_VERSION, judge_messages, parse_verdict
-
     out = accuracy_reward(completions, answer, options)
     options = options if options is not None else [None] * len(completions)
     todo = [
@@ -212,17 +208,19 @@ def judged_accuracy_reward(
     requests = [
         Request(
             item_id=f"judge-{i}",
-            messages=judge_messages(question[i], str(answer[i]), span),
+            messages=answers.judge_messages(question[i], str(answer[i]), span),
             max_tokens=max_tokens,
             temperature=0.0,
-            prompt_version=JUDGE_PROMPT_VERSION,
+            prompt_version=answers.JUDGE_PROMPT_VERSION,
         )
         for i, span in todo
     ]
     responses = _judge_backend(model, base_url, timeout_s, api_key).run(requests, progress=False)
     failed = malformed = 0
     for (i, _), resp in zip(todo, responses, strict=True):
-        verdict = None if resp.error else parse_verdict(resp.texts[0] if resp.texts else None)
+        verdict = (
+            None if resp.error else answers.parse_verdict(resp.texts[0] if resp.texts else None)
+        )
         failed += resp.error is not None
         malformed += resp.error is None and verdict is None
         out[i] = 1.0 if verdict else 0.0

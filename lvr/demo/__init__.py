@@ -244,7 +244,7 @@ def step_llm_qa(run: Path, cfg: DemoConfig) -> StepResult:
 
 def step_task(run: Path, cfg: DemoConfig) -> StepResult:
     """The color-order learning task as a qa table (sft / rl / eval splits)."""
-    from lvr.datagen.color_task import make_color_qa
+    from lvr.demo.color_task import make_color_qa
 
     # "fixed" options (A red, B green, C blue, D yellow for every video): only the frames tell
     # the answer, and the small model learns it within the demo's few minutes.
@@ -258,7 +258,9 @@ def step_task(run: Path, cfg: DemoConfig) -> StepResult:
         mislabel=cfg.mislabel,
     )
     total = cfg.task_train + cfg.task_rl + cfg.task_eval
-    note = f"{cfg.mislabel:.0%} of yellow-first sft demonstrations say green" if cfg.mislabel else ""
+    note = (
+        f"{cfg.mislabel:.0%} of yellow-first sft demonstrations say green" if cfg.mislabel else ""
+    )
     return StepResult("task", 0.0, rows=f"{total} questions", where=str(table), note=note)
 
 
