@@ -188,6 +188,8 @@ class QAConfig:
         rewrite_model: Model of that pass (default: ``model``).
         template_source: Facts for ``template``: ``sidecar`` (synthetic ground truth) or
             ``captions`` (color/shape mentions parsed from the captions).
+        template_kinds: Only these question kinds of ``template`` (``[]``: every kind).
+        template_palette: Colors offered, in this order, by the ``first_color`` kind.
         seed: Salt of the category/format allocation and the template's choices.
     """
 
@@ -209,6 +211,9 @@ class QAConfig:
     rewrite_prompt: str = "rewrite_v1"
     rewrite_model: str = ""
     template_source: Literal["sidecar", "captions"] = "sidecar"
+    template_kinds: list[str] = field(default_factory=list)  # only these kinds ([] = all)
+    # Fixed options of the `first_color` kind, in order (e.g. [red, green, blue, yellow]).
+    template_palette: list[str] = field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -261,7 +266,10 @@ class FilterConfig:
     max_per_video: int | None = 50
     category_shares: dict[str, float] = field(default_factory=lambda: dict(PAPER_SHARES))
     category_share_tolerance: float = 0.1  # a share may exceed its target by this fraction of it
-    # rule 9: video-disjoint splits (fractions of videos, must sum to 1)
+    # rule 9: video-disjoint splits. "hash": fractions of videos (must sum to 1) by a salted hash
+    # of video_id; "folder": the folder holding the video file names its split (sft, rl or eval;
+    # e.g. a dataset's own train/test videos), other videos are rejected with the reason.
+    split_by: Literal["hash", "folder"] = "hash"
     split_sft: float = 0.30
     split_rl: float = 0.60
     split_eval: float = 0.10

@@ -19,7 +19,8 @@
 -- has exactly one fate. Rules 1-5 look at one row; 6-8 look at the rows still alive.
 --   1 generation_error  2 schema  3 duplicate_options  4 length  5 answer_leak
 --   6 duplicate, near_duplicate  7 too_easy, too_hard, no_pass_rate  8 video_cap, category_cap
---   9 kept rows get a split (sft | rl | eval) from a hash of video_id: video-disjoint and stable.
+--   9 kept rows get a split (sft | rl | eval) from a hash of video_id: video-disjoint and stable;
+--     or, with split_by = 'folder', from the folder holding the video (rule `split` otherwise).
 
 -- Normalized text: lower case, every run of non-letters/non-digits becomes one space, trimmed.
 CREATE OR REPLACE TEMP MACRO lvr_norm(s) AS
@@ -285,14 +286,25 @@ FROM (
 -- Rule 9: video-disjoint splits. u = salted hash of video_id in [0, 1): the same video always
 -- lands in the same split, whatever else is in the run.
 -- ---------------------------------------------------------------------------------------------
+-- With split_by = 'folder' the folder holding the video file names the split (sft | rl | eval):
+-- a dataset's own splits; a kept row whose video sits elsewhere is rejected here, with why.
+INSERT INTO rejected
+SELECT a._ord, 'split',
+       'video is not in an sft/, rl/ or eval/ folder (filter.split_by=folder): ' || a.video_path
+FROM alive a
+WHERE getvariable('split_by') = 'folder'
+  AND regexp_extract(coalesce(a.video_path, ''), '[/\\](sft|rl|eval)[/\\][^/\\]+$', 1) = '';
+
 CREATE OR REPLACE TEMP TABLE fates AS
 SELECT q._ord, r.rule, r.reason, p.pass_rate,
     CASE WHEN r.rule IS NOT NULL THEN NULL
+         WHEN getvariable('split_by') = 'folder' THEN folder
          WHEN u < getvariable('split_sft') THEN 'sft'
          WHEN u < getvariable('split_sft') + getvariable('split_rl') THEN 'rl'
          ELSE 'eval' END AS split
 FROM (SELECT _ord, qa_id,
-             md5_number_lower(getvariable('seed') || ':' || video_id)::DOUBLE / 18446744073709551616.0 AS u
+             md5_number_lower(getvariable('seed') || ':' || video_id)::DOUBLE / 18446744073709551616.0 AS u,
+             regexp_extract(coalesce(video_path, ''), '[/\\](sft|rl|eval)[/\\][^/\\]+$', 1) AS folder
       FROM qa_in) q
 LEFT JOIN rejected r USING (_ord)
 LEFT JOIN pass_rates_in p USING (qa_id);

@@ -183,7 +183,8 @@ class TemplateWriter:
                 continue
             rng = random.Random(f"{self.cfg.seed}:{base['qa_id']}")
             try:
-                q = template_qa.generate(facts, cat, fmt, rng, taken)
+                q = template_qa.generate(facts, cat, fmt, rng, taken, self.cfg.template_kinds,
+                                         self.cfg.template_palette)  # fmt: skip
             except template_qa.TemplateError as exc:
                 rows.append({**base, "error": str(exc)})
                 continue

@@ -229,6 +229,12 @@ def _scene_caption(scene: dict[str, Any], objs: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
+def refresh_facts(side: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar whose objects were edited (e.g. a deliberately wrong annotation), with its
+    derived ``facts`` recomputed from them."""
+    return {**side, "facts": _facts(side["objects"], len(side["scenes"]))}
+
+
 def _facts(objects: list[dict[str, Any]], num_scenes: int) -> dict[str, Any]:
     order = sorted(objects, key=lambda o: o["appear_frame"])
 

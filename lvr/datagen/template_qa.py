@@ -5,7 +5,8 @@ Facts come from the synthetic sidecar (exact ground truth) or are parsed from st
 Question kinds, by category:
 
 - temporal: order of first appearance of the colors, first / last shape to appear, what appears
-  right after a given shape;
+  right after a given shape, and (with ``qa.template_palette``) "Which color appears first?" with
+  the palette as fixed options in a fixed order (`first_color`, the learning task of `lvr demo`);
 - counting: shapes of one color, shapes of one kind, all shapes;
 - spatial: the direction a given shape moves in;
 - plot: the background when a given shape appears, how many times the scene changes.
@@ -22,7 +23,7 @@ import itertools
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +232,41 @@ def _color_order(f: Facts, rng: random.Random) -> tuple:
     return q, correct, [perms, swaps], reasoning, [_obj_ev(firsts[c]) for c in colors], colors
 
 
+class FixedOptions(list):
+    """Options a kind fixes itself (text and order), instead of drawing distractors."""
+
+
+def _first_color(palette: tuple[str, ...]) -> Kind:
+    """ "Which color appears first?" with the palette as the options, always in that order.
+
+    Question and options are the same text for every video, so only the frames can tell the
+    answer; the reasoning is one short sentence a small model can imitate.
+    """
+
+    def kind(f: Facts, rng: random.Random) -> tuple:
+        order = [o.color for o in f.objects]
+        if not order:
+            raise TemplateError("no shape to ask about")
+        if order[0] not in palette:
+            raise TemplateError(f"first color {order[0]!r} is not in qa.template_palette")
+        letter = LETTERS[palette.index(order[0])]
+        then = next((c for c in order[1:] if c != order[0]), None)
+        reasoning = f"The first color is {order[0]} ({letter})" + (
+            f", then {then}." if then else "."
+        )
+        evidence = [_obj_ev(f.objects[0])]
+        return (
+            "Which color appears first?",
+            order[0],
+            FixedOptions(palette),
+            reasoning,
+            evidence,
+            order[0],
+        )
+
+    return kind
+
+
 def _first_last(which: str) -> Kind:
     def kind(f: Facts, rng: random.Random) -> tuple:
         if len(f.objects) < 2:
@@ -392,17 +428,50 @@ KINDS: dict[str, list[tuple[str, Kind]]] = {
 }  # fmt: skip
 
 
-def generate(
-    facts: Facts, category: str, fmt: str, rng: random.Random, taken: set[str]
-) -> Question:
-    """One question of ``category`` and ``fmt`` whose text is not in ``taken``.
+def kinds_of(
+    category: str, names: Sequence[str] = (), palette: Sequence[str] = ()
+) -> list[tuple[str, Kind]]:
+    """The question kinds of a category (only `names` when given; `first_color` needs a palette).
 
     Raises:
-        TemplateError: The category is unknown or no new question of it fits this video.
+        TemplateError: An unknown category, or none of `names` belongs to it.
     """
     if category not in KINDS:
         raise TemplateError(f"template writes categories {', '.join(KINDS)}, not {category!r}")
     kinds = list(KINDS[category])
+    if category == "temporal" and palette:
+        kinds.append(("first_color", _first_color(tuple(palette))))
+    if names:
+        kinds = [(n, k) for n, k in kinds if n in names]
+        if not kinds:
+            raise TemplateError(f"qa.template_kinds {list(names)} has no {category} kind")
+    return kinds
+
+
+def generate(
+    facts: Facts,
+    category: str,
+    fmt: str,
+    rng: random.Random,
+    taken: set[str],
+    kinds: Sequence[str] = (),
+    palette: Sequence[str] = (),
+) -> Question:
+    """One question of ``category`` and ``fmt`` whose text is not in ``taken``.
+
+    Args:
+        facts: What the video shows.
+        category: Question category.
+        fmt: ``mc`` or ``open``.
+        rng: The question's seeded choices.
+        taken: Normalized questions (and kinds) this video already has; updated.
+        kinds: Only these kinds (default: all of the category).
+        palette: Fixed options of the `first_color` kind.
+
+    Raises:
+        TemplateError: The category is unknown or no new question of it fits this video.
+    """
+    kinds = kinds_of(category, kinds, palette)
     rng.shuffle(kinds)
     # Kinds not yet asked about this video first: the same kind twice reads like a near-duplicate.
     kinds.sort(key=lambda nk: f"kind:{nk[0]}" in taken)
@@ -411,9 +480,12 @@ def generate(
         for _ in range(4):  # kinds with a random target may need a few draws to find a new one
             try:
                 q, correct, pools, reasoning, evidence, truth = kind(facts, rng)
-                options, answer = (
-                    _pick_options(correct, pools, rng) if fmt == "mc" else ([], correct)
-                )
+                if fmt != "mc":
+                    options, answer = [], correct
+                elif isinstance(pools, FixedOptions):
+                    options, answer = list(pools), LETTERS[pools.index(correct)]
+                else:
+                    options, answer = _pick_options(correct, pools, rng)
             except TemplateError as exc:
                 reasons.append(f"{name}: {exc}")
                 break

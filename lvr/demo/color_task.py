@@ -9,12 +9,18 @@ ground truth); ``lvr datagen`` shows the general pipeline on richer videos.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 from lvr.artifacts import content_id, rows_to_table, write_parquet
-from lvr.datagen.synthetic import render_color_order_video
+from lvr.datagen.synthetic import (
+    read_sidecar,
+    refresh_facts,
+    render_color_order_video,
+    sidecar_path,
+)
 
 # Colors that are single tokens for the tiny tokenizer (" red", " orange", ...).
 TASK_COLORS = ["red", "green", "blue", "yellow", "cyan", "orange"]
@@ -102,6 +108,69 @@ def make_color_qa(
     table_dir = out_dir / "qa"
     write_parquet(table_dir / "00000.parquet", rows_to_table(rows, "qa"), "qa")
     return table_dir
+
+
+SPLITS = ("sft", "rl", "eval")
+
+
+def render_color_inputs(
+    folder: str | Path,
+    counts: dict[str, int],
+    seed: int = 0,
+    size: int = 56,
+    fps: float = 8.0,
+    duration_s: float = 2.0,
+    mislabel: float = 0.0,
+) -> Path:
+    """Render the task's videos into ``folder/<split>/`` with annotation sidecars.
+
+    Every video shows red, green, blue and yellow in a random order (the first color cycles over
+    the four, so golds are balanced). The sidecar is the dataset's annotation: what the demo's
+    template writer reads to write the question and its answer.
+
+    Args:
+        folder: Where the split folders go (videos already rendered there are reused).
+        counts: Videos per split, e.g. ``{"sft": 320, "rl": 256, "eval": 64}``.
+        seed: Seed of the color orders and the renderings.
+        size: Frame side in pixels.
+        fps: Frame rate.
+        duration_s: Video length.
+        mislabel: Share of the ``sft`` videos showing yellow first whose annotation says green (a
+            careless annotator of the training set); ``rl`` and ``eval`` annotations are true.
+
+    Returns:
+        ``folder``.
+    """
+    folder = Path(folder)
+    rng = random.Random(seed)
+    for split in SPLITS:
+        for i in range(counts.get(split, 0)):
+            letter = "ABCD"[i % 4]
+            colors = _pick_colors(rng, "fixed", letter)
+            render = {"colors": colors, "seed": seed * 100003 + i + 10**6 * SPLITS.index(split),
+                      "duration_s": duration_s, "size": size, "fps": fps}  # fmt: skip
+            path = folder / split / f"color_{i:05d}_{content_id(render)}.mp4"
+            if not (path.is_file() and sidecar_path(path).is_file()):
+                render_color_order_video(path, **render)
+            wrong = split == "sft" and colors[0] == MISLABELED and rng.random() < mislabel
+            _annotate(path, CONFUSED_WITH if wrong else None)
+    return folder
+
+
+def _annotate(path: Path, first_color: str | None) -> None:
+    """Rewrite a sidecar so that its first shape is annotated as ``first_color`` (None: leave
+    the renderer's truth). Idempotent: a rerun finds the same annotation."""
+    side = read_sidecar(path)
+    truth = side["spec"]["colors"][0]
+    said = first_color or truth
+    first = min(side["objects"], key=lambda o: o["appear_s"])
+    if first["color"] == said:
+        return
+    first["color"] = said
+    for clip in side["clips"]:
+        clip["caption"] = clip["caption"].replace(f"A {truth} ", f"A {said} ", 1)
+    side["annotator"] = f"took {truth} for {said}" if first_color else None
+    sidecar_path(path).write_text(json.dumps(refresh_facts(side), indent=1))
 
 
 def _mislabeled(colors: list[str]) -> dict[str, Any]:
