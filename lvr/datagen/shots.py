@@ -227,32 +227,52 @@ class _Sampler:
 def pair_scores(grids: np.ndarray, params: ShotParams) -> np.ndarray:
     """Score of each frame against its predecessor (see the module docstring, step 3).
 
+    Kept to a few passes over the batch: the structure check runs only on the pairs whose absolute
+    score is high enough for it to matter, and the contrast of each frame is estimated on every
+    other row and column of its grid, then measured on all cells where it is low.
+
     Args:
-        grids: [k + 1, 3, gh, gw] Y, U, V grids of consecutive frames.
+        grids: [k + 1, 3, gh, gw] int16 Y, U, V grids of consecutive frames.
         params: Thresholds.
 
     Returns:
         [k] float32 scores in [0, 1] of frames 1..k.
 
-    >>> flat, tinted = np.full((1, 3, 4, 4), 60), np.full((1, 3, 4, 4), 140)
+    >>> flat, tinted = np.full((1, 3, 4, 4), 60, np.int16), np.full((1, 3, 4, 4), 140, np.int16)
     >>> tinted[0, 0, :2] += 30  # same picture, whole frame brighter and redder
     >>> flat[0, 0, :2] += 30
     >>> pair_scores(np.concatenate([flat, tinted]), ShotParams()).tolist()
     [0.0]
     """
-    g = grids.astype(np.float32)
+    k, cells = len(grids) - 1, grids[0, 0].size
     thr = params.pixel_threshold
-    absolute = (np.abs(g[1:] - g[:-1]).sum(axis=1) > thr).mean(axis=(1, 2))  # [k]
-    dev = g - g.mean(axis=(2, 3), keepdims=True)  # [k+1, 3, gh, gw] centred on the frame mean
-    structure = (np.abs(dev[1:] - dev[:-1]).sum(axis=1) > thr).mean(axis=(1, 2))  # [k]
-    # A whole-frame colour/brightness shift over an unchanged picture is no cut.
-    score = np.where(structure >= params.min_structure, absolute, structure)
-    level = np.abs(dev).sum(axis=1).mean(axis=(1, 2))  # [k+1] contrast of each frame
+    d = np.abs(grids[1:] - grids[:-1])  # [k, 3, gh, gw] int16
+    total = d[:, 0] + d[:, 1] + d[:, 2]  # |dY| + |dU| + |dV| in int16 (<= 765): no upcast
+    score = np.count_nonzero((total > thr).reshape(k, -1), axis=1) / cells  # [k] absolute
+    sums = grids.reshape(k + 1, 3, -1).sum(axis=2, dtype=np.int32)
+    means = (sums / cells).astype(np.float32)  # [k+1, 3]
+    # A whole-frame colour/brightness shift over an unchanged picture is no cut: where many cells
+    # changed, compare the planes centred on their frame means.
+    cand = np.flatnonzero(score >= params.min_structure)
+    if cand.size:
+        before = grids[cand] - means[cand][:, :, None, None]  # [c, 3, gh, gw] float32
+        after = grids[cand + 1] - means[cand + 1][:, :, None, None]
+        structure = (np.abs(after - before).sum(axis=1) > thr).mean(axis=(1, 2))  # [c]
+        score[cand] = np.where(structure >= params.min_structure, score[cand], structure)
     # Out of (or into) a flat frame such as black: a dark scene's contrast appears at once.
+    level = _contrast(np.ascontiguousarray(grids[:, :, ::2, ::2]), means)  # [k+1] on 1/4 of cells
+    near = np.flatnonzero(level <= 3 * params.contrast_floor)  # could be flat: measure exactly
+    if near.size:
+        level[near] = _contrast(grids[near], means[near])
     flat, lit = level <= params.contrast_floor, level >= 1.5 * params.contrast_floor
     hi, lo = np.maximum(level[1:], level[:-1]), np.minimum(level[1:], level[:-1])
     edge = np.where((flat[:-1] & lit[1:]) | (lit[:-1] & flat[1:]), 1 - lo / np.maximum(hi, 1e-6), 0)
     return np.maximum(score, edge).astype(np.float32)
+
+
+def _contrast(grids: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """[n] mean absolute deviation of each frame from its channel means, summed over Y, U, V."""
+    return np.abs(grids - means[:, :, None, None]).sum(axis=1).mean(axis=(1, 2))
 
 
 def frame_scores(path: str | os.PathLike[str], params: ShotParams | None = None) -> FrameScores:
