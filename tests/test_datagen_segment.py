@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import media_defects
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +25,7 @@ from lvr.datagen.shots import (
 )
 from lvr.datagen.sources import InputError, resolve_inputs
 from lvr.datagen.synthetic import VideoSpec, read_sidecar, render_video, write_bad_files
+from lvr.media import probe
 
 SMALL = {
     "duration_s": 6.0,
@@ -234,8 +237,6 @@ def test_datasets_folder_input(mixed_dir: Path, tmp_path: Path) -> None:
 
 
 def test_clip_files_by_stream_copy(mixed_dir: Path, tmp_path: Path) -> None:
-    from lvr.media import probe
-
     cfg = cfg_for(mixed_dir / "good", "segment.stride_s=3", "segment.write_clips=true")
     run_segment(cfg, tmp_path, progress=False)
     clips = _table(tmp_path, "clips")
@@ -271,3 +272,89 @@ def test_shot_detection_on_other_pixel_formats(
         dst.mux(st.encode(None))
     assert len(side["cut_frames"]) >= 2
     assert detect_shots(out).cut_frames == side["cut_frames"]
+
+
+# --- real-footage defect classes (generated look-alikes, see media_defects) ---
+
+
+def _rows(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return _table(run, "videos"), sorted(_table(run, "clips"), key=lambda c: c["start_s"])
+
+
+def test_stride_clips_never_cover_undecodable_time(tmp_path: Path) -> None:
+    """The index promises 50 frames (2 s), the data decodes fewer: the clean clip ends where
+    decoding stops and an error row covers the rest."""
+    src = tmp_path / "in"
+    src.mkdir()
+    media_defects.partly_decodable_mp4(src / "partly.mp4")
+    decodable = len(media_defects.reference(src / "partly.mp4"))
+    assert 0 < decodable < 50
+    run_segment(cfg_for(src, "segment.min_clip_s=0.1"), tmp_path / "run", progress=False)
+    videos, clips = _rows(tmp_path / "run")
+    assert videos[0]["error"] is None and videos[0]["num_frames"] == 50
+    good, bad = [c for c in clips if c["error"] is None], [c for c in clips if c["error"]]
+    assert [(c["start_s"], c["end_s"]) for c in good] == [(0.0, decodable / 25)]
+    assert len(bad) == 1 and (bad[0]["start_s"], bad[0]["end_s"]) == (decodable / 25, 2.0)
+    assert "undecodable" in bad[0]["error"] and "\n" not in bad[0]["error"]
+    off = cfg_for(src, "segment.min_clip_s=0.1", "segment.verify_decode=false")
+    run_segment(off, tmp_path / "unverified", progress=False)  # opting out: probing only
+    assert [(c["start_s"], c["end_s"]) for c in _rows(tmp_path / "unverified")[1]] == [(0.0, 2.0)]
+
+
+def test_segment_reads_the_best_stream_and_keeps_rotation(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    media_defects.two_streams_mp4(src / "two.mp4")
+    media_defects.rotated_mp4(src / "rot.mp4", 90)
+    cfg = cfg_for(src, "segment.stride_s=0.6", "segment.min_clip_s=0.1", "segment.write_clips=true")
+    run_segment(cfg, tmp_path / "run", progress=False)
+    videos, clips = _rows(tmp_path / "run")
+    size = {Path(v["path"]).name: (v["width"], v["height"]) for v in videos}
+    assert size == {"two.mp4": (96, 54), "rot.mp4": (64, 96)}  # upright display size
+    for c in clips:
+        assert c["error"] is None, c
+        info = probe(c["clip_path"])
+        expected = size[Path(c["video_path"]).name]
+        assert (info.width, info.height) == expected and info.video_streams == 1
+        assert info.rotation == (90 if c["video_path"].endswith("rot.mp4") else 0)
+
+
+def test_shots_on_packed_b_frames_avi(tmp_path: Path) -> None:
+    """The decoder's timestamps are shuffled: frames are numbered in output order, no error."""
+    path = media_defects.packed_avi(tmp_path / "packed.avi")
+    result = detect_shots(path)
+    assert result.num_frames == 40 and result.undecodable_from_s is None
+
+
+def _dark_scene(i: int) -> np.ndarray:
+    """Frame ``i`` of a very dark scene (RGB 2-14: bars and checks), drifting slowly."""
+    yy, xx = np.mgrid[0:64, 0:96]
+    a = np.zeros((64, 96, 3), np.uint8)  # [H, W, 3]
+    a[..., 0] = 4 + 10 * ((xx + i) // 12 % 2)
+    a[..., 1] = 3 + 8 * (yy // 16 % 2)
+    a[..., 2] = 2 + 6 * (((xx + yy + 2 * i) // 10) % 2)
+    return a
+
+
+def test_cut_from_black_to_a_very_dark_scene(tmp_path: Path) -> None:
+    frames = [np.zeros((64, 96, 3), np.uint8)] * 25 + [_dark_scene(i) for i in range(25)]
+    result = detect_shots(media_defects.encode(tmp_path / "dark.mp4", frames), keep_scores=True)
+    assert result.scores.changed[25] >= 0.35  # was 0.0: every cell changes by a few levels only
+    assert result.cut_frames == [25]
+
+
+def test_whole_frame_colour_change_is_not_a_cut(tmp_path: Path) -> None:
+    """The same picture re-tinted (PySceneDetect's counter clip): ContentDetector reports no cut."""
+    pic = (60 + media_defects.picture(0, 96, 64) * 0.45).astype(np.uint8)  # 60-175: no clipping
+    tint = (pic.astype(int) + [60, -30, -30]).astype(np.uint8)  # redder, same picture
+    frames = [pic] * 25 + [tint] * 25
+    result = detect_shots(media_defects.encode(tmp_path / "tint.mp4", frames), keep_scores=True)
+    assert result.cut_frames == [] and result.scores.changed[25] < 0.1
+
+
+def test_shot_docstrings() -> None:
+    import doctest
+
+    from lvr.datagen import shots
+
+    assert doctest.testmod(shots).failed == 0

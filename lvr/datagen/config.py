@@ -90,11 +90,14 @@ class SegmentConfig:
         min_clip_s: Shortest clip (shorter shots merge; a short stride remainder joins the last clip).
         max_clip_s: Longest clip for ``shots`` (longer shots are split evenly).
         shots: Shot detector thresholds.
+        verify_decode: Decode every frame of every video once (the shot detector's fast scan), so
+            that clips never cover time that does not decode: a video that stops decoding part-way
+            gets clips up to there and an error row for the rest. ``shots`` always decodes.
         write_clips: Also write each clip as a file by stream copy (no re-encoding; the file starts at
             the keyframe at or before the clip start).
         clip_dir: Folder for clip files (default ``<run>/clip_files``).
         id_threads: Threads that hash files into video ids (I/O bound).
-        workers: Processes that decode videos in parallel for ``shots``/``write_clips`` (0 = one
+        workers: Processes that decode videos in parallel for ``shots``/``verify_decode``/``write_clips`` (0 = one
             per core). The shot detector decodes with one thread, its most efficient setting.
     """
 
@@ -103,6 +106,7 @@ class SegmentConfig:
     min_clip_s: float = 2.0
     max_clip_s: float = 10.0
     shots: ShotParams = field(default_factory=ShotParams)
+    verify_decode: bool = True
     write_clips: bool = False
     clip_dir: str = ""
     id_threads: int = 8

@@ -27,7 +27,7 @@ from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_sta
 from lvr.datagen.shots import ShotDetectionError, detect_shots, shots_to_clips, stride_clips
 from lvr.datagen.sources import InputFile, render_synthetic, resolve_inputs
 from lvr.layout import RunLayout
-from lvr.media import VideoDecodeError, VideoInfo, probe
+from lvr.media import VideoDecodeError, VideoInfo, load_index, probe
 
 
 @dataclass(frozen=True)
@@ -108,34 +108,55 @@ def video_row(item: InputItem) -> tuple[dict[str, Any], VideoInfo | None]:
 
 def clip_ranges(
     path: str, duration_s: float, seg: SegmentConfig
-) -> tuple[list[tuple[float, float]], str]:
-    """Time ranges of the clips of one video and the method used.
+) -> tuple[list[tuple[float, float]], str, float | None, str]:
+    """Time ranges of the clips of one video, the method, and where the video stops decoding.
+
+    The ``shots`` method decodes every frame anyway; ``stride`` does too when
+    ``segment.verify_decode`` is on (the default), with the same fast scan. Clips then cover only
+    the time that decodes; the rest is reported (``undecodable_from_s``, reason), never hidden.
+
+    Returns:
+        (ranges, method, undecodable_from_s or None, reason or '').
 
     Raises:
-        ShotDetectionError: ``shots`` method on a video that cannot be decoded through.
+        ShotDetectionError: Not one frame of the video decodes.
     """
-    if seg.method == "stride":
-        return stride_clips(duration_s, seg.stride_s, seg.min_clip_s), "stride"
+    if seg.method == "stride" and not seg.verify_decode:
+        return stride_clips(duration_s, seg.stride_s, seg.min_clip_s), "stride", None, ""
     result = detect_shots(path, seg.shots)
-    return shots_to_clips(result.cuts_s, duration_s, seg.min_clip_s, seg.max_clip_s), "shots"
+    bad = result.undecodable_from_s
+    usable = duration_s if bad is None else bad
+    if seg.method == "stride":
+        ranges = stride_clips(usable, seg.stride_s, seg.min_clip_s)
+    else:
+        ranges = shots_to_clips(result.cuts_s, usable, seg.min_clip_s, seg.max_clip_s)
+    return ranges, seg.method, bad, result.decode_error
 
 
 def clip_rows(
     item: InputItem, duration_s: float, seg: SegmentConfig, clip_dir: Path | None
 ) -> list[dict[str, Any]]:
-    """Clip rows of one probed video (one error row when shot detection or clip writing fails)."""
+    """Clip rows of one probed video.
+
+    One error row replaces them all when the video does not decode at all; a video that stops
+    decoding part-way gets clips up to there and one error row for the rest.
+    """
     vid, path = item.video_id, item.path
+
+    def row(k: int, s: float, e: float, method: str, error: str | None) -> dict[str, Any]:
+        return {"clip_id": clip_id(vid, s, e), "video_id": vid, "video_path": path,
+                "clip_index": k, "start_s": s, "end_s": e, "method": method,
+                "clip_path": None, "error": error}  # fmt: skip
+
     try:
-        ranges, method = clip_ranges(path, duration_s, seg)
+        ranges, method, bad, reason = clip_ranges(path, duration_s, seg)
     except ShotDetectionError as exc:
-        return [{"clip_id": clip_id(vid, 0.0, duration_s), "video_id": vid, "video_path": path,
-                 "clip_index": 0, "start_s": 0.0, "end_s": duration_s, "method": seg.method,
-                 "error": f"shot detection failed: {error_line(exc)}"}]  # fmt: skip
-    rows = [
-        {"clip_id": clip_id(vid, s, e), "video_id": vid, "video_path": path, "clip_index": k,
-         "start_s": s, "end_s": e, "method": method, "clip_path": None, "error": None}
-        for k, (s, e) in enumerate(ranges)
-    ]  # fmt: skip
+        what = "shot detection" if seg.method == "shots" else "decoding"
+        return [row(0, 0.0, duration_s, seg.method, f"{what} failed: {error_line(exc)}")]
+    rows = [row(k, s, e, method, None) for k, (s, e) in enumerate(ranges)]
+    if bad is not None:
+        rows.append(row(len(rows), round(bad, 6), duration_s, method,
+                        f"undecodable from {bad:.3f} s to {duration_s:.3f} s: {reason}"))  # fmt: skip
     if clip_dir is not None:
         write_clip_files(path, rows, clip_dir / vid)
     return rows
@@ -149,6 +170,8 @@ def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> No
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for row in rows:
+        if row["error"]:
+            continue  # undecodable time: no file
         target = out_dir / f"{row['clip_id']}.mp4"
         if target.is_file():
             row["clip_path"] = str(target)
@@ -167,12 +190,17 @@ def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> No
 def _copy_range(src: str, dst: Path, start_s: float, end_s: float) -> None:
     """Copy video packets from the keyframe at/before ``start_s`` until ``end_s`` (decode time).
 
-    Timestamps are rebased so the file starts at 0. Cutting by decode time keeps every reference a
-    copied frame needs; the last reordered B-frames before ``end_s`` may fall just outside.
+    Reads the stream ``lvr.media`` reads (the best one) and keeps its display matrix, so the clip
+    plays upright where the source does. Timestamps are rebased so the file starts at 0. Cutting by
+    decode time keeps every reference a copied frame needs; the last reordered B-frames before
+    ``end_s`` may fall just outside.
     """
+    index = load_index(src)
     with av.open(src) as inp, av.open(str(dst), "w", format="mp4") as out:
-        ist = inp.streams.video[0]
+        ist = inp.streams[index.info.stream_index]
         ost = out.add_stream_from_template(ist)
+        if index.display_matrix is not None:
+            ost.set_display_matrix(index.display_matrix)
         tb = float(ist.time_base)
         t0 = ist.start_time or 0
         inp.seek(t0 + int(start_s / tb), stream=ist, backward=True, any_frame=False)
@@ -212,12 +240,14 @@ class Segmenter:
 
     @cached_property
     def pool(self) -> Executor | None:
-        """A process pool when decoding work is parallel over videos (shots, clip files) and wanted.
+        """A process pool when decoding work is parallel over videos (shots, decode check, clip
+        files) and wanted.
 
         Made on the first shard that runs: a run whose shards are all finished starts no process.
         """
         workers = self.seg.workers or os.cpu_count() or 1
-        if workers <= 1 or (self.seg.method != "shots" and not self.seg.write_clips):
+        decoding = self.seg.method == "shots" or self.seg.verify_decode or self.seg.write_clips
+        if workers <= 1 or not decoding:
             return None  # probing reads headers only: not worth a process pool
         # spawn: the parent may hold threads (progress bars, thread pools), which fork does not copy safely
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))

@@ -7,10 +7,26 @@ How it works, and why it is fast:
    everything after it is kept to a few microseconds per frame.
 2. Read the Y, U and V planes *in place* through the buffer protocol and take a coarse grid of about
    50 x 40 samples (a strided view, no copy, no colour conversion, no scaling filter).
-3. Per frame pair, the score is the fraction of grid cells whose |dY| + |dU| + |dV| exceeds
-   ``pixel_threshold``. A cut replaces (nearly) the whole picture, so it scores close to 1, while an
-   object that appears, moves or vanishes changes a few percent of the cells; a global mean
-   difference (PySceneDetect's content score) mixes these up, the changed fraction does not.
+3. Per frame pair, the score is the fraction of grid cells whose change exceeds a threshold. A cut
+   replaces (nearly) the whole picture, so it scores close to 1, while an object that appears, moves
+   or vanishes changes a few percent of the cells; a global mean difference (PySceneDetect's content
+   score) mixes these up, the changed fraction does not. Each plane is first centred on its frame
+   mean, so a change of the whole frame's colour or brightness (a tint, a lighting change, a fade
+   step) moves no cell, where ContentDetector also sees no cut. In detail:
+
+   - absolute: the fraction of cells whose |dY| + |dU| + |dV| exceeds ``pixel_threshold``;
+   - structure: the same fraction on planes centred on their frame mean. Below ``min_structure``
+     the picture did not change, only its colour or brightness did (a tint, a lighting change, a
+     fade step): the score is the structure fraction, not the absolute one. ContentDetector scores
+     such a change high too but then, in PySceneDetect's own test clip, drops it by its 15-frame
+     minimum scene length; a cut that brings a new background colour *and* new objects keeps its
+     absolute score.
+   - edges of flat frames: a cut from black to a very dark scene changes every cell by a few grey
+     levels only, below any threshold that ignores noise. But the black frame is flat (contrast at
+     most ``contrast_floor``) and the dark scene is not (at least 1.5 times that): such a step
+     scores ``1 - low/high`` contrast (0.5 for a scene with twice the floor's contrast). A fade from
+     black grows its contrast gradually and does not score.
+
    Chroma matters: two dark backgrounds can share their luma (maroon vs indigo) and differ only in
    colour.
 4. A frame starts a new shot when its score is a local peak that exceeds ``min_score`` and beats the
@@ -34,6 +50,7 @@ import av
 import numpy as np
 
 from lvr.errors import LvrError
+from lvr.media import VideoDecodeError, load_index
 
 # Planar 8/10-bit YUV layouts we read in place: name -> (chroma x subsampling, y subsampling, bytes).
 _PLANAR: dict[str, tuple[int, int, int]] = {
@@ -60,6 +77,10 @@ class ShotParams:
 
     Attributes:
         pixel_threshold: A grid cell counts as changed when |dY| + |dU| + |dV| exceeds this (0-255 units).
+        contrast_floor: A frame whose contrast (mean absolute deviation from its mean, summed over
+            Y, U and V, 0-255 units) is at most this is flat (black, a flat fade); see step 3.
+        min_structure: Changed fraction of the mean-centred planes below which a change is a
+            recolouring of the same picture (its absolute score is not used).
         min_score: Smallest changed fraction (0-1) that can be a cut.
         min_jump: How much a cut's fraction must exceed the median of its neighbourhood.
         window_s: Neighbourhood half-width for that median, in seconds.
@@ -71,6 +92,8 @@ class ShotParams:
     """
 
     pixel_threshold: float = 24.0
+    contrast_floor: float = 2.0
+    min_structure: float = 0.1
     min_score: float = 0.35
     min_jump: float = 0.25
     window_s: float = 0.5
@@ -88,12 +111,19 @@ class FrameScores:
         changed: [N] float32 changed-cell fraction between frame i-1 and i (0 for frame 0).
         fps: Frames per second estimated from the timestamps.
         duration_s: Timestamp of the last frame plus one frame duration.
+        undecodable_from_s: Where the video stops decoding (the time of the first frame of its
+            index that a full decode did not produce), None when every frame decoded.
+        decode_error: Why, in one line ('' when every frame decoded).
+        frame_numbers: [N] int64 media-index frame number of each scored frame (None: 0..N-1).
     """
 
     times_s: np.ndarray
     changed: np.ndarray
     fps: float
     duration_s: float
+    undecodable_from_s: float | None = None
+    decode_error: str = ""
+    frame_numbers: np.ndarray | None = None
 
 
 @dataclass
@@ -106,6 +136,8 @@ class ShotResult:
         duration_s: Video duration as decoded.
         num_frames: Frames decoded.
         scores: The per-frame scores (for debugging and tuning).
+        undecodable_from_s: Where the video stops decoding (None: every frame decoded).
+        decode_error: Why, in one line.
     """
 
     cuts_s: list[float]
@@ -113,6 +145,8 @@ class ShotResult:
     duration_s: float
     num_frames: int
     scores: FrameScores | None = field(default=None, repr=False)
+    undecodable_from_s: float | None = None
+    decode_error: str = ""
 
 
 def _grid_step(width: int) -> int:
@@ -138,9 +172,9 @@ class _Sampler:
     keeps scoring well below the cost of decoding).
     """
 
-    def __init__(self, width: int, height: int, threshold: float, batch: int = 256):
+    def __init__(self, width: int, height: int, params: ShotParams, batch: int = 256):
         self.w, self.h, self.step = width, height, _grid_step(width)
-        self.thr = int(threshold)
+        self.params = params
         self.batch = batch
         self.buf: np.ndarray | None = None  # [batch + 1, 3, gh, gw] int16; slot 0 = previous frame
         self.fill = 0  # frames in the buffer after slot 0
@@ -187,89 +221,146 @@ class _Sampler:
         if self.buf is None or self.fill == 0:
             return
         k = self.fill
-        seg = self.buf[: k + 1]  # [k + 1, 3, gh, gw]
-        # [k, 3, gh, gw] differences written into a preallocated buffer: no temporaries
-        d = np.subtract(seg[1:], seg[:-1], out=self.tmp[:k])
-        np.abs(d, out=d)
-        total = d[:, 0]  # |dY| + |dU| + |dV| summed in int16 (<= 765): no int64 upcast
-        total += d[:, 1]
-        total += d[:, 2]
-        changed = np.count_nonzero((total > self.thr).reshape(k, -1), axis=1)  # [k]
-        self.scores.append((changed / total[0].size).astype(np.float32))
+        self.scores.append(pair_scores(self.buf[: k + 1], self.params))
         self.buf[0] = self.buf[self.fill]
         self.fill = 0
+
+
+def pair_scores(grids: np.ndarray, params: ShotParams) -> np.ndarray:
+    """Score of each frame against its predecessor (see the module docstring, step 3).
+
+    Kept to a few passes over the batch: the structure check runs only on the pairs whose absolute
+    score is high enough for it to matter, and the contrast of each frame is estimated on every
+    other row and column of its grid, then measured on all cells where it is low.
+
+    Args:
+        grids: [k + 1, 3, gh, gw] int16 Y, U, V grids of consecutive frames.
+        params: Thresholds.
+
+    Returns:
+        [k] float32 scores in [0, 1] of frames 1..k.
+
+    >>> flat, tinted = np.full((1, 3, 4, 4), 60, np.int16), np.full((1, 3, 4, 4), 140, np.int16)
+    >>> tinted[0, 0, :2] += 30  # same picture, whole frame brighter and redder
+    >>> flat[0, 0, :2] += 30
+    >>> pair_scores(np.concatenate([flat, tinted]), ShotParams()).tolist()
+    [0.0]
+    """
+    k, cells = len(grids) - 1, grids[0, 0].size
+    thr = params.pixel_threshold
+    d = np.abs(grids[1:] - grids[:-1])  # [k, 3, gh, gw] int16
+    total = d[:, 0] + d[:, 1] + d[:, 2]  # |dY| + |dU| + |dV| in int16 (<= 765): no upcast
+    score = np.count_nonzero((total > thr).reshape(k, -1), axis=1) / cells  # [k] absolute
+    sums = grids.reshape(k + 1, 3, -1).sum(axis=2, dtype=np.int32)
+    means = (sums / cells).astype(np.float32)  # [k+1, 3]
+    # A whole-frame colour/brightness shift over an unchanged picture is no cut: where many cells
+    # changed, compare the planes centred on their frame means.
+    cand = np.flatnonzero(score >= params.min_structure)
+    if cand.size:
+        before = grids[cand] - means[cand][:, :, None, None]  # [c, 3, gh, gw] float32
+        after = grids[cand + 1] - means[cand + 1][:, :, None, None]
+        structure = (np.abs(after - before).sum(axis=1) > thr).mean(axis=(1, 2))  # [c]
+        score[cand] = np.where(structure >= params.min_structure, score[cand], structure)
+    # Out of (or into) a flat frame such as black: a dark scene's contrast appears at once.
+    level = _contrast(np.ascontiguousarray(grids[:, :, ::2, ::2]), means)  # [k+1] on 1/4 of cells
+    near = np.flatnonzero(level <= 3 * params.contrast_floor)  # could be flat: measure exactly
+    if near.size:
+        level[near] = _contrast(grids[near], means[near])
+    flat, lit = level <= params.contrast_floor, level >= 1.5 * params.contrast_floor
+    hi, lo = np.maximum(level[1:], level[:-1]), np.minimum(level[1:], level[:-1])
+    edge = np.where((flat[:-1] & lit[1:]) | (lit[:-1] & flat[1:]), 1 - lo / np.maximum(hi, 1e-6), 0)
+    return np.maximum(score, edge).astype(np.float32)
+
+
+def _contrast(grids: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """[n] mean absolute deviation of each frame from its channel means, summed over Y, U, V."""
+    return np.abs(grids - means[:, :, None, None]).sum(axis=1).mean(axis=(1, 2))
 
 
 def frame_scores(path: str | os.PathLike[str], params: ShotParams | None = None) -> FrameScores:
     """Decode a video once and score every consecutive frame pair.
 
+    Reads the stream ``lvr.media`` reads (the best one, not stream 0) and numbers frames in decoder
+    output order, like ``lvr.media``. A video that stops decoding part-way is scored up to there,
+    and ``undecodable_from_s`` says where (decoders may also drop damaged frames silently: every
+    frame of the media index must come out).
+
     Args:
         path: Video file.
-        params: Detector settings (decoder threads, loop filter, pixel threshold).
+        params: Detector settings (decoder threads, loop filter, thresholds).
 
     Returns:
         The per-frame scores and timestamps.
 
     Raises:
-        ShotDetectionError: The file cannot be opened or decoded, or holds no video frames.
+        ShotDetectionError: The file cannot be opened, holds no video, or not one frame decodes.
     """
     params = params or ShotParams()
     path = str(path)
     try:
+        index = load_index(path)
         container = av.open(path, metadata_errors="ignore")
+    except VideoDecodeError as exc:
+        raise ShotDetectionError(f"cannot read {path}: {exc.reason}") from None
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as exc:
         raise ShotDetectionError(f"cannot open {path}: {exc}") from None
     with container:
-        if not container.streams.video:
-            raise ShotDetectionError(f"{path} has no video stream")
-        st = container.streams.video[0]
+        st = container.streams[index.info.stream_index]
         st.thread_type = "AUTO"
         st.codec_context.thread_count = params.threads
         if params.skip_loop_filter:
             st.codec_context.options = {"skip_loop_filter": "all"}  # deblocking moves no cut
-        pts, changed = _scan(container, st, path, params.pixel_threshold)
-        tb = float(st.time_base) if st.time_base else 0.0
-    return _to_scores(pts, changed, tb, float(st.average_rate or 0), path)
+        pts, changed, error = _scan(container, st, path, params)
+    return _to_scores(pts, changed, index, error)
 
 
-def _scan(container: Any, st: Any, path: str, pixel_threshold: float) -> tuple[list, np.ndarray]:
-    """(pts per frame, changed fraction per frame) in decode-output order."""
+def _scan(container: Any, st: Any, path: str, params: ShotParams) -> tuple[list, np.ndarray, str]:
+    """(pts per frame, changed fraction per frame, decode error or '') in decode-output order."""
     sampler: _Sampler | None = None
     pts: list[int | None] = []
+    error = ""
     try:
         for frame in container.decode(st):
             if sampler is None:
-                sampler = _Sampler(frame.width, frame.height, pixel_threshold)
+                sampler = _Sampler(frame.width, frame.height, params)
             sampler.add(frame)
             pts.append(frame.pts)
     except av.error.FFmpegError as exc:
-        if not pts:
-            raise ShotDetectionError(f"cannot decode {path}: {exc}") from None
-        raise ShotDetectionError(f"decoding {path} failed after {len(pts)} frames: {exc}") from None
+        error = f"decoding failed after {len(pts)} frames ({type(exc).__name__}: {exc})"
     if sampler is None:
-        raise ShotDetectionError(f"{path} has no decodable video frames")
+        raise ShotDetectionError(f"cannot decode {path}: {error or 'no video frames'}")
     sampler.flush()
-    return pts, np.concatenate(sampler.scores)
+    return pts, np.concatenate(sampler.scores), error
 
 
-def _to_scores(pts: list, changed: list, tb: float, rate: float, path: str) -> FrameScores:
-    """Timestamps from pts (frame index / rate when pts are missing), sorted into display order."""
-    n = len(pts)
-    if all(p is not None for p in pts) and tb > 0:
-        raw = np.asarray(pts, np.int64)
-        order = np.argsort(raw, kind="stable")
-        if not np.array_equal(order, np.arange(n)):
-            raise ShotDetectionError(f"{path}: decoded frames are not in presentation order")
-        times = (raw - raw[0]).astype(np.float64) * tb
-    elif rate > 0:
-        times = np.arange(n, dtype=np.float64) / rate
-    else:
-        raise ShotDetectionError(
-            f"{path}: frames carry no timestamps and the stream has no frame rate"
-        )
-    step = float(np.median(np.diff(times))) if n > 1 else (1.0 / rate if rate > 0 else 1.0)
-    fps = 1.0 / step if step > 0 else rate
-    return FrameScores(times, np.asarray(changed, np.float32), fps, float(times[-1] + step))
+def _to_scores(pts: list, changed: np.ndarray, index: Any, error: str) -> FrameScores:
+    """Timestamps of the decoded frames and where decoding stopped, from the media index.
+
+    Frame ``i`` of the output is index frame ``i`` when the decoder's timestamps are unusable
+    (packed B-frames in AVI); otherwise each frame is placed by its pts, and index frames whose pts
+    never came out are undecodable.
+    """
+    n, total = len(pts), len(index.pts)
+    pos = None
+    if not index.counted and all(p is not None for p in pts):
+        pos = np.searchsorted(index.pts, np.asarray(pts, np.int64))  # [n] index position per frame
+        known = (pos < total) & (index.pts[np.minimum(pos, total - 1)] == np.asarray(pts))
+        if not known.all() or (np.diff(pos) <= 0).any():
+            pos = None  # timestamps do not follow the index: fall back to output order
+    if pos is None:
+        pos = np.arange(n)
+    pos = pos[pos < total]
+    times = index.times_s[pos]
+    got = np.zeros(total, bool)
+    got[pos] = True
+    missing = np.flatnonzero(~got)
+    bad_from = float(index.times_s[missing[0]]) if missing.size else None
+    if missing.size and not error:
+        error = f"{missing.size} of {total} frames did not decode (first: frame {missing[0]})"
+    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / index.info.fps
+    fps = 1.0 / step if step > 0 else index.info.fps
+    duration = index.info.duration_s if bad_from is None else float(times[-1] + step)
+    return FrameScores(times, changed[: len(times)], fps, duration, bad_from, error, pos)
 
 
 def find_cuts(scores: FrameScores, params: ShotParams | None = None) -> list[int]:
@@ -327,12 +418,17 @@ def detect_shots(
     params = params or ShotParams()
     scores = frame_scores(path, params)
     frames = find_cuts(scores, params)
+    numbers = (
+        scores.frame_numbers if scores.frame_numbers is not None else np.arange(len(scores.times_s))
+    )
     return ShotResult(
         cuts_s=[round(float(scores.times_s[i]), 6) for i in frames],
-        cut_frames=frames,
+        cut_frames=[int(numbers[i]) for i in frames],
         duration_s=scores.duration_s,
         num_frames=len(scores.times_s),
         scores=scores if keep_scores else None,
+        undecodable_from_s=scores.undecodable_from_s,
+        decode_error=scores.decode_error,
     )
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from lvr.media.errors import VideoDecodeError
 from lvr.media.indices import plan_decode, plan_indices, select_indices
-from lvr.media.probe import VideoInfo, clear_cache, load_index, probe
-from lvr.media.sample import Frames, resized_shape, sample_frames
+from lvr.media.probe import VideoInfo, load_index, probe
+from lvr.media.sample import Frames, clear_cache, resized_shape, sample_frames
 from lvr.media.spec import FrameSpec, sample_video
 
 __all__ = [

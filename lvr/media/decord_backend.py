@@ -1,20 +1,36 @@
 """Exact and keyframe-only decoding with decord 0.6 (never decord2 3.x: it returns wrong frames).
 
-decord numbers frames like ``VideoIndex`` (presentation order) and, as tested, returns the same pixels
-as PyAV on MP4. On an MPEG-TS file it silently skipped the first GOP (its frame 0 was frame 12), so
-this backend refuses files without a container index (anything but MP4/MOV). It runs the same decode plan: ``seek_accurate`` opens a segment, ``skip_frames`` + ``next``
-walk forward through it. decord indexes the whole file when it opens it (one pass over the packets).
+decord numbers frames like ``VideoIndex`` (presentation order), reads the same best stream as
+FFmpeg and returns upright frames for rotated files, and, as tested, the same pixels as PyAV on
+H.264 in MP4/MOV. Elsewhere it was wrong without any error: on an MPEG-TS file it skipped the first
+GOP (its frame 0 was frame 12), on an old-style AVI it was off by one on every frame, on H.265 it
+returned frames 3..8 shifted by one. So it is used only where it has been checked:
+
+- by kind: H.264 in a container with a full sample table (MP4/MOV), timestamps usable;
+- by file: the first time decord reads a file in this process, a spread of its frames is compared
+  with the PyAV backend's (``check``); the verdict is cached per (path, size, mtime).
+
+Where either check fails, ``sample_frames`` falls back to PyAV and says why in ``Frames.backend_note``.
+It runs the same decode plan: ``seek_accurate`` opens a segment, ``skip_frames`` + ``next`` walk
+forward through it. decord indexes the whole file when it opens it (one pass over the packets).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections import OrderedDict
 
 import numpy as np
 
+from lvr.media import pyav_backend
 from lvr.media.errors import VideoDecodeError
-from lvr.media.indices import Segment
+from lvr.media.indices import Segment, plan_decode
 from lvr.media.probe import VideoIndex
+
+CHECKED_CODECS = ("h264",)  # codecs whose decord output matched a full PyAV decode on real files
+_VERDICTS: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_VERDICTS_SIZE = 256
 
 
 def available() -> bool:
@@ -22,16 +38,28 @@ def available() -> bool:
     return importlib.util.find_spec("decord") is not None
 
 
+def unsupported(index: VideoIndex) -> str:
+    """Why decord must not read this file ('' when its kind has been checked to agree with PyAV)."""
+    info = index.info
+    if info.codec not in CHECKED_CODECS:
+        return f"decord is not checked for {info.codec} video (only {', '.join(CHECKED_CODECS)})"
+    if info.index_source != "container":
+        if info.container.startswith("mov"):
+            return (
+                "decord is only checked on constant-rate MP4/MOV; this one's frame timing is "
+                "irregular (variable rate or edit list)"
+            )
+        kind = info.container.split(",")[0]
+        return f"decord is only checked on MP4/MOV sample tables; this is a {kind} file"
+    if info.frame_order != "pts":
+        return "the file stores no usable timestamps; decord numbers its frames differently"
+    return ""
+
+
 def _open(index: VideoIndex, threads: int):  # -> decord.VideoReader
     import decord  # lazy: optional dependency (x86_64 Linux wheels only)
 
     path = index.info.path
-    if index.info.index_source != "container":
-        # On an MPEG-TS copy of a test video decord's frame 0 was frame 12 (it skips the first GOP).
-        raise ValueError(
-            f"backend='decord' is limited to MP4/MOV (container-indexed) files; decord returned "
-            f"wrong frames on other containers in tests. Use backend='pyav' for {path}"
-        )
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     except (decord.DECORDError, RuntimeError) as e:
@@ -56,6 +84,43 @@ def _guard(path: str, what: str, fn):  # -> fn()
         ) from e
 
 
+def check(index: VideoIndex, threads: int = 1) -> str:
+    """Compare decord with the PyAV backend on a spread of frames of this file (cached).
+
+    The frames: the first two, three inside the video and the last (shifts by one frame and wrong
+    streams or orientations all show there).
+
+    Returns:
+        '' when decord agrees, else the reason not to use it.
+    """
+    path = index.info.path
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key in _VERDICTS:
+        _VERDICTS.move_to_end(key)
+        return _VERDICTS[key]
+    n = index.info.num_frames
+    probe_idx = np.unique(np.array([0, 1, n // 3, n // 2 + 1, 2 * n // 3, n - 1]).clip(0, n - 1))
+    plan = plan_decode(probe_idx, index.keyframes, "seek")
+    try:
+        ours = decode_exact(index, plan, threads)
+    except VideoDecodeError as e:
+        verdict = f"decord failed on this file ({e.reason})"
+    else:
+        ref = pyav_backend.decode_exact(index, plan, threads)
+        bad = [int(i) for i in probe_idx if not np.array_equal(ours[int(i)], ref[int(i)])]
+        verdict = f"decord's frames {bad} differ from a full decode" if bad else ""
+    _VERDICTS[key] = verdict
+    if len(_VERDICTS) > _VERDICTS_SIZE:
+        _VERDICTS.popitem(last=False)
+    return verdict
+
+
+def clear_verdicts() -> None:
+    """Forget the per-file checks (benchmarks time cold calls)."""
+    _VERDICTS.clear()
+
+
 def decode_exact(
     index: VideoIndex, segments: list[Segment], threads: int = 1
 ) -> dict[int, np.ndarray]:
@@ -63,7 +128,6 @@ def decode_exact(
 
     Raises:
         VideoDecodeError: decord fails to open or decode.
-        ValueError: The file is not MP4/MOV (see the module docstring).
     """
     path, out = index.info.path, {}
     vr = _open(index, threads)

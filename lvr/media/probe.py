@@ -1,12 +1,23 @@
 """Probe a video and build its frame index (frame number -> presentation timestamp, keyframes).
 
-Frame ``i`` is the ``i``-th frame in presentation order (sorted by pts), exactly as decord numbers
-frames; its timestamp is ``(pts_i - pts_0) * time_base`` seconds, so the first frame is at 0.0.
+Frame ``i`` is the ``i``-th frame a full decode of the file outputs (in presentation order), exactly
+as ffmpeg and decord number frames; its timestamp is ``(pts_i - pts_0) * time_base`` seconds, so the
+first frame is at 0.0 (``VideoInfo.start_s`` says where that is on the file's own timeline).
+
+Which stream: the one FFmpeg's ``av_find_best_stream`` (and so ffmpeg, PyAV and decord) picks, not
+blindly stream 0; cover art does not count. Orientation: the first frame is decoded once to read its
+display matrix, and every frame lvr returns is turned upright with it (see ``orientation``).
 
 The index comes from the container when it has one (MP4/MOV sample tables exposed by FFmpeg as
 ``index_entries``: free, no packet is read). Otherwise, or when the timestamps are not constant-rate,
 every packet header of the video stream is read once ("counting"), which costs one pass over the file
 but no decoding. Indexes are cached per (path, size, mtime) in this process.
+
+Containers that store no presentation timestamps (AVI, raw elementary streams) get them guessed by
+FFmpeg's parser; with B-frames, and above all with DivX/Xvid "packed B-frames" (two pictures in one
+AVI chunk, a placeholder in the next), the decoder's output timestamps then do not follow the
+index. Such streams are marked ``frame_order="decoder"``: frames are counted in decoder output order
+from the start of the file, never matched by timestamp.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import av
 import numpy as np
 
 from lvr.media.errors import VideoDecodeError
+from lvr.media.orientation import UPRIGHT, Orientation, display_matrix, from_matrix
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,22 @@ class VideoInfo:
         num_keyframes: Number of keyframes (random-access points).
         keyframe_times_s: Timestamps of the keyframes, seconds from the first frame.
         index_source: ``container`` (sample table) or ``demux`` (counted packets).
+        rotation: Counter-clockwise rotation of the display matrix in degrees, as ffprobe reports
+            it (``-90``: stored sideways, shown turned clockwise); frames come back upright.
+        coded_width: Width of the frames as stored (before rotation).
+        coded_height: Height of the frames as stored.
+        start_s: Time of the first frame on the file's own timeline (e.g. 1.075 for a video whose
+            first frame is shown after 1.075 s); every ``timestamps_s`` is relative to it.
+        stream_index: The container's index of the video stream read (the best one, as ffmpeg
+            picks it; not always 0).
+        video_streams: Number of video streams in the file (cover art not counted).
+        pixel_aspect: Sample aspect ratio (display width of one pixel over its height; 1.0 for
+            square pixels). Frames are returned as stored, not resampled.
+        frame_order: ``pts`` (frames are found by timestamp, seeks allowed) or ``decoder`` (the
+            container stores no usable timestamps: frames are counted from the start of the file).
+        container: FFmpeg's name of the container format, e.g. ``mov,mp4,m4a,3gp,3g2,mj2``.
+
+    ``width`` and ``height`` are the size of the frames lvr returns: upright, i.e. the display size.
     """
 
     path: str
@@ -52,6 +80,15 @@ class VideoInfo:
     num_keyframes: int
     keyframe_times_s: tuple[float, ...]
     index_source: str
+    rotation: int = 0
+    coded_width: int = 0
+    coded_height: int = 0
+    start_s: float = 0.0
+    stream_index: int = 0
+    video_streams: int = 1
+    pixel_aspect: float = 1.0
+    frame_order: str = "pts"
+    container: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +102,8 @@ class VideoIndex:
         keyframes: [K] int64 frame numbers of the keyframes, ascending.
         seek_ts: [K] int64 timestamp to pass to ``container.seek`` to land on each keyframe.
         time_base: Stream time base.
+        orientation: How to turn decoded frames upright.
+        display_matrix: The stream's display matrix (9 integers, as FFmpeg stores it) or None.
     """
 
     info: VideoInfo
@@ -73,6 +112,13 @@ class VideoIndex:
     keyframes: np.ndarray
     seek_ts: np.ndarray
     time_base: Fraction
+    orientation: Orientation = UPRIGHT
+    display_matrix: tuple[int, ...] | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether frames must be counted in decoder output order (no usable timestamps)."""
+        return self.info.frame_order == "decoder"
 
 
 def open_container(path: str | os.PathLike[str]) -> av.container.InputContainer:
@@ -92,18 +138,43 @@ def open_container(path: str | os.PathLike[str]) -> av.container.InputContainer:
         raise VideoDecodeError(path, f"not a readable media file ({_short(e)})") from e
 
 
-def video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
-    """The first real video stream (cover art / attached pictures do not count).
+def video_streams(container: av.container.InputContainer) -> list[av.video.stream.VideoStream]:
+    """The real video streams of a file (cover art / attached pictures do not count)."""
+    return [
+        st
+        for st in container.streams.video
+        if not st.disposition & av.stream.Disposition.attached_pic
+    ]
+
+
+def video_stream(
+    container: av.container.InputContainer, path: str, index: int | None = None
+) -> av.video.stream.VideoStream:
+    """The video stream to read: ``index`` if given, else the best one as ffmpeg picks it.
+
+    "Best" is the ffmpeg command line's choice: a stream marked default before others, then the
+    largest picture, then the lowest index. With two default streams it takes the 480x270 main
+    picture where "stream 0" would read a 320x180 preview. (``av_find_best_stream``, which PyAV's
+    ``streams.best`` and decord use, breaks such ties by bitrate instead; they agree on real files
+    seen so far, and decord is checked per file.) Cover art is never chosen.
 
     Raises:
         VideoDecodeError: No video stream (e.g. an audio-only file).
     """
-    for st in container.streams.video:
-        if not st.disposition & av.stream.Disposition.attached_pic:
-            return st
-    audio = len(container.streams.audio)
-    raise VideoDecodeError(
-        path, "no video stream (audio-only file)" if audio else "no video stream"
+    real = video_streams(container)
+    if index is not None:
+        for st in real:
+            if st.index == index:
+                return st
+    if not real:
+        audio = len(container.streams.audio)
+        raise VideoDecodeError(
+            path, "no video stream (audio-only file)" if audio else "no video stream"
+        )
+    # ffmpeg's own rule (what users see): default streams first, then the most pixels.
+    default = av.stream.Disposition.default
+    return max(
+        real, key=lambda st: (bool(st.disposition & default), st.width * st.height, -st.index)
     )
 
 
@@ -123,6 +194,8 @@ def _from_container_index(
     after a keyframe in decode order is shown before it). The decoders check both claims against the
     decoded pts and fail loudly when they do not hold.
     """
+    if not st.container.format.name.startswith("mov"):
+        return None  # only MP4/MOV sample tables store presentation times (AVI's idx1 does not)
     entries = st.index_entries
     n = len(entries)
     # Trust the table only when the container declares what it should hold (MP4: frame count and
@@ -152,11 +225,37 @@ def _from_container_index(
     return pts, keyframes, pts[keyframes]
 
 
+# Containers whose packets carry no stored presentation timestamp (FFmpeg's parser guesses them).
+_GUESSED_PTS_FORMATS = frozenset({"avi", "h264", "hevc", "m4v", "mpegvideo", "h263", "vc1"})
+_VOP = b"\x00\x00\x01\xb6"  # MPEG-4 part 2 picture (VOP) start code
+_PACKED_SCAN_PACKETS = 64  # packed B-frames show in the first GOP or never
+
+
+def _packed_bframes(data: bytes) -> bool:
+    """Whether an MPEG-4 part 2 packet is DivX/Xvid "packed": two pictures in one chunk, or the
+    ``DivX...p`` user data that tells FFmpeg the stream is packed."""
+    if data.count(_VOP) > 1:
+        return True
+    at = data.find(b"DivX")
+    if at < 0:
+        return False
+    vop = data.find(_VOP, at)
+    tag = data[at : vop if vop > at else at + 32].rstrip(b"\x00")
+    return tag.endswith(b"p")
+
+
 def _from_demux(
     container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
-) -> tuple[np.ndarray, ...]:
-    """(pts, keyframes, seek_ts) by reading every packet header of the stream once (no decoding)."""
-    rows = []
+) -> tuple[tuple[np.ndarray, ...], bool]:
+    """((pts, keyframes, seek_ts), counted) by reading every packet header of the stream once.
+
+    ``counted`` is True when the decoder's output timestamps cannot be matched to this index (see
+    the module docstring): a container without stored timestamps whose packets show reordering,
+    missing timestamps or packed B-frames.
+    """
+    rows, guessed = [], container.format.name.split(",")[0] in _GUESSED_PTS_FORMATS
+    reordered = packed = False
+    mpeg4 = st.codec_context.name == "mpeg4"
     try:
         for pkt in container.demux(st):
             if pkt.size == 0 or pkt.is_discard:
@@ -164,6 +263,9 @@ def _from_demux(
             t = pkt.pts if pkt.pts is not None else pkt.dts
             if t is None:
                 raise VideoDecodeError(path, "packets carry no timestamps")
+            reordered = reordered or pkt.pts is None or pkt.pts != pkt.dts
+            if guessed and mpeg4 and len(rows) < _PACKED_SCAN_PACKETS and not packed:
+                packed = _packed_bframes(bytes(pkt))
             rows.append((t, pkt.is_keyframe))
     except av.error.FFmpegError as e:
         raise VideoDecodeError(
@@ -177,7 +279,34 @@ def _from_demux(
     if not key.any():
         raise VideoDecodeError(path, "video stream has no keyframe")
     keyframes = np.flatnonzero(key).astype(np.int64)
-    return pts, keyframes, pts[keyframes]
+    return (pts, keyframes, pts[keyframes]), guessed and (reordered or packed)
+
+
+def _first_frame(
+    container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
+) -> av.VideoFrame:
+    """Decode the stream from its start until the first frame comes out (for its side data).
+
+    Raises:
+        VideoDecodeError: Nothing decodes from the start of the stream.
+    """
+    cc = st.codec_context
+    cc.thread_count, cc.thread_type = 1, "SLICE"
+    fed = 0
+    try:
+        container.seek(0)  # AV_TIME_BASE units: the start of the file, for every stream
+        for pkt in container.demux(st):
+            frames = pkt.decode()
+            fed += 1
+            if not frames and pkt.size == 0:  # end of stream: drain what the decoder holds
+                frames = cc.decode(None)
+            if frames:
+                return frames[0]
+            if fed > 300:
+                break
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(path, f"the first frame does not decode ({_short(e)})") from e
+    raise VideoDecodeError(path, f"no frame decodes from the first {fed} packets of the stream")
 
 
 def _rate(pts: np.ndarray, tb: Fraction, declared: Fraction | None) -> tuple[float, float]:
@@ -185,7 +314,9 @@ def _rate(pts: np.ndarray, tb: Fraction, declared: Fraction | None) -> tuple[flo
 
     Constant steps give the exact rate (240 frames at 24 fps last 10.0 s, not 9.999999999999998).
     Uneven steps (rounded millisecond timestamps in Matroska, or variable rate) give the mean rate,
-    replaced by the container's declared rate when that agrees within 1%.
+    replaced by the container's declared rate when that agrees within 1%. The duration always
+    reaches past the start of the last frame (by at least the shortest frame step), so a video
+    whose declared rate would end it exactly where its last frame starts is still sampled to its end.
     """
     n = len(pts)
     if n < 2 or pts[-1] == pts[0]:
@@ -199,24 +330,33 @@ def _rate(pts: np.ndarray, tb: Fraction, declared: Fraction | None) -> tuple[flo
         rate = (n - 1) / span
         if declared and abs(Fraction(declared) / rate - 1) < Fraction(1, 100):
             rate = Fraction(declared)
+        last_end = span + int(steps.min()) * tb
+        return float(rate), float(max(n / rate, last_end))
     return float(rate), float(n / rate)  # n frame durations: the last frame lasts one step too
 
 
 def _check_declared_duration(
-    container: av.container.InputContainer, pts: np.ndarray, path: str
+    container: av.container.InputContainer,
+    st: av.video.stream.VideoStream,
+    pts: np.ndarray,
+    path: str,
 ) -> None:
     """Counted frames must fill the duration the header declares (catches truncated MKV/WebM).
 
-    Only for files without audio: an audio track may legitimately outlast the video.
+    Only for files without audio: an audio track may legitimately outlast the video. Matroska
+    declares the end time (from 0) where MP4 declares the span: a video whose first frame is shown
+    late (start offset) is checked against the later of the two readings.
     """
     if container.streams.audio or not container.duration or len(pts) < 2:
         return
     declared = container.duration / 1e6  # AV_TIME_BASE
-    present = float((pts[-1] - pts[0]) * container.streams.video[0].time_base)
+    span = float((pts[-1] - pts[0]) * st.time_base)
+    end = float(pts[-1] * st.time_base)  # the last frame's start on the file's timeline
+    present = max(span, end)
     if declared > present + max(1.0, 0.05 * declared):
         raise VideoDecodeError(
             path,
-            f"truncated: the header declares {declared:.2f} s but only {present:.2f} s of frames are present",
+            f"truncated: the header declares {declared:.2f} s but only {span:.2f} s of frames are present",
         )
 
 
@@ -226,31 +366,47 @@ def _build_index(path: str) -> VideoIndex:
         cc = st.codec_context
         if not cc.width or not cc.height:
             raise VideoDecodeError(path, f"video stream has no frame size ({cc.width}x{cc.height})")
-        table = _from_container_index(st, path)
+        table, counted = _from_container_index(st, path), False
         source = "container"
         if table is None:
             source = "demux"  # nothing consumed yet: probing packets are replayed by demux()
-            table = _from_demux(container, st, path)
+            table, counted = _from_demux(container, st, path)
         pts, keyframes, seek_ts = table
         if source == "demux":
-            _check_declared_duration(container, pts, path)
+            _check_declared_duration(container, st, pts, path)
+        first = _first_frame(container, st, path)
+        matrix = display_matrix(first)
+        orientation = from_matrix(matrix, path)
+        width, height = orientation.size(first.width, first.height)
         tb = Fraction(st.time_base or Fraction(1, 1))
         times = (pts - pts[0]).astype(np.float64) * float(tb)
         fps, duration = _rate(pts, tb, st.average_rate)
+        sar = st.sample_aspect_ratio
         info = VideoInfo(
             path=path,
             duration_s=duration,
             fps=fps,
             num_frames=len(pts),
-            width=cc.width,
-            height=cc.height,
+            width=width,
+            height=height,
             codec=cc.name,
             has_audio=bool(container.streams.audio),
             num_keyframes=len(keyframes),
             keyframe_times_s=tuple(round(float(t), 6) for t in times[keyframes]),
             index_source=source,
+            rotation=orientation.rotation,
+            coded_width=first.width,
+            coded_height=first.height,
+            start_s=round(float(int(pts[0]) * tb), 6),
+            stream_index=st.index,
+            video_streams=len(video_streams(container)),
+            pixel_aspect=float(sar) if sar else 1.0,
+            frame_order="decoder" if counted else "pts",
+            container=container.format.name,
         )
-    return VideoIndex(info, pts, times, keyframes, np.asarray(seek_ts, np.int64), tb)
+    return VideoIndex(
+        info, pts, times, keyframes, np.asarray(seek_ts, np.int64), tb, orientation, matrix
+    )
 
 
 _CACHE: OrderedDict[tuple[str, int, int], VideoIndex] = OrderedDict()
@@ -289,7 +445,8 @@ def clear_cache() -> None:
 
 
 def probe(path: str | os.PathLike[str]) -> VideoInfo:
-    """Describe a video: duration, fps, frame count, size, codec, audio, keyframes.
+    """Describe a video: duration, fps, frame count, upright size, rotation, codec, audio, keyframes,
+    start offset and which of its streams is read.
 
     Args:
         path: A video file.

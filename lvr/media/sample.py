@@ -4,6 +4,9 @@ Exact mode returns exactly the requested frames (by index, by timestamp, N unifo
 optionally within a time range). Approximate mode (``approx=True``) snaps each target to the nearest
 keyframe and decodes keyframes only — several times cheaper on long videos — and reports the keyframes'
 true frame numbers and timestamps, never the requested ones.
+
+Every frame is the one a full decode of the file's best video stream gives at that index, turned
+upright (display matrix applied), or a ``VideoDecodeError`` where the file cannot be decoded there.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lvr.media.indices import (
     plan_indices,
 )
 from lvr.media.probe import VideoIndex, VideoInfo, load_index
+from lvr.media.probe import clear_cache as clear_index_cache
 
 BACKENDS = ("auto", "pyav", "decord")
 
@@ -43,6 +47,8 @@ class Frames:
         strategy: ``sequential`` (one forward pass), ``seek`` (one seek per frame), ``mixed``, or
             ``keyframes`` (approximate mode).
         approx: Whether frames were snapped to keyframes.
+        backend_note: Why the backend asked for was not used ('' when it was), e.g. decord on a
+            kind of file where it has not been checked, or that disagreed with PyAV on this file.
     """
 
     frames: np.ndarray
@@ -52,15 +58,22 @@ class Frames:
     backend: str
     strategy: str
     approx: bool
+    backend_note: str = ""
+
+
+def clear_cache() -> None:
+    """Forget cached indexes and decord checks (benchmarks use it to time cold calls)."""
+    clear_index_cache()
+    decord_backend.clear_verdicts()
 
 
 def resolve_backend(backend: str) -> str:
     """``auto`` -> ``pyav``; ``decord`` only when asked for.
 
     Why not decord first: on the same decode plan decord was 1.5-3x slower than PyAV here (it converts
-    every decoded frame to RGB, skipped ones included, and cannot drop non-reference frames), and its
-    inexact ``seek`` fails on some long MP4s. Both return identical frames (tested), so ``auto`` takes
-    the faster one; see benchmarks/frames.py.
+    every decoded frame to RGB, skipped ones included, and cannot drop non-reference frames), its
+    inexact ``seek`` fails on some long MP4s, and on several kinds of file it returns wrong frames
+    (see ``decord_backend``). ``auto`` takes PyAV; see benchmarks/frames.py.
 
     Raises:
         ValueError: Unknown backend, or ``decord`` asked for but not installed.
@@ -127,6 +140,14 @@ def _request(
     )
 
 
+def _checked_backend(index: VideoIndex, backend: str, threads: int) -> tuple[str, str]:
+    """(backend to use, note): decord only where its kind and this file were checked."""
+    if backend != "decord":
+        return backend, ""
+    reason = decord_backend.unsupported(index) or decord_backend.check(index, threads)
+    return ("pyav", f"{reason}; used pyav") if reason else ("decord", "")
+
+
 def _exact(
     index: VideoIndex, req: np.ndarray, backend: str, strategy: str, threads: int
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -138,6 +159,8 @@ def _exact(
     decode = decord_backend.decode_exact if backend == "decord" else pyav_backend.decode_exact
     got = decode(index, segments, threads)
     frames = np.stack([got[int(i)] for i in req])  # [N, H, W, 3]
+    if index.counted:
+        return frames, req, "sequential"  # decoded from the start (see pyav_backend)
     used = "sequential" if len(segments) == 1 else "seek" if len(segments) == len(uniq) else "mixed"
     return frames, req, used
 
@@ -191,8 +214,11 @@ def sample_frames(
         max_pixels: Downscale (aspect kept) so that H * W <= max_pixels.
         approx: Snap each frame to the nearest keyframe (ties: the earlier) and decode keyframes
             only; ``indices``/``timestamps_s`` of the result are the keyframes'. Targets sharing a
-            nearest keyframe give repeated frames. ``strategy`` does not apply.
-        backend: ``auto`` (PyAV, the faster here), ``pyav`` or ``decord`` (same frames; MP4/MOV only).
+            nearest keyframe give repeated frames. ``strategy`` does not apply. On files without
+            usable timestamps (``info.frame_order == "decoder"``) the exact frames are returned.
+        backend: ``auto`` (PyAV, the faster here), ``pyav`` or ``decord``. decord is used only on
+            H.264 MP4/MOV files where a spread of its frames matched PyAV's; elsewhere PyAV is
+            used and ``Frames.backend_note`` says why.
         strategy: ``auto`` (cost model), ``sequential`` or ``seek``; see ``lvr.media.indices``.
         threads: Decoder threads; 1 suits data loaders with many workers, 0 = all cores.
 
@@ -202,14 +228,14 @@ def sample_frames(
     Raises:
         VideoDecodeError: The file is missing, empty, corrupt, truncated, audio-only, not a video, or a
             requested frame cannot be decoded. Never black frames or frames of another video.
-        ValueError: A malformed request: indices or times out of range, bad range, unknown backend,
-            or decord asked for a file that is not MP4/MOV.
+        ValueError: A malformed request: indices or times out of range, bad range, unknown backend.
     """
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
-    used_backend = resolve_backend(backend)
     index = load_index(path)
     req = _request(index, indices, timestamps_s, num_frames, fps, start_s, end_s, max_frames)
+    used_backend, note = _checked_backend(index, resolve_backend(backend), threads)
+    approx = approx and not index.counted  # no keyframe numbering without timestamps
     if approx:
         frames, idx, used = _approx(index, req, used_backend, threads)
     else:
@@ -222,4 +248,5 @@ def sample_frames(
         backend=used_backend,
         strategy=used,
         approx=approx,
+        backend_note=note,
     )
