@@ -86,7 +86,7 @@ def start_server(latency: float, fault_rate: float = 0.0) -> tuple[subprocess.Po
     cmd = [
         sys.executable,
         "-m",
-        "lvr.backends.fake_server",
+        "lvr.testing.fake_server",
         "--latency",
         str(latency),
         "--fault-rate",

@@ -72,6 +72,10 @@ class EvalRunLayout:
         return self.root / "scores"
 
     @property
+    def pass_rates(self) -> Path:
+        return self.root / "pass_rates"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 

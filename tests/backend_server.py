@@ -1,7 +1,7 @@
 """Test helpers for anything that talks to an OpenAI-compatible server (import as `backend_server`).
 
-The server itself lives in the package (`lvr.backends.fake_server`) because the benchmark and the demo
-use it too; this module adds pytest-friendly pieces: a context manager, a port nothing listens on, and
+The server itself lives in the package's test scaffolding (`lvr.testing.fake_server`) because the
+throughput benchmarks use it too; this module adds pytest-friendly pieces: a context manager, a port nothing listens on, and
 caption / QA shaped requests with the schemas the fake server answers plausibly.
 """
 
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lvr.backends import Request
-from lvr.backends.fake_server import FakeOpenAIServer, FaultConfig
+from lvr.testing.fake_server import FakeOpenAIServer, FaultConfig
 
 CAPTION_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -37,13 +37,13 @@ from lvr.backends import (
     cache_key,
     make_backend,
 )
-from lvr.backends.fake_server import FaultConfig
 from lvr.backends.json_grammar import JsonGrammar
 from lvr.backends.limits import RateLimiter, backoff_delay, parse_retry_after
 from lvr.backends.openai_backend import read_choices
 from lvr.backends.schema import parse_and_validate, validate
 from lvr.errors import LvrError
 from lvr.layout import RunLayout
+from lvr.testing.fake_server import FaultConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -497,7 +497,7 @@ def test_doctests() -> None:
     import doctest
 
     from lvr import secrets
-    from lvr.backends import fake_content, json_grammar, limits, openai_backend, schema, usage
+    from lvr.testing import fake_content, json_grammar, limits, openai_backend, schema, usage
 
     for module in (
         json_grammar,

@@ -295,12 +295,12 @@ def test_as_qa_relabels_numbers(tmp_path: Path) -> None:
 
 
 def test_videomme_v2_run_headline_is_the_grouped_score(tmp_path: Path) -> None:
-    from lvr.backends.fake_server import FakeOpenAIServer
     from lvr.datagen.synthetic import VideoSpec, render_video
     from lvr.eval.config import EvalConfig
     from lvr.eval.official import group_score
     from lvr.eval.report import write_report
     from lvr.eval.runner import run_eval
+    from lvr.testing.fake_server import FakeOpenAIServer
 
     spec = {"duration_s": 2.0, "fps": 8.0, "width": 64, "height": 48, "scene_len_s": (1.0, 1.0)}
     for seed, vid in enumerate(["001", "002", "003", "004"]):

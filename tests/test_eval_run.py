@@ -199,7 +199,7 @@ def test_frame_sweep_and_report(tiny_vlm: Path, lvr_videos: Path, tmp_path: Path
 
 
 def test_openai_backend_and_malformed_judge(lvr_videos: Path, tmp_path: Path) -> None:
-    from lvr.backends.fake_server import FakeOpenAIServer
+    from lvr.testing.fake_server import FakeOpenAIServer
 
     base = {"video_id": "v", "duration_s": 3.0, "category": "goal", "split": "eval",
             "generator": "g", "prompt_version": "p",
@@ -233,8 +233,8 @@ def test_openai_backend_and_malformed_judge(lvr_videos: Path, tmp_path: Path) ->
 
 def test_judge_yes_no_and_malformed_reply_is_an_error() -> None:
     from lvr.backends import make_backend
-    from lvr.backends.fake_server import FakeOpenAIServer, FaultConfig
     from lvr.eval.judge import judge_messages, judge_rows, parse_verdict
+    from lvr.testing.fake_server import FakeOpenAIServer, FaultConfig
 
     assert [parse_verdict(t) for t in ["Yes", " no.", "**YES**", "<think>hm</think>No"]] == [
         True, False, True, False]  # fmt: skip

@@ -167,9 +167,9 @@ def test_run_that_answers_nothing_exits_nonzero_with_reasons(tmp_path: Path) -> 
 
 
 def test_videomme_eval_run_on_real_rows(vmme_videos: Path, tmp_path: Path) -> None:
-    from lvr.backends.fake_server import FakeOpenAIServer
     from lvr.eval.config import EvalConfig
     from lvr.eval.runner import run_eval
+    from lvr.testing.fake_server import FakeOpenAIServer
 
     with FakeOpenAIServer() as server:
         cfg = EvalConfig(model="openai:fake-model", benchmark="videomme", data=str(VIDEOMME),

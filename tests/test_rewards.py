@@ -100,7 +100,7 @@ def test_reward_returning_wrong_length_is_an_error() -> None:
 
 
 def test_judged_accuracy_over_loopback_judge() -> None:
-    from lvr.backends.fake_server import FakeOpenAIServer
+    from lvr.testing.fake_server import FakeOpenAIServer
 
     completions = [
         "<think>t</think><answer>A red circle.</answer>",  # exact after normalization: no call
@@ -145,7 +145,7 @@ def test_judged_accuracy_errors_are_one_line() -> None:
 def test_judged_accuracy_dead_judge_stops_the_step(kind: str) -> None:
     """A judge that never gives a usable reply (empty content, HTTP 500 after retries) stops RL
     with one line naming the endpoint, instead of silently scoring every open answer 0."""
-    from lvr.backends.fake_server import FakeOpenAIServer, FaultConfig
+    from lvr.testing.fake_server import FakeOpenAIServer, FaultConfig
 
     columns = {"answer": ["a red circle"], "question": ["What moves?"]}
     completion = ["<answer>the red circle moving left</answer>"]  # the judge would say Yes

@@ -15,12 +15,12 @@ from backend_server import fake_server
 
 from lvr.artifacts import read_table, rows_to_table, write_parquet
 from lvr.backends import BackendError
-from lvr.backends.fake_server import FaultConfig
 from lvr.backends.openai_backend import resolve_api_key
 from lvr.config import config_hash, load_config, to_dict, to_yaml
 from lvr.datagen.config import DatagenConfig
 from lvr.layout import RunLayout
 from lvr.secrets import REDACTED, redact, scrub
+from lvr.testing.fake_server import FaultConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # A fresh key per session: a leftover file from another run cannot make the grep pass or fail.

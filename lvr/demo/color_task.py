@@ -21,6 +21,7 @@ from lvr.datagen.synthetic import (
     render_color_order_video,
     sidecar_path,
 )
+from lvr.layout import RunLayout
 
 # Colors that are single tokens for the tiny tokenizer (" red", " orange", ...).
 TASK_COLORS = ["red", "green", "blue", "yellow", "cyan", "orange"]
@@ -46,7 +47,8 @@ def make_color_qa(
     options: str = "shuffled",
     mislabel: float = 0.0,
 ) -> Path:
-    """Render color-order videos and write a ``qa`` table (``out_dir/qa/00000.parquet``).
+    """Render color-order videos and write a ``qa`` table, laid out as a run folder
+    (``out_dir/inputs/*.mp4``, ``out_dir/qa/00000.parquet``).
 
     Rows come in the order sft (``n_train``), rl (``n_rl``), eval (``n_eval``); videos already
     rendered with the same settings are reused (their names hold a hash of those settings), so a
@@ -80,7 +82,7 @@ def make_color_qa(
         raise ValueError(f"options must be 'shuffled' or 'fixed', got {options!r}")
     if mislabel and options != "fixed":
         raise ValueError("mislabel needs options='fixed' (the letter of each color is known)")
-    out_dir = Path(out_dir)
+    layout = RunLayout(Path(out_dir))  # a small run folder: inputs/ and the qa table
     rng = random.Random(seed)
     splits = ["sft"] * n_train + ["rl"] * n_rl + ["eval"] * n_eval
     rows: list[dict[str, Any]] = []
@@ -91,7 +93,7 @@ def make_color_qa(
                   "size": size, "fps": fps}  # fmt: skip
         # The name holds a hash of everything the renderer sees: a file is reused only when
         # it is this very video (another variant or size renders a new file).
-        path = out_dir / "videos" / f"c{seed}_{i:05d}_{content_id(render)}.mp4"
+        path = layout.inputs / f"c{seed}_{i:05d}_{content_id(render)}.mp4"
         if not path.is_file():
             render_color_order_video(path, **render)
         opts = FIXED_OPTIONS if options == "fixed" else None
@@ -101,16 +103,21 @@ def make_color_qa(
             row.update(_mislabeled(colors))
         rows.append(row)
     for j in range(bad_videos):
-        bad = out_dir / "videos" / f"bad_{j}.mp4"
+        bad = layout.inputs / f"bad_{j}.mp4"
         bad.parent.mkdir(parents=True, exist_ok=True)
         bad.write_bytes(b"this is not a video")
         rows.append(color_row(10**6 + j, str(bad), TASK_COLORS[:4], "A", rng, "sft", duration_s))
-    table_dir = out_dir / "qa"
+    table_dir = layout.qa
     write_parquet(table_dir / "00000.parquet", rows_to_table(rows, "qa"), "qa")
     return table_dir
 
 
 SPLITS = ("sft", "rl", "eval")
+
+
+def split_folders(folder: str | Path) -> dict[str, Path]:
+    """Where `render_color_inputs` puts each split's videos: ``folder/<split>/``."""
+    return {split: Path(folder) / split for split in SPLITS}
 
 
 def render_color_inputs(
@@ -141,20 +148,19 @@ def render_color_inputs(
     Returns:
         ``folder``.
     """
-    folder = Path(folder)
     rng = random.Random(seed)
-    for split in SPLITS:
+    for split, where in split_folders(folder).items():
         for i in range(counts.get(split, 0)):
             letter = "ABCD"[i % 4]
             colors = _pick_colors(rng, "fixed", letter)
             render = {"colors": colors, "seed": seed * 100003 + i + 10**6 * SPLITS.index(split),
                       "duration_s": duration_s, "size": size, "fps": fps}  # fmt: skip
-            path = folder / split / f"color_{i:05d}_{content_id(render)}.mp4"
+            path = where / f"color_{i:05d}_{content_id(render)}.mp4"
             if not (path.is_file() and sidecar_path(path).is_file()):
                 render_color_order_video(path, **render)
             wrong = split == "sft" and colors[0] == MISLABELED and rng.random() < mislabel
             _annotate(path, CONFUSED_WITH if wrong else None)
-    return folder
+    return Path(folder)
 
 
 def _annotate(path: Path, first_color: str | None) -> None:

@@ -20,7 +20,7 @@ from lvr.datagen.filter import run_filter
 from lvr.datagen.qa import run_qa
 from lvr.datagen.segment import run_segment
 from lvr.demo import DemoConfig
-from lvr.demo.color_task import FIXED_OPTIONS, render_color_inputs
+from lvr.demo.color_task import FIXED_OPTIONS, render_color_inputs, split_folders
 from lvr.errors import LvrError
 from lvr.eval.config import EvalConfig
 from lvr.eval.report import write_report
@@ -211,7 +211,7 @@ def step_llm_qa(layout: RunLayout, cfg: DemoConfig) -> StepResult:
     """SmolLM2 writes questions for one input video via the hf backend (constrained JSON), in a
     run folder of its own (`<run>-llm`): its questions are a showcase, not training data."""
     model = smollm2_dir(layout.root.parent / ".models")
-    video = sorted((layout.inputs / "eval").glob("*.mp4"))[0]
+    video = sorted(split_folders(layout.inputs)["eval"].glob("*.mp4"))[0]
     llm = RunLayout(Path(f"{layout.root}-llm"))
     settings = {
         "input": {"source": str(video)},

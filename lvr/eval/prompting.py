@@ -1,14 +1,16 @@
 """From a question row to a model request and back to scored prediction rows.
 
-Prompts come from ``lvr.models.inputs`` (the same system prompt, think/direct instruction and
-option lettering that SFT and RL train on), so an evaluated checkpoint sees its training format.
-Frames come from ``lvr.media.sample_frames`` (N uniform frames, or F per second capped at N, then
-downscaled to ``max_pixels``). A video that is missing or fails to decode makes error rows for
+Prompts come from ``lvr.models.prompts`` (the same system prompt, think/direct instruction and
+option lettering that SFT and RL train on, and no torch: an API evaluation runs on the core
+install), so an evaluated checkpoint sees its training format. Frames come from
+``lvr.media.sample_video`` (N uniform frames, or F per second capped at N, then downscaled to
+``max_pixels``), the call SFT and RL use. A video that is missing or fails to decode makes error rows for
 that question; nothing is substituted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lvr.backends import Request, make_backend
 from lvr.errors import LvrError
 from lvr.eval.extract import (
     PARSER_VERSION,
@@ -28,6 +31,8 @@ from lvr.eval.extract import (
     strict_match,
 )
 from lvr.eval.options import option_labels
+from lvr.media import FrameSpec, VideoDecodeError, sample_video
+from lvr.models.prompts import PROMPT_VERSION, build_messages
 
 JUDGE_ERROR_PREFIX = "judge"  # rows whose only problem was the judge keep their response on resume
 SUBTITLE_HEADER = "This video's subtitles are listed below:"
@@ -41,14 +46,19 @@ NUMBER_INSTRUCTIONS = {
 
 def prompt_version() -> str:
     """Version of the shared prompt format (part of the settings hash)."""
-    from lvr.models.inputs import PROMPT_VERSION
-
     return PROMPT_VERSION
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+
+
+def resolve_backend_name(cfg: Any) -> str:
+    """``auto`` resolves to ``openai`` for ``openai:`` models, else ``hf``."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "openai" if cfg.model.startswith("openai:") else "hf"
 
 
 def make_model_backend(cfg: Any) -> Any:
@@ -63,9 +73,6 @@ def make_model_backend(cfg: Any) -> Any:
     Raises:
         LvrError: vLLM asked for but not installed (or its engine missing), bad options.
     """
-    from lvr.backends import make_backend
-    from lvr.eval.runner import resolve_backend_name
-
     name = resolve_backend_name(cfg)
     model = cfg.model.split(":", 1)[1] if cfg.model.startswith("openai:") else cfg.model
     if name == "vllm":
@@ -82,9 +89,7 @@ def _vllm_backend(cfg: Any, model: str) -> Any:
             "backend 'vllm' needs vLLM: install lvr[gpu] (pip install 'lvr[gpu]') on a GPU machine, "
             "or serve the model with `vllm serve` and pass --model openai:<served name>"
         )
-    import dataclasses
-
-    from lvr.eval.vllm_backend import VLLMBackend, VLLMOptions
+    from lvr.eval.vllm_backend import VLLMBackend, VLLMOptions  # vLLM: the optional `gpu` extra
 
     names = [f.name for f in dataclasses.fields(VLLMOptions)]
     unknown = sorted(set(cfg.vllm) - set(names))
@@ -100,7 +105,6 @@ def make_judge_backend(cfg: Any, cache_path: Path) -> Any:
     """The open-ended judge backend (cached), or None when no judge model is configured."""
     if not cfg.judge.model:
         return None
-    from lvr.backends import make_backend
 
     return make_backend(
         "openai", cfg.judge.model, cache_path=cache_path, base_url=cfg.judge.base_url
@@ -149,8 +153,6 @@ def prompt_messages(q: dict[str, Any], text: str, mode: str) -> list[dict[str, A
     listed "0. ..." with an instruction asking for the option number; that prompt is eval-only
     (training data is always lettered).
     """
-    from lvr.models.inputs import build_messages
-
     options = list(q["options"] or [])
     labels = labels_of(q)
     if not options or not labels.isdigit():
@@ -175,9 +177,6 @@ def build_request(q: dict[str, Any], frames: Any, cfg: Any, missing: Sequence[in
     Returns:
         An ``lvr.backends.Request``.
     """
-    from lvr.backends import Request
-    from lvr.models.inputs import PROMPT_VERSION
-
     # Text-only messages: each backend places the frames itself, before the text of the user turn
     # (the hf backend as one video at `fps`, the OpenAI-compatible one as images), which is where
     # `build_sample` puts the video in training.
@@ -205,11 +204,8 @@ def load_frames(path: str, frames: int, cfg: Any) -> Any:
     Raises:
         VideoDecodeError, ValueError: The caller turns them into error rows.
     """
-    from lvr.media.sample import sample_frames
-
-    if cfg.fps is not None:
-        return sample_frames(path, fps=cfg.fps, max_frames=frames, max_pixels=cfg.max_pixels)
-    return sample_frames(path, num_frames=frames, max_pixels=cfg.max_pixels)
+    spec = FrameSpec(frames, fps=cfg.fps or 0.0, max_pixels=cfg.max_pixels or 0)
+    return sample_video(path, spec)
 
 
 def ask(
@@ -233,8 +229,6 @@ def ask(
     Returns:
         ``(prediction rows, requests sent)``.
     """
-    from lvr.media.errors import VideoDecodeError
-
     ready = [(q, m) for q, m in chunk if q["error"] is None]
     rows = [error_row(q, k, q["error"], settings) for q, m in chunk if q["error"] for k in m]
 

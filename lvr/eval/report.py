@@ -31,6 +31,7 @@ from lvr.eval.prompting import labels_of
 from lvr.eval.reasons import group_errors
 from lvr.eval.runner import load_eval_dirs
 from lvr.eval.scoring import floor_letter
+from lvr.layout import EvalRunLayout, RunLayout
 
 SETTING_KEYS = ("frames", "fps", "max_pixels", "temperature", "top_p", "max_tokens", "prompt",
                 "prompt_version", "parser", "backend", "subtitles", "judge")  # fmt: skip
@@ -66,15 +67,16 @@ class Entry:
 
 def load_entry(folder: Path) -> Entry:
     """Read one evaluation folder (manifest, scores, predictions, question labels)."""
+    paths = EvalRunLayout(folder)
     labels = {}
-    if (folder / "questions").is_dir():
-        for q in read_table(folder / "questions", "questions").to_pylist():
+    if paths.questions.is_dir():
+        for q in read_table(paths.questions, "questions").to_pylist():
             labels[q["qa_id"]] = labels_of(q)
     return Entry(
         name=folder.name,
-        manifest=json.loads((folder / "manifest.json").read_text()),
-        scores=read_table(folder / "scores", "scores").to_pylist(),
-        predictions=read_table(folder / "predictions", "predictions").to_pylist(),
+        manifest=json.loads(paths.manifest.read_text()),
+        scores=read_table(paths.scores, "scores").to_pylist(),
+        predictions=read_table(paths.predictions, "predictions").to_pylist(),
         labels=labels,
     )
 
@@ -97,8 +99,12 @@ def _ci(s: dict[str, Any] | None) -> str:
 
 
 def _plt() -> Any:
-    import matplotlib
-
+    """matplotlib's pyplot (Agg), or None without the `eval` extra: the report then has tables
+    and no plots (an API evaluation on the core install still gets its report)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -123,6 +129,8 @@ def plot_groups(entry: Entry, group_by: str, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
+    if plt is None:
+        return None
     names = [s["group"] for s in rows]
     acc, low, high = _bounds(rows)  # each [G], percent
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.5))
@@ -164,6 +172,8 @@ def plot_confusion(entry: Entry, path: Path) -> Path | None:
     if not golds:
         return None
     plt = _plt()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 1 + 0.5 * len(golds)))
     ax.imshow(mat, cmap="Blues")
     dark = mat.max() / 2 if mat.max() else 1
@@ -201,6 +211,8 @@ def plot_frames(entries: list[Entry], path: Path) -> Path | None:
     if not series:
         return None
     plt = _plt()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, points in series.items():
         xs = np.array([p[0] for p in points])
@@ -341,10 +353,11 @@ def write_report(run: Path) -> list[Path]:
     Raises:
         LvrError: The run holds no finished evaluation.
     """
+    layout = RunLayout(Path(run))
     dirs = load_eval_dirs(run)
     if not dirs:
-        raise LvrError(f"no evaluations under {Path(run) / 'eval'}; run `lvr eval run` first")
-    out = Path(run) / "eval"
+        raise LvrError(f"no evaluations under {layout.eval}; run `lvr eval run` first")
+    out = layout.eval
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     entries = [load_entry(d) for d in dirs]
@@ -360,7 +373,7 @@ def write_report(run: Path) -> list[Path]:
     for e in entries:
         sections.append((e.name, _entry_section(e, plots, pngs)))
     md, page = _render(sections, out)
-    md_path, html_path = out / "report.md", out / "report.html"
+    md_path, html_path = layout.report, layout.report.with_suffix(".html")
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(page, encoding="utf-8")
     return [md_path, html_path, *pngs]

@@ -42,9 +42,11 @@ from lvr.eval import prompting
 from lvr.eval.benchmarks import HEADLINE_GROUP, Source, load_questions
 from lvr.eval.config import EvalConfig
 from lvr.eval.extract import PARSER_VERSION
+from lvr.eval.judge import judge_rows
 from lvr.eval.official import category_memberships, official_rows
 from lvr.eval.reasons import summarize_errors
 from lvr.eval.scoring import pass_rate_rows, score_base, score_rows
+from lvr.layout import EvalRunLayout, RunLayout
 
 
 @dataclass
@@ -120,7 +122,7 @@ def settings_for(cfg: EvalConfig, frames: int) -> dict[str, Any]:
     """
     asked = {
         "model": cfg.model,
-        "backend": resolve_backend_name(cfg),
+        "backend": prompting.resolve_backend_name(cfg),
         "frames": frames,
         "fps": cfg.fps,
         "max_pixels": cfg.max_pixels,
@@ -136,20 +138,10 @@ def settings_for(cfg: EvalConfig, frames: int) -> dict[str, Any]:
     return {**asked, "hash": digest, "parser": PARSER_VERSION, "judge": cfg.judge.model or None}
 
 
-def resolve_backend_name(cfg: EvalConfig) -> str:
-    """``auto`` resolves to ``openai`` for ``openai:`` models, else ``hf``."""
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "openai" if cfg.model.startswith("openai:") else "hf"
-
-
 def eval_dir(run: Path, cfg: EvalConfig, frames: int) -> Path:
     """``runs/<run>/eval/<benchmark>-<model-tag>-<budget>``."""
-    return (
-        Path(run)
-        / "eval"
-        / f"{cfg.benchmark}-{model_tag(cfg.model)}-{budget_name(frames, cfg.fps)}"
-    )
+    name = f"{cfg.benchmark}-{model_tag(cfg.model)}-{budget_name(frames, cfg.fps)}"
+    return RunLayout(Path(run)).eval_run(name).root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +151,7 @@ def eval_dir(run: Path, cfg: EvalConfig, frames: int) -> Path:
 
 def read_predictions(out_dir: Path) -> list[dict[str, Any]]:
     """All stored prediction rows of an evaluation (every part), later parts last."""
-    folder = out_dir / "predictions"
+    folder = EvalRunLayout(out_dir).predictions
     if not folder.is_dir():
         return []
     return read_table(folder, "predictions").to_pylist()
@@ -213,7 +205,7 @@ def _next_part(folder: Path) -> Path:
 
 def _merge_parts(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Replace all prediction parts by one file holding ``rows`` (written first, then cleanup)."""
-    folder = out_dir / "predictions"
+    folder = EvalRunLayout(out_dir).predictions
     old = sorted(folder.glob("*.parquet"))
     write_parquet(folder / "00000.parquet", rows_to_table(rows, "predictions"), "predictions")
     for part in old:
@@ -251,7 +243,7 @@ def run_eval(
         raise LvrError(f"benchmark {cfg.benchmark} at {src.data} has no questions")
     if backend is None:
         backend = prompting.make_model_backend(cfg)
-    judge = prompting.make_judge_backend(cfg, Path(run) / "eval" / "judge_cache.sqlite")
+    judge = prompting.make_judge_backend(cfg, RunLayout(Path(run)).judge_cache)
     results = []
     for frames in cfg.frames:
         result = _run_budget(cfg, run, frames, questions, backend, judge, progress)
@@ -267,7 +259,7 @@ def run_eval(
 
 
 def _source(cfg: EvalConfig, run: Path) -> Source:
-    data = cfg.data or (str(Path(run) / "filter" / "qa") if cfg.benchmark == "qa" else "")
+    data = cfg.data or (str(RunLayout(Path(run)).qa) if cfg.benchmark == "qa" else "")
     if not data:
         raise LvrError(
             f"no benchmark data given for {cfg.benchmark}: pass --data <file|folder|dataset>"
@@ -288,8 +280,9 @@ def _run_budget(
     progress: bool,
 ) -> EvalResult:
     out = eval_dir(run, cfg, frames)
+    paths = EvalRunLayout(out)
     result = EvalResult(out_dir=out, questions=questions.num_rows)
-    write_parquet(out / "questions" / "00000.parquet", questions, "questions")
+    write_parquet(paths.questions / "00000.parquet", questions, "questions")
     settings = settings_for(cfg, frames)
     qrows = questions.to_pylist()
     wanted = {(q["qa_id"], k, settings["hash"]) for q in qrows for k in range(cfg.passes)}
@@ -313,7 +306,7 @@ def _run_budget(
         result.asked_ids += [q["qa_id"] for q, m in chunk if q["error"] is None for _ in m]
         result.asked = len(result.asked_ids)
         result.requests += sent
-        part = _next_part(out / "predictions")
+        part = _next_part(EvalRunLayout(out).predictions)
         write_parquet(part, rows_to_table(new_rows, "predictions"), "predictions")
         for row in new_rows:
             kept[row_key(row)] = row
@@ -346,8 +339,6 @@ def _final_rows(
 def _judge(
     rows: list[dict[str, Any]], qmap: dict[str, dict[str, Any]], judge: Any, cfg: EvalConfig
 ) -> int:
-    from lvr.eval.judge import judge_rows
-
     return judge_rows(rows, qmap, judge, max_tokens=cfg.judge.max_tokens)
 
 
@@ -366,7 +357,8 @@ def _write_scores(
         base = score_base(table, settings)
         scored += official_rows(cfg.benchmark, rows, qrows, base, cfg.bootstrap, cfg.seed)
     scores = rows_to_table(scored, "scores")
-    write_parquet(out / "scores" / "00000.parquet", scores, "scores")
+    paths = EvalRunLayout(out)
+    write_parquet(paths.scores / "00000.parquet", scores, "scores")
     result.errors = sum(r["error"] is not None for r in rows)
     result.error_summary = summarize_errors(r["error"] for r in rows)
     result.answered = sum(r["response"] is not None for r in rows)
@@ -377,7 +369,7 @@ def _write_scores(
     if cfg.passes > 1:
         pr_rows, excluded = pass_rate_rows(table)
         write_parquet(
-            out / "pass_rates" / "00000.parquet", rows_to_table(pr_rows, "pass_rates"), "pass_rates"
+            paths.pass_rates / "00000.parquet", rows_to_table(pr_rows, "pass_rates"), "pass_rates"
         )
         if excluded:
             result.notes.append(
@@ -388,7 +380,7 @@ def _write_scores(
 
 def _write_manifest(cfg: EvalConfig, src: Source, frames: int, result: EvalResult) -> None:
     atomic_write_json(
-        result.out_dir / "manifest.json",
+        EvalRunLayout(result.out_dir).manifest,
         {
             "stage": "eval",
             "benchmark": cfg.benchmark,
@@ -418,12 +410,11 @@ def _write_manifest(cfg: EvalConfig, src: Source, frames: int, result: EvalResul
 
 def load_eval_dirs(run: Path) -> list[Path]:
     """Evaluation folders of a run (those with scores), sorted by name."""
-    root = Path(run) / "eval"
+    root = RunLayout(Path(run)).eval
     if not root.is_dir():
         return []
-    return sorted(
-        p for p in root.iterdir() if (p / "scores").is_dir() and (p / "manifest.json").is_file()
-    )
+    found = [EvalRunLayout(p) for p in root.iterdir()]
+    return sorted(e.root for e in found if e.scores.is_dir() and e.manifest.is_file())
 
 
 def describe(results: Sequence[EvalResult]) -> list[str]:

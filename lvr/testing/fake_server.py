@@ -18,7 +18,7 @@ hash(seed, body, k) < rate, and the fault kind is drawn the same way from `kinds
 
 Run standalone (the benchmark does, so that server and client do not share a GIL)::
 
-    python -m lvr.backends.fake_server --latency 0.2 --port 0    # prints "URL http://127.0.0.1:PORT/v1"
+    python -m lvr.testing.fake_server --latency 0.2 --port 0    # prints "URL http://127.0.0.1:PORT/v1"
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lvr.backends.fake_content import (
+from lvr.testing.fake_content import (
     PromptFacts,
     answer_text,
     broken_answer,
