@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lvr.artifacts import read_table
+from lvr.layout import RunLayout
+
 TOY = ["task_train=12", "task_rl=4", "task_eval=4", "sft_steps=2", "rl_steps=1", "rl_prompts=2"]
 
 
@@ -23,13 +26,17 @@ def test_demo_runs_every_step_then_resumes(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     first = _demo(run)
     assert first.returncode == 0, first.stderr[-3000:]
-    for step in ("datagen", "task", "eval base", "sft", "eval sft", "rl", "eval rl", "report"):
+    for step in ("inputs", "datagen", "eval base", "sft", "eval sft", "rl", "eval rl", "report"):
         assert f"│ {step}" in first.stdout
     assert "held-out accuracy (chance 25%): untrained" in first.stdout
-    assert (run / "eval" / "report.md").is_file()
-    assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "done"
+    layout = RunLayout(run)
+    assert layout.report.is_file()
+    assert json.loads((layout.sft / "manifest.json").read_text())["status"] == "done"
+    # SFT, RL and eval read the table the datagen chain wrote: its splits come from the folders
+    splits = read_table(layout.qa, "qa").column("split").to_pylist()
+    assert sorted(set(splits)) == ["eval", "rl", "sft"] and splits.count("sft") == 12
 
-    kept = [run / "rl" / "manifest.json", run / "datagen" / "segment" / "clips" / "00000.parquet"]
+    kept = [layout.rl / "manifest.json", layout.clips / "00000.parquet"]
     stamps = [p.stat().st_mtime_ns for p in kept]
     again = _demo(run)
     assert again.returncode == 0, again.stderr[-3000:]

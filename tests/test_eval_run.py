@@ -18,6 +18,7 @@ from lvr.errors import LvrError
 from lvr.eval.config import EvalConfig, JudgeConfig
 from lvr.eval.extract import PARSER_VERSION
 from lvr.eval.runner import run_eval
+from lvr.layout import RunLayout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIX = Path(__file__).parent / "fixtures" / "eval"
@@ -160,9 +161,7 @@ def test_decode_failure_is_an_error_row(tiny_vlm: Path, lvr_videos: Path, tmp_pa
             "generator": "g", "prompt_version": "p"}  # fmt: skip
     rows = [{**base, "qa_id": "good", "video_path": str(lvr_videos / "longvila_videos" / "vid_a.mp4")},
             {**base, "qa_id": "bad", "video_path": str(path)}]  # fmt: skip
-    write_parquet(
-        tmp_path / "run" / "filter" / "qa" / "00000.parquet", rows_to_table(rows, "qa"), "qa"
-    )
+    write_parquet(RunLayout(tmp_path / "run").qa / "00000.parquet", rows_to_table(rows, "qa"), "qa")
     res = run_eval(
         _cfg(tiny_vlm, lvr_videos, benchmark="qa", data="", video_dir=""),
         tmp_path / "run",
@@ -208,7 +207,7 @@ def test_openai_backend_and_malformed_judge(lvr_videos: Path, tmp_path: Path) ->
         {**base, "qa_id": "mc1", "format": "mc", "question": "Which?", "options": ["x", "y", "z"], "answer": "B"},
         {**base, "qa_id": "open1", "format": "open", "question": "What moves?", "options": [], "answer": "a red circle"},
     ]  # fmt: skip
-    write_parquet(tmp_path / "filter" / "qa" / "00000.parquet", rows_to_table(rows, "qa"), "qa")
+    write_parquet(RunLayout(tmp_path).qa / "00000.parquet", rows_to_table(rows, "qa"), "qa")
     with FakeOpenAIServer() as server:
         cfg = EvalConfig(model="openai:fake-model", benchmark="qa", base_url=server.url, frames=[3],
                          bootstrap=100, judge=JudgeConfig(model="fake-model", base_url=server.url))  # fmt: skip

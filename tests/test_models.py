@@ -38,6 +38,7 @@ from lvr.models import (
     load_llm,
     load_vlm,
     prompt_fingerprint,
+    prompts,
     response_mask,
     rope_index,
     rope_position_ids,
@@ -282,7 +283,7 @@ def test_rollout_logits_equal_teacher_forced_logits(vlm: tuple[Any, Any]) -> Non
 
 
 def test_doctests() -> None:
-    for module in (inputs, batching):
+    for module in (prompts, batching):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0
 

@@ -169,7 +169,7 @@ def test_eval_run_folder_holds_no_copy_of_the_env_key(
         {**base, "qa_id": "mc1", "format": "mc", "question": "Which?", "options": ["x", "y", "z"], "answer": "B"},
         {**base, "qa_id": "open1", "format": "open", "question": "What moves?", "options": [], "answer": "a circle"},
     ]  # fmt: skip
-    write_parquet(tmp_path / "filter" / "qa" / "00000.parquet", rows_to_table(rows, "qa"), "qa")
+    write_parquet(RunLayout(tmp_path).qa / "00000.parquet", rows_to_table(rows, "qa"), "qa")
     with fake_server(api_key=KEY) as server:
         cfg = EvalConfig(model="openai:fake-model", benchmark="qa", base_url=server.url, frames=[2],
                          bootstrap=20, judge=JudgeConfig(model="fake-model", base_url=server.url))  # fmt: skip
