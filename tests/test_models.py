@@ -34,7 +34,6 @@ from lvr.models import (
     collate,
     format_question,
     format_target,
-    inputs,
     load_llm,
     load_vlm,
     prompt_fingerprint,
