@@ -71,6 +71,11 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 compute for `precision` ("auto": on CUDA only; CPU trains in fp32)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun/deepspeed, else run as a single process.
 

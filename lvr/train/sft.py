@@ -63,6 +63,7 @@ from lvr.train.common import (
     init_deepspeed_distributed,
     init_distributed,
     seed_everything,
+    uses_bf16,
 )
 from lvr.train.config import SFTConfig
 from lvr.train.data import (
@@ -121,7 +122,7 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     ckpt = checkpoint.checkpoint_to_resume(layout.sft, resume)
     if ckpt is None and info.is_main:
         (layout.sft / "skipped.jsonl").unlink(missing_ok=True)  # an attempt with no checkpoint
-    bf16 = _use_bf16(cfg, info)
+    bf16 = uses_bf16(cfg.precision, info.device)
     # LoRA on the plain path keeps the frozen base in bf16; everything else trains fp32 masters
     # (DeepSpeed casts to bf16 itself and keeps fp32 copies in the optimizer).
     dtype = torch.bfloat16 if bf16 and cfg.model.lora and not cfg.deepspeed else torch.float32
@@ -151,12 +152,6 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         "last_metrics": (logger.rows() or [{}])[-1] if info.is_main else {},
         "seconds": round(time.time() - began, 3),
     })  # fmt: skip
-
-
-def _use_bf16(cfg: SFTConfig, info: DistInfo) -> bool:
-    if cfg.precision == "auto":
-        return info.device.type == "cuda"
-    return cfg.precision == "bf16"
 
 
 def _setup_training(

@@ -136,7 +136,13 @@ from lvr.mrsp.encode import EmbeddingCache
 from lvr.mrsp.engines import check_vllm, make_rollout_engine
 from lvr.mrsp.topology import build_topology, dp_size_for
 from lvr.train import checkpoint
-from lvr.train.common import MetricsLogger, TrainError, init_distributed, seed_everything
+from lvr.train.common import (
+    MetricsLogger,
+    TrainError,
+    init_distributed,
+    seed_everything,
+    uses_bf16,
+)
 from lvr.train.config import RLConfig
 from lvr.train.data import read_qa
 from lvr.train.policy import base_model, load_policy, make_optimizer, set_trainable
@@ -205,8 +211,12 @@ def setup(cfg: RLConfig, layout: RunLayout, ckpt: Path | None = None) -> RLRun:
     seed_everything(cfg.seed)
     rewards = build_reward_specs(cfg.rewards)  # bad reward paths fail before any loading
     rows = read_qa(cfg.data.qa or layout.qa, cfg.data.split)
-    # fp32 master weights (bf16 autocast on GPU)
-    policy, processor, source = load_policy(cfg.model, layout, info, torch.float32)
+    # fp32 masters for what trains (bf16 autocast on GPU); with LoRA in bf16 the frozen base
+    # (and so the adapter-free reference) is kept in bf16, as SFT does: a 7B base in fp32 alone
+    # is 30 GB.
+    bf16_base = cfg.model.lora and uses_bf16(cfg.precision, info.device)
+    dtype = torch.bfloat16 if bf16_base else torch.float32
+    policy, processor, source = load_policy(cfg.model, layout, info, dtype)
     reference = _frozen_reference(cfg, policy)
     policy = set_trainable(policy, cfg.model)
     policy.train()

@@ -36,7 +36,7 @@ from lvr.train.algos import (
     kl_penalty,
     policy_loss,
 )
-from lvr.train.common import Stopwatch, TrainError
+from lvr.train.common import Stopwatch, TrainError, uses_bf16
 from lvr.train.data import FrameSpec, LoadedSample, QARow, load_sample
 from lvr.train.rewards import compute_rewards
 from lvr.train.rl.state import Group, Prompt, RLRun, merged_weights
@@ -187,9 +187,11 @@ def encode(run: RLRun, sample: LoadedSample) -> Prompt:
     assert inputs is not None  # draw_questions returns loaded samples only
     grid = inputs["video_grid_thw"][0]  # [3]
     pixels = inputs["pixel_values_videos"].to(run.info.device)  # [t*h*w, C*2*p*p]
+    # The vision tower's rotary table is built from the grid: it must sit with the pixels.
+    grid_on_device = grid.to(run.info.device)
     key = VideoKey(content_id(sample.row.video_path), tuple(sample.frame_indices),
                    tuple(sample.frame_shape))  # fmt: skip
-    embeds = run.cache.get(key, pixels, grid)  # [N_video_tokens, D], once per video per step
+    embeds = run.cache.get(key, pixels, grid_on_device)  # [N_video_tokens, D], once per step
     prompt = PromptInput(
         inputs["input_ids"][0], inputs["mm_token_type_ids"][0], grid,
         float(inputs["second_per_grid_ts"][0]), embeds, key=sample.row.qa_id,
@@ -203,7 +205,7 @@ def reencoded(run: RLRun, p: Prompt) -> PromptInput:
     if run.cfg.reuse_embeddings:
         return p.inputs
     run.cache.new_step()  # forget: the next get runs the vision tower again
-    embeds = run.cache.get(p.key, p.pixels, p.inputs.video_grid_thw)
+    embeds = run.cache.get(p.key, p.pixels, p.inputs.video_grid_thw.to(p.pixels.device))
     return dataclasses.replace(p.inputs, video_embeds=embeds)
 
 
@@ -309,16 +311,15 @@ def _prefill(run: RLRun, model: torch.nn.Module, rows: list[Row]) -> PrefillOutp
     moved = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
              if isinstance(getattr(batch, f.name), torch.Tensor)}  # fmt: skip
     batch = dataclasses.replace(batch, **moved)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if _bf16(run) else nullcontext()
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if uses_bf16(run.cfg.precision, device)
+        else nullcontext()
+    )
     with amp:
         return sp_prefill_logprobs(
             model, batch, run.topo.sp_group, temperature=run.cfg.rollout.temperature
         )
-
-
-def _bf16(run: RLRun) -> bool:
-    precision = run.cfg.precision
-    return precision == "bf16" or (precision == "auto" and run.info.device.type == "cuda")
 
 
 @torch.no_grad()
