@@ -272,6 +272,24 @@ def test_splits_are_video_disjoint_and_stable(tmp_path: Path) -> None:
     assert moved > 100
 
 
+def test_split_by_folder_takes_the_dataset_splits(tmp_path: Path) -> None:
+    rows = [
+        row("q1", "v1", video_path="/data/sft/v1.mp4"),
+        row("q2", "v2", video_path="/data/rl/v2.mp4"),
+        row("q3", "v3", video_path="C:\\data\\eval\\v3.mp4"),
+        row("q4", "v4", video_path="/data/other/v4.mp4"),
+        row("q5", "v5", video_path="/data/sft/deeper/v5.mp4"),
+    ]
+    write_raw(tmp_path, rows)
+    result = run_filter(tmp_path, FilterConfig(**LOOSE, split_by="folder"))
+    kept, rejected = fates(tmp_path)
+    assert {r["qa_id"]: r["split"] for r in kept} == {"q1": "sft", "q2": "rl", "q3": "eval"}
+    reasons = {r["qa_id"]: (r["rule"], r["reason"]) for r in rejected}
+    assert set(reasons) == {"q4", "q5"} and reasons["q4"][0] == "split"
+    assert "not in an sft/, rl/ or eval/ folder" in reasons["q4"][1]
+    assert result.rows_in == 5  # nothing dropped: every row is kept or rejected with why
+
+
 def test_category_shares_approach_targets(tmp_path: Path) -> None:
     # skewed supply: temporal 50%, goal 20%, plot 20%, spatial 10% (targets .36/.36/.24/.04)
     rows = many_rows(500, 4, ["temporal"] * 5 + ["goal"] * 2 + ["plot"] * 2 + ["spatial"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from lvr.artifacts import read_table
 from lvr.layout import RunLayout
 
+REPO = Path(__file__).resolve().parents[1]
 TOY = ["task_train=12", "task_rl=4", "task_eval=4", "sft_steps=2", "rl_steps=1", "rl_prompts=2"]
 
 
@@ -54,3 +55,38 @@ def test_demo_show_config_and_bad_key() -> None:
         text=True,
     )
     assert bad.returncode == 2 and "did you mean 'task_train'" in bad.stderr
+
+
+def test_demo_datagen_config_is_the_preset_file() -> None:
+    """configs/datagen/color_task.yaml documents exactly what `lvr demo` runs."""
+    from lvr.config import load_config, to_dict
+    from lvr.datagen.config import DatagenConfig
+    from lvr.demo.run import datagen_config
+
+    preset = load_config(DatagenConfig, REPO / "configs/datagen/color_task.yaml")
+    assert to_dict(datagen_config(RunLayout(Path("runs/demo")))) == to_dict(preset)
+
+
+def test_color_inputs_annotations_and_questions(tmp_path: Path) -> None:
+    """The careless annotator only touches yellow-first training videos; the template writer's
+    question follows the annotation (what SFT imitates), with fixed options."""
+    import random
+
+    from lvr.datagen import template_qa
+    from lvr.datagen.synthetic import read_sidecar
+    from lvr.demo.color_task import FIXED_OPTIONS, render_color_inputs, split_folders
+
+    render_color_inputs(tmp_path, {"sft": 8, "rl": 4, "eval": 4}, mislabel=1.0)
+    render_color_inputs(tmp_path, {"sft": 8, "rl": 4, "eval": 4}, mislabel=1.0)  # idempotent
+    for split, folder in split_folders(tmp_path).items():
+        for video in sorted(folder.glob("*.mp4")):
+            side = read_sidecar(video)
+            truth = side["spec"]["colors"][0]
+            said = side["facts"]["color_order"][0]
+            careless = split == "sft" and truth == "yellow"
+            assert said == ("green" if careless else truth), (split, video.name)
+            q = template_qa.generate(template_qa.facts_from_sidecar(side), "temporal", "mc",
+                                     random.Random(0), set(), ["first_color"], FIXED_OPTIONS)  # fmt: skip
+            assert q.question == "Which color appears first?" and q.options == FIXED_OPTIONS
+            assert q.answer == "ABCD"[FIXED_OPTIONS.index(said)]
+            assert q.reasoning.startswith(f"The first color is {said} ({q.answer})")
