@@ -27,7 +27,6 @@ from lvr.datagen.common import ModelBackends, error_line, settings_id
 from lvr.datagen.config import CaptionConfig, DatagenConfig
 from lvr.datagen.prompts import Prompt, inline_prompt, load_prompt
 from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_stage
-from lvr.errors import LvrError
 from lvr.media import VideoDecodeError, sample_frames
 
 _BATCH_CLIPS = 32  # clips whose frames are held in memory at once (8 frames x 448^2 each ~ 150 MB)
@@ -221,14 +220,11 @@ def _prefetched(batches: list[Any], load: Callable[[Any], Any]) -> Iterator[tupl
 
 def make_captioner(cfg: DatagenConfig, ctx: StageContext) -> AnnotationCaptioner | ModelCaptioner:
     """The captioner of ``caption.backend``."""
-    if cfg.caption.backend == "annotations":
-        return AnnotationCaptioner(cfg.caption)
-    if not cfg.caption.model:
-        raise LvrError(
-            f"caption.backend={cfg.caption.backend} needs caption.model (served name or local folder)"
-        )
-    assert ctx.models is not None  # the stage declares its models
-    return ModelCaptioner(cfg.caption, ctx.models, ctx.progress)
+    section = cfg.caption
+    if section.backend == "annotations":  # the sidecar's or a file's captions, no model
+        return AnnotationCaptioner(section)
+    backends = ctx.model_backends("caption", section.backend, section.model)
+    return ModelCaptioner(section, backends, ctx.progress)
 
 
 STAGE = DatagenStage(

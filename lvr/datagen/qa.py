@@ -315,12 +315,10 @@ class LLMWriter:
 
 def make_writer(cfg: DatagenConfig, ctx: StageContext) -> TemplateWriter | LLMWriter:
     """The question writer of ``qa.backend``."""
-    if cfg.qa.backend == "template":
+    if cfg.qa.backend == "template":  # checkable questions from facts, no model
         return TemplateWriter(cfg.qa)
-    if not cfg.qa.model:
-        raise QAConfigError(f"qa.backend={cfg.qa.backend} needs qa.model (the served model name)")
-    assert ctx.models is not None  # the stage declares its models
-    return LLMWriter(cfg.qa, ctx.models, ctx.progress)
+    backends = ctx.model_backends("qa", cfg.qa.backend, cfg.qa.model)
+    return LLMWriter(cfg.qa, backends, ctx.progress)
 
 
 STAGE = DatagenStage(

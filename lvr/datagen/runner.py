@@ -78,6 +78,21 @@ class StageContext:
         """This machine's model-call cache (one SQLite file per machine)."""
         return self.layout.request_cache(self.shard, self.num_shards)
 
+    def model_backends(self, section: str, backend: str, model: str) -> ModelBackends:
+        """The stage's model backends for a model-backed worker.
+
+        Raises:
+            LvrError: The section names a model backend but no model (one line: what to set).
+        """
+        if not model:
+            raise LvrError(
+                f"{section}.backend={backend} needs {section}.model (the served name, or a local "
+                "folder for the hf backend)"
+            )
+        if self.models is None:  # a stage with model workers declares `models`
+            raise LvrError(f"internal: the {section} stage declared no model backends")
+        return self.models
+
 
 @dataclass(frozen=True)
 class DatagenStage(Generic[Item]):

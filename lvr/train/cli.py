@@ -54,45 +54,43 @@ def _last(manifest: dict[str, Any], key: str) -> float:
     return float(manifest.get("last_metrics", {}).get(key, float("nan")))
 
 
-def sft(
-    config: Path | None = ConfigOpt,
-    sets: list[str] | None = SetOpt,
-    show_config: bool = ShowOpt,
-    run: Path = RunOpt,
-    resume: bool = ResumeOpt,
-) -> None:
-    """Chain-of-thought SFT of a VLM on the qa table's sft split (writes <run>/sft/).
+def _sft_summary(m: dict[str, Any]) -> str:
+    return f"sft done: {m['steps']} steps, loss {_last(m, 'loss'):.4f}, checkpoint {m['final_checkpoint']}"
+
+
+def _rl_summary(m: dict[str, Any]) -> str:
+    return (
+        f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps), "
+        f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}"
+    )
+
+
+def _command(
+    stage: str, config_cls: type, summary: Callable[[dict[str, Any]], str], doc: str
+) -> Callable[..., None]:
+    """A Typer command over one recipe: both take exactly the same options."""
+
+    def command(
+        config: Path | None = ConfigOpt,
+        sets: list[str] | None = SetOpt,
+        show_config: bool = ShowOpt,
+        run: Path = RunOpt,
+        resume: bool = ResumeOpt,
+    ) -> None:
+        _run_recipe(stage, config_cls, config, sets, show_config, run, resume, summary)
+
+    command.__name__ = command.__qualname__ = stage
+    command.__doc__ = doc
+    return command
+
+
+sft = _command("sft", SFTConfig, _sft_summary, """Chain-of-thought SFT of a VLM on the qa table's sft split (writes <run>/sft/).
 
     One process: `lvr sft -c configs/sft/tiny_cpu.yaml`. Several: `torchrun --nproc_per_node 8
     -m lvr.cli sft -c configs/sft/qwen25vl_8gpu.yaml` (DeepSpeed ZeRO when `deepspeed` is set).
-    """
-
-    def summary(m: dict[str, Any]) -> str:
-        return (
-            f"sft done: {m['steps']} steps, loss {_last(m, 'loss'):.4f}, "
-            f"checkpoint {m['final_checkpoint']}"
-        )
-
-    _run_recipe("sft", SFTConfig, config, sets, show_config, run, resume, summary)
-
-
-def rl(
-    config: Path | None = ConfigOpt,
-    sets: list[str] | None = SetOpt,
-    show_config: bool = ShowOpt,
-    run: Path = RunOpt,
-    resume: bool = ResumeOpt,
-) -> None:
-    """GRPO-family RL with MR-SP on the qa table's rl split (writes <run>/rl/).
+    """)  # fmt: skip
+rl = _command("rl", RLConfig, _rl_summary, """GRPO-family RL with MR-SP on the qa table's rl split (writes <run>/rl/).
 
     One process: `lvr rl -c configs/rl/tiny_cpu.yaml`. One SP group over 8 GPUs:
     `torchrun --nproc_per_node 8 -m lvr.cli rl -c configs/rl/qwen25vl_8gpu_long.yaml`.
-    """
-
-    def summary(m: dict[str, Any]) -> str:
-        return (
-            f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps), "
-            f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}"
-        )
-
-    _run_recipe("rl", RLConfig, config, sets, show_config, run, resume, summary)
+    """)  # fmt: skip

@@ -153,18 +153,12 @@ from lvr.train.rl.step import rl_step
 
 
 def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train with RL and write `<run>/rl/` (manifest, metrics, checkpoints).
+    """GRPO on the run's rl split: `cfg.steps` RL steps (`rl_step`), checkpoints, a manifest.
 
-    Args:
-        cfg: The recipe config.
-        run_dir: Run folder; outputs go to `<run>/rl/`.
-        resume: Continue from the latest finished checkpoint there (fresh start if none).
-
-    Returns:
-        The manifest dict (also written to `rl/manifest.json`).
-
-    Raises:
-        TrainError: A bad config, or `<run>/rl/` holds checkpoints and `resume` is False.
+    `run_dir/rl/` receives `metrics.jsonl` (one line per step), `checkpoint-NNNNNN/` folders and
+    `manifest.json`, which is also returned. With `resume`, the latest finished checkpoint there
+    is continued exactly (weights, optimizer, scheduler, question cursor, RNG); without it a
+    folder that already holds checkpoints raises `TrainError`, as does a config that cannot run.
     """
     layout = RunLayout(Path(run_dir))
     ckpt = checkpoint.checkpoint_to_resume(layout.rl, resume)

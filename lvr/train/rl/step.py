@@ -17,6 +17,7 @@ import dataclasses
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,22 @@ from lvr.train.rewards import compute_rewards
 from lvr.train.rl.state import Group, Prompt, RLRun, merged_weights
 
 Row = tuple[Prompt, torch.Tensor]  # (prompt, response ids [R_i]): one sequence of the update
+
+
+@dataclass
+class Rollouts:
+    """The sequences of an update and what the loss needs of each, aligned by index."""
+
+    rows: list[Row]  # P*G (prompt, response) pairs, prompt-major
+    advantages: torch.Tensor  # [P*G] group-relative advantages
+    old: list[torch.Tensor]  # P*G x [R_i] log-probs under the policy that sampled
+    ref: list[torch.Tensor] | None  # P*G x [R_i] reference log-probs (None without KL)
+
+    def select(self, ids: list[int]) -> Rollouts:
+        """The rows `ids` (a micro-batch)."""
+        ref = [self.ref[i] for i in ids] if self.ref is not None else None
+        return Rollouts([self.rows[i] for i in ids], self.advantages[ids],
+                        [self.old[i] for i in ids], ref)  # fmt: skip
 
 
 def rl_step(run: RLRun, step: int) -> dict[str, float]:
@@ -82,7 +99,8 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
     # 7. Update: `update_epochs` passes of mini-batches of `update_batch` prompts; clipped
     #    surrogate + KL per token, aggregated over the whole mini-batch; world-summed gradients.
     with watch("update_s"):
-        metrics.update(update_policy(run, rows, advantages, old, ref, step, lengths, signal))
+        batch = Rollouts(rows, advantages, old, ref)
+        metrics.update(update_policy(run, batch, step, lengths, signal))
 
     # 8. A rollout engine that keeps its own copy of the weights (vLLM) gets the new ones.
     with watch("sync_s"):
@@ -358,14 +376,7 @@ def _padded(values: list[torch.Tensor], length: int, device: torch.device) -> to
 
 
 def update_policy(
-    run: RLRun,
-    rows: list[Row],
-    advantages: torch.Tensor,
-    old: list[torch.Tensor],
-    ref: list[torch.Tensor] | None,
-    step: int,
-    lengths: list[int],
-    signal: list[bool],
+    run: RLRun, batch: Rollouts, step: int, lengths: list[int], signal: list[bool]
 ) -> dict[str, float]:
     """`update_epochs` passes over shuffled mini-batches of `update_batch` prompts (whole groups).
 
@@ -385,7 +396,7 @@ def update_policy(
     norms = []
     n_prompts = len(lengths) // g
     first = run.topo.dp_rank * (cfg.rollout_batch // run.topo.dp_size)  # global index of ours
-    held = range(first, first + len(rows) // g)
+    held = range(first, first + len(batch.rows) // g)
     for _ in range(cfg.algo.update_epochs):
         order = torch.randperm(n_prompts, generator=order_rng).tolist()
         for s in range(0, n_prompts, cfg.update_batch):
@@ -397,10 +408,7 @@ def update_policy(
             n_tok = sum(lengths[p * g + j] for p in batch for j in range(g))
             ids = [(p - first) * g + j for p in batch if p in held for j in range(g)]
             for m in range(0, len(ids), cfg.micro_batch):
-                micro = ids[m : m + cfg.micro_batch]
-                micro_step(run, [rows[i] for i in micro], advantages[micro],
-                           [old[i] for i in micro], [ref[i] for i in micro] if ref else None,
-                           n_tok, n_seq, sums)  # fmt: skip
+                micro_step(run, batch.select(ids[m : m + cfg.micro_batch]), n_tok, n_seq, sums)
             norms.append(optimizer_step(run))
     sums = dp_sum(run.topo, sums)  # token sums of the statistics over the whole batch
     tokens = max(sums.pop("tokens", 1.0), 1.0)
@@ -411,22 +419,14 @@ def update_policy(
     return out
 
 
-def micro_step(
-    run: RLRun,
-    rows: list[Row],
-    advantages: torch.Tensor,
-    old: list[torch.Tensor],
-    ref: list[torch.Tensor] | None,
-    n_tok: int,
-    n_seq: int,
-    sums: dict[str, float],
-) -> None:
+def micro_step(run: RLRun, micro: Rollouts, n_tok: int, n_seq: int, sums: dict[str, float]) -> None:
     """Forward + backward of one micro-batch of b rows; adds token sums of its statistics."""
     algo = run.cfg.algo
-    out = _prefill(run, run.model, rows)  # logprobs / entropy / mask: [b, R]
+    out = _prefill(run, run.model, micro.rows)  # logprobs / entropy / mask: [b, R]
     logp, mask = out.logprobs, out.mask
     length, device = logp.shape[1], logp.device
-    old_logp = _padded(old, length, device)  # [b, R]
+    old_logp = _padded(micro.old, length, device)  # [b, R]
+    advantages, ref = micro.advantages, micro.ref
     # Clipped surrogate per token: max(-A * ratio, -A * clip(ratio, 1-eps_low, 1+eps_high)),
     # dual clip for A < 0; ratio = exp(logp - old_logp).
     pg = policy_loss(logp, old_logp, advantages.to(device), algo.clip_low, algo.clip_high,
