@@ -84,6 +84,7 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
     if not any(signal):
         run.count("no_signal_steps")
         metrics.update(no_signal=1.0, opt_steps=float(run.opt_steps), lr=_lr(run))
+        metrics.update({k: round(v, 4) for k, v in watch.seconds.items()})
         return {**metrics, "step_s": round(time.time() - start, 4), **run.counters()}
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [P*G], prompt-major
     advantages = compute_advantages(rewards, cfg.rollout.n, cfg.algo.advantage)  # [P*G]
@@ -400,13 +401,13 @@ def update_policy(
     for _ in range(cfg.algo.update_epochs):
         order = torch.randperm(n_prompts, generator=order_rng).tolist()
         for s in range(0, n_prompts, cfg.update_batch):
-            batch = order[s : s + cfg.update_batch]
-            if not any(signal[p] for p in batch):  # the same decision on every rank
+            mini = order[s : s + cfg.update_batch]
+            if not any(signal[p] for p in mini):  # the same decision on every rank
                 run.count("no_signal_updates")
                 continue
-            n_seq = len(batch) * g  # global normalisers of this mini-batch
-            n_tok = sum(lengths[p * g + j] for p in batch for j in range(g))
-            ids = [(p - first) * g + j for p in batch if p in held for j in range(g)]
+            n_seq = len(mini) * g  # global normalisers of this mini-batch
+            n_tok = sum(lengths[p * g + j] for p in mini for j in range(g))
+            ids = [(p - first) * g + j for p in mini if p in held for j in range(g)]
             for m in range(0, len(ids), cfg.micro_batch):
                 micro_step(run, batch.select(ids[m : m + cfg.micro_batch]), n_tok, n_seq, sums)
             norms.append(optimizer_step(run))
