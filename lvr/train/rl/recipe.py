@@ -34,6 +34,11 @@ Launch lines::
     torchrun --nproc_per_node 8 -m lvr.cli rl --config configs/rl/qwen25vl_8gpu_long.yaml --run runs/exp1
     # 8 GPUs as 4 data-parallel SP groups of 2 (shorter videos: more prompts in flight)
     ... --config configs/rl/qwen25vl_8gpu_long.yaml --set sp_size=2 --set data.frames=128
+    # 2 nodes x 8 GPUs (scripts/slurm/rl.sbatch): SP groups inside a node (sp_size divides 8),
+    # data-parallel groups across the nodes; the same line on every node
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node1:29500 \
+        --rdzv-id exp1 -m lvr.cli rl --config configs/rl/qwen25vl_8gpu_long.yaml \
+        --set sp_size=8 -r /shared/runs/exp1
     # continue from the latest checkpoint in runs/exp1/rl/
     ... --resume
 
@@ -134,7 +139,7 @@ from lvr.layout import RunLayout
 from lvr.models.inputs import end_of_turn_ids
 from lvr.mrsp.encode import EmbeddingCache
 from lvr.mrsp.engines import check_vllm, make_rollout_engine
-from lvr.mrsp.topology import build_topology, dp_size_for
+from lvr.mrsp.topology import Node, build_topology, check_sp_in_node, dp_size_for
 from lvr.train import checkpoint
 from lvr.train.common import MetricsLogger, TrainError, init_distributed, seed_everything
 from lvr.train.config import RLConfig
@@ -199,7 +204,8 @@ def setup(cfg: RLConfig, layout: RunLayout, ckpt: Path | None = None) -> RLRun:
     `ckpt` is the checkpoint a resume will load: a vLLM engine starts from its HF folder, which
     holds the weights the policy is about to get, so no reload is needed.
     """
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the world init_distributed joins
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the world init_distributed joins
+    check_config(cfg, world, Node.from_env(os.environ, world))
     info = init_distributed(cfg.device)
     topo = build_topology(cfg.sp_size, info.world_size, info.rank)
     seed_everything(cfg.seed)
@@ -225,13 +231,19 @@ def setup(cfg: RLConfig, layout: RunLayout, ckpt: Path | None = None) -> RLRun:
     )  # fmt: skip
 
 
-def check_config(cfg: RLConfig, world: int) -> None:
+def check_config(cfg: RLConfig, world: int, node: Node | None = None) -> None:
     """Settings that cannot work, refused before anything loads (one line each).
+
+    Args:
+        cfg: The recipe config.
+        world: The number of ranks.
+        node: This rank's node under torchrun ``--nnodes`` (None: one node holds every rank).
 
     Raises:
         TrainError: The first problem found.
     """
     dp = dp_size_for(cfg.sp_size, world)
+    check_sp_in_node(cfg.sp_size, world, node or Node(world, 0, 1))
     if cfg.rollout_batch % cfg.update_batch:
         raise TrainError(
             f"rollout_batch ({cfg.rollout_batch}) must be a multiple of update_batch ({cfg.update_batch})"
