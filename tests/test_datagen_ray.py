@@ -192,3 +192,47 @@ def test_concurrent_workers_share_one_request_budget(
     again = run_datagen_stage(qa.STAGE, cfg, run, progress=False, executor=executor)
     usage = json.loads((run / "_stages/qa/manifest.json").read_text())["usage"]["fake-model"]
     assert again.shards_run == 4 and (usage["cache_hits"], usage["sent"]) == (32, 0)
+
+
+@pytest.mark.slow
+def test_address_joins_a_running_cluster(tmp_path: Path) -> None:
+    """``--address``: a cluster started with ``ray start --head`` runs the job and stays up.
+
+    Token authentication is Ray's own business between a cluster and its clients; this loopback
+    cluster and its client both opt out of it (RAY_AUTH_MODE=disabled)."""
+    import contextlib
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--port", str(port), "--num-cpus",
+                             "2", "--include-dashboard", "false", "--block"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        run = tmp_path / "run"
+        args = ["datagen", "run", "--config", "configs/datagen/demo.yaml", "--run", str(run),
+                "-q", "--executor", "ray", "--address", f"127.0.0.1:{port}"]  # fmt: skip
+        for _ in range(30):  # the head takes a few seconds to listen
+            out = subprocess.run([sys.executable, "-m", "lvr.cli", *args], env=env, cwd=REPO,
+                                 text=True, capture_output=True)  # fmt: skip
+            if "could not start the Ray cluster" not in out.stderr:
+                break
+            time.sleep(2)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert head.poll() is None  # the cluster is left running
+        manifest = json.loads((run / "_stages/qa/manifest.json").read_text())
+        assert manifest["executor"]["address"] == f"127.0.0.1:{port}"
+        assert read_table(run / "qa_raw", "qa_raw").num_rows == 48
+    finally:  # the head and the processes it started: this session's process group only
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=20)
+        time.sleep(3)
+        with contextlib.suppress(ProcessLookupError):  # what SIGTERM left behind
+            os.killpg(head.pid, signal.SIGKILL)
