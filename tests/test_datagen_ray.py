@@ -20,7 +20,7 @@ from lvr.artifacts import read_table
 from lvr.config import load_config
 from lvr.datagen import caption, qa, segment
 from lvr.datagen.config import DatagenConfig
-from lvr.datagen.ray_executor import RayExecutor
+from lvr.datagen.ray_executor import RayExecutor, RayExecutorError
 from lvr.datagen.runner import run_datagen_stage
 
 ray = pytest.importorskip("ray")
@@ -140,6 +140,32 @@ def test_worker_killed_mid_shard_is_retried_with_the_same_rows(
     assert not list((tmp_path / "ray").rglob("*.tmp-*"))
 
 
+def test_a_shard_that_keeps_killing_its_worker_is_reported_and_resumed(
+    executor: RayExecutor, videos: Path, tmp_path: Path
+) -> None:
+    """With no restarts left, the shard stays unfinished (one line at the end, after the other
+    shards); the next run does just that shard."""
+    cfg = _cfg(videos)
+    run = tmp_path / "run"
+    _chain(cfg, run, CHAIN[:1], executor=executor)
+    victim = read_table(run / "clips/00001.parquet", "clips").column("video_id")[0].as_py()
+    from ray_faults import CrashOnce
+
+    crashing = dataclasses.replace(
+        caption.STAGE, open_worker=CrashOnce(caption.make_captioner, victim, tmp_path / "crashed")
+    )
+    no_retries = RayExecutor(workers=2, max_retries=0)  # the fixture's Ray is already running
+    with pytest.raises(RayExecutorError, match=r"caption: shards 00001 were not finished"):
+        run_datagen_stage(crashing, cfg, run, progress=False, executor=no_retries)
+    assert sorted(p.name for p in (run / "_stages/caption/_done").iterdir()) == [
+        "00000.json",
+        "00002.json",
+        "00003.json",
+    ]
+    again = run_datagen_stage(caption.STAGE, cfg, run, progress=False, executor=executor)
+    assert (again.shards_run, again.shards_skipped) == (1, 3)
+
+
 def test_slurm_shards_and_ray_resume_each_other(
     executor: RayExecutor, videos: Path, tmp_path: Path
 ) -> None:
@@ -236,3 +262,7 @@ def test_address_joins_a_running_cluster(tmp_path: Path) -> None:
         time.sleep(3)
         with contextlib.suppress(ProcessLookupError):  # what SIGTERM left behind
             os.killpg(head.pid, signal.SIGKILL)
+        # `ray start` records its cluster for later `ray.init()` calls; this one is gone
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

@@ -24,6 +24,10 @@ stage's shards as for one machine and hands the unfinished ones to `RayExecutor.
 
 Every worker must see the run folder at the same path (a shared file system on a cluster) and
 have lvr installed. Ray is the optional ``ray`` extra (``pip install "lvr[ray]"``).
+
+Deliberate simplifications: a worker asks Ray for one CPU and nothing else (local ``hf`` models
+on GPUs are not scheduled onto GPUs: use an OpenAI-compatible server for them); a backend's
+``concurrency`` is per worker, like per machine in a Slurm array (the rate limits are the job's).
 """
 
 from __future__ import annotations
@@ -73,7 +77,9 @@ class RayExecutor:
     Attributes:
         address: A running cluster (``ray://head:10001``, ``auto``...); None starts a local Ray.
         workers: Shard workers running at once (one CPU each); 0 = the cluster's CPUs.
-        max_retries: Times a shard is run again after its worker process died.
+        max_retries: Times a worker process is restarted after it died (its shard is then run
+            again); a worker that dies once more leaves its shard unfinished (one-line error at
+            the end, the other shards are finished first).
     """
 
     address: str | None = None
@@ -99,8 +105,8 @@ class RayExecutor:
         try:
             if self.address:
                 ray.init(address=self.address, **quiet)
-            else:
-                ray.init(num_cpus=self.workers or None, **quiet)
+            else:  # "local": a new Ray for this run, never a cluster someone left running here
+                ray.init(address="local", num_cpus=self.workers or None, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             raise RayExecutorError(
