@@ -12,12 +12,21 @@ ideal throughput is concurrency / latency (64 / 0.2 s = 320 req/s). Measured sid
   the client's own retries, no validation), then `json.loads` of each content;
 - info only: ours behind the persistent request cache (one SQLite commit per answer, as in the
   caption and qa stages), a sequential loop with retries (the other common script) on a small
-  subset, and ours at 5% injected faults (all fault kinds) to show that no row is lost.
+  subset, and ours at 5% injected faults (all fault kinds) to show that no row is lost;
+- the Ray executor (``--ray-workers 2``, 0 skips it): the real qa stage (`run_datagen_stage` with a
+  `RayExecutor`) over a run whose captions give the same number of requests, `--ray-workers`
+  workers of ``concurrency / workers`` calls each (the same c in flight in all), the request
+  cache and the shard files written as in a real run. Two rates: the whole stage (planning,
+  worker start, every shard written, manifest: what a user waits for) and the steady state
+  (first to last answer stored in the workers' request caches: what the executor sustains once
+  its workers are up). The local Ray is started before the clock starts (once per job).
 
-Target: ours >= 90% of the bound with 0 rows lost. Note: 2 cores shared by server and client (and
-by whatever else runs on the machine), so the CPU time per request of the client and of the server
-process are reported too (they do not depend on the load the way wall time does).
-The last line is the JSON summary.
+Target: ours >= 90% of the bound with 0 rows lost, and the Ray executor's steady state >= 90% of
+the bound with every call answered. Note: 2 cores shared by server and client (and by whatever else
+runs on the machine), so the CPU time per request of the client and of the server process are
+reported too (they do not depend on the load the way wall time does). With Ray the same 2 cores
+also run the Ray processes (GCS, raylet) and the driver.
+The last line is the JSON summary (``ray``: the Ray executor's numbers).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import asyncio
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -206,12 +216,80 @@ def run_sequential(url: str, reqs: list[Request]) -> dict[str, Any]:
     return {"req_s": len(reqs) / wall, "wall_s": wall, "ok": ok, "rows": len(reqs)}
 
 
+QUESTIONS_PER_VIDEO = 8  # qa calls per video in the Ray measurement
+
+
+def write_captions(run: Path, videos: int, shards: int) -> None:
+    """A finished caption stage: ``videos`` videos of 6 captions each, in ``shards`` shards."""
+    from lvr.artifacts import Shard, Stage, rows_to_table
+
+    stage = Stage(run, "caption")
+    per = -(-videos // shards)
+    for k in range(shards):
+        rows = [
+            {"clip_id": f"c{v}-{j}", "video_id": f"v{v:05d}", "video_path": f"/videos/v{v}.mp4",
+             "duration_s": 60.0, "start_s": 10.0 * j, "end_s": 10.0 * j + 10, "backend": "openai",
+             "caption": f"In scene {j} of video {v} a person walks a dog past a red car.",
+             "model": "m", "prompt_version": "p", "frames": 8, "attempts": 1, "latency_s": 0.2,
+             "error": None}
+            for v in range(k * per, min((k + 1) * per, videos)) for j in range(6)
+        ]  # fmt: skip
+        stage.write_shard(Shard(k, [k]), {"captions": rows_to_table(rows, "captions")})
+
+
+def cache_window_s(cache_dir: Path) -> tuple[int, float]:
+    """(answers stored, seconds from the first to the last) over every request cache of a run."""
+    stamps: list[float] = []
+    for f in cache_dir.glob("requests*.sqlite"):
+        with sqlite3.connect(f) as conn:
+            stamps += [t for (t,) in conn.execute("SELECT created_at FROM responses")]
+    return len(stamps), (max(stamps) - min(stamps)) if stamps else float("nan")
+
+
+def run_ray(url: str, requests: int, concurrency: int, workers: int) -> dict[str, Any]:
+    """The qa stage on the Ray executor: ``requests`` calls, ``concurrency`` in flight in all."""
+    from lvr.config import load_config
+    from lvr.datagen import qa
+    from lvr.datagen.config import DatagenConfig
+    from lvr.datagen.ray_executor import RayExecutor
+    from lvr.datagen.runner import run_datagen_stage
+
+    videos = requests // QUESTIONS_PER_VIDEO
+    opts = f"{{base_url: '{url}', concurrency: {concurrency // workers}}}"
+    sets = ["qa.backend=openai", "qa.model=fake-model", f"qa.options={opts}",
+            f"qa.questions_per_video={QUESTIONS_PER_VIDEO}", "qa.min_captions=1",
+            "qa.categories=[{name: temporal, share: 1}]"]  # fmt: skip
+    cfg = load_config(DatagenConfig, None, sets)
+    with tempfile.TemporaryDirectory() as tmp, RayExecutor(workers=workers) as executor:
+        run = Path(tmp) / "run"
+        write_captions(run, videos, shards=4 * workers)  # a few shards per worker: a queue
+        t0 = time.perf_counter()
+        result = run_datagen_stage(qa.STAGE, cfg, run, progress=False, executor=executor)
+        wall = time.perf_counter() - t0
+        stored, window = cache_window_s(run / "cache")
+        manifest = json.loads((run / "_stages/qa/manifest.json").read_text())
+    usage = manifest["usage"]["fake-model"]
+    n = videos * QUESTIONS_PER_VIDEO
+    return {
+        "req_s": n / wall,
+        "steady_req_s": (stored - 1) / window,
+        "wall_s": wall,
+        "rows": result.rows["qa_raw"],
+        "sent": usage["sent"],
+        "failures": usage["failures"],
+        "attempts": usage["attempts"],
+        "workers": workers,
+        "shards": result.shards_run,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="openai backend throughput vs the loopback server")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--sequential", type=int, default=25, help="rows for the sequential loop")
+    ap.add_argument("--ray-workers", type=int, default=2, help="Ray executor workers (0: skip)")
     args = ap.parse_args()
     bound = args.concurrency / args.latency
     reqs = make_requests(args.requests)
@@ -226,6 +304,11 @@ def main() -> None:
             cached = run_ours(url, reqs, args.concurrency, cache=Path(tmp) / "requests.sqlite")
         base = run_gather(url, reqs, args.concurrency)
         seq = run_sequential(url, reqs[: args.sequential])
+        on_ray = (
+            run_ray(url, args.requests, args.concurrency, args.ray_workers)
+            if args.ray_workers
+            else None
+        )
     finally:
         proc.terminate()
         proc.wait()
@@ -246,6 +329,7 @@ def main() -> None:
         ("baseline gather+semaphore", base),
         ("sequential loop (subset)", seq),
         ("ours, 5% faults", faulty),
+        *([("Ray executor (qa stage)", on_ray)] if on_ray else []),
     ]:
         print(
             f"{name:28s} "
@@ -254,19 +338,25 @@ def main() -> None:
     lost = args.requests - ours["rows"] + args.requests - faulty["rows"]
     lost += (not ours["ids_match"]) + (not faulty["ids_match"])
     met = ours["req_s"] >= 0.9 * bound and lost == 0 and ours["ok"] == args.requests
-    print(
-        json.dumps(
-            {
-                "benchmark": "api_stage",
-                "metric": "requests/s (64 concurrent, 200 ms)",
-                "ours": round(ours["req_s"], 1),
-                "baseline": round(base["req_s"], 1),
-                "ratio": round(ours["req_s"] / base["req_s"], 3),
-                "target": f">= {0.9 * bound:.0f} req/s (90% of bound), 0 rows lost",
-                "met": bool(met),
-            }
-        )
-    )
+    summary: dict[str, Any] = {
+        "benchmark": "api_stage",
+        "metric": f"requests/s ({args.concurrency} concurrent, {1000 * args.latency:.0f} ms)",
+        "ours": round(ours["req_s"], 1),
+        "baseline": round(base["req_s"], 1),
+        "ratio": round(ours["req_s"] / base["req_s"], 3),
+        "target": f">= {0.9 * bound:.0f} req/s (90% of bound), 0 rows lost; Ray executor: "
+        "steady state >= 90% of bound, every call answered",
+        "met": bool(met),
+    }
+    if on_ray:
+        ray_met = on_ray["steady_req_s"] >= 0.9 * bound and on_ray["failures"] == 0
+        ray_met = ray_met and on_ray["sent"] == on_ray["rows"] == on_ray["attempts"]
+        summary["met"] = bool(met and ray_met)
+        summary["ray"] = {"stage_req_s": round(on_ray["req_s"], 1),
+                          "steady_req_s": round(on_ray["steady_req_s"], 1),
+                          "steady_of_bound": round(on_ray["steady_req_s"] / bound, 3),
+                          "workers": on_ray["workers"], "met": bool(ray_met)}  # fmt: skip
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

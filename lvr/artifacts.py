@@ -17,8 +17,9 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,8 @@ class StageResult:
 
 
 ShardFn = Callable[[Shard], dict[str, pa.Table]]
+# Runs shards (each written with its marker) and yields each one once it is committed.
+Execute = Callable[[Sequence[Shard]], Iterable[Shard]]
 
 
 class Stage:
@@ -481,13 +484,14 @@ def _error_count(table: pa.Table) -> int:
 def run_stage(
     stage: Stage,
     shards: Sequence[Shard],
-    fn: ShardFn,
+    fn: ShardFn | None,
     config: Any,
     inputs: Sequence[str | Path] = (),
     description: str = "",
     progress: bool = True,
     manifest: str = "manifest.json",
     report: Callable[[], dict[str, Any]] | None = None,
+    execute: Execute | None = None,
 ) -> StageResult:
     """Run ``fn`` on every unfinished shard, then write the stage manifest.
 
@@ -497,12 +501,18 @@ def run_stage(
     When several machines share a stage folder, each passes its own ``manifest`` name
     (:func:`manifest_name`) so that none overwrites another's counts. ``report()`` returns extra
     manifest fields (e.g. model-call usage); they are refreshed after every shard, so a killed
-    run's manifest still accounts for the shards it finished.
+    run's manifest still accounts for the shards it finished. ``execute`` replaces the loop that
+    runs the unfinished shards here, one after the other (e.g. by Ray workers that write each
+    shard and its marker themselves); it yields each shard once it is committed.
     """
     start = time.time()
     todo = [s for s in shards if not stage.is_done(s)]
     extra = report or dict
     running = _write_manifest(stage, config, inputs, shards, "running", 0.0, manifest, extra())
+    if execute is None:
+        if fn is None:
+            raise ValueError("run_stage needs fn or execute")
+        execute = partial(_run_here, stage, fn)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -511,8 +521,7 @@ def run_stage(
         disable=not progress,
     ) as bar:
         task = bar.add_task(description or stage.name, total=len(todo))
-        for shard in todo:
-            stage.write_shard(shard, fn(shard))
+        for _ in execute(todo):
             bar.advance(task)
             if report is not None:  # counts stay those of the start until "done"
                 atomic_write_json(stage.manifest(manifest), {**running, **report()})
@@ -527,6 +536,13 @@ def run_stage(
         errors=info["errors"],
         seconds=seconds,
     )
+
+
+def _run_here(stage: Stage, fn: ShardFn, todo: Sequence[Shard]) -> Iterator[Shard]:
+    """Run the shards in this process, in order: rows, shard files, then the marker."""
+    for shard in todo:
+        stage.write_shard(shard, fn(shard))
+        yield shard
 
 
 def _write_manifest(

@@ -169,13 +169,16 @@ class RunLayout:
     def cache(self) -> Path:
         return self.root / "cache"
 
-    def request_cache(self, shard: int = 0, num_shards: int = 1) -> Path:
+    def request_cache(self, shard: int = 0, num_shards: int = 1, worker: str = "") -> Path:
         """The model-call cache of this machine (SQLite: one writer per file).
 
         The names are those of runs written before `RunLayout`, so their cached calls stay hits;
         lookups also read the other ``requests*.sqlite`` files of the folder, so a rerun with
-        another number of shards reuses every answer (`lvr.backends.cache`).
+        another number of shards reuses every answer (`lvr.backends.cache`). A worker of a
+        distributed executor names its own file (``worker="ray3"``: ``requests-ray3.sqlite``).
         """
+        if worker:
+            return self.cache / f"requests-{worker}.sqlite"
         suffix = "" if num_shards == 1 else f"-{shard}of{num_shards}"
         return self.cache / f"requests{suffix}.sqlite"
 

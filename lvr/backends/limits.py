@@ -6,9 +6,10 @@ describe what the endpoint allows the job; a process spends a *share* of that bu
 - one process: share 1;
 - a Slurm-array style run (``--shard i --num-shards n``, processes that cannot talk to each other):
   each shard takes 1/n (`RateLimiter.for_share`) and says so in its stage manifest;
-- a later Ray executor: every worker calls one limiter actor, which implements the same `Limiter`
-  interface (``acquire`` = a remote ``reserve(tokens)`` returning the delay to sleep, ``settle`` =
-  a fire-and-forget remote refund), so the whole job shares one budget without static shares.
+- the Ray executor (``lvr datagen run --executor ray``): every worker's `SharedLimiter` asks one
+  limiter actor (`limiter_actor`), which holds the job's `RateLimiter`: ``acquire`` = a remote
+  `RateLimiter.delay` returning the wait to sleep, ``settle`` = a fire-and-forget remote refund,
+  so the whole job shares one budget without static shares.
 
 `RateLimiter` is the local implementation: a leaky bucket without burst (GCRA with capacity one) on
 two resources at once. Calls are spaced so that a 600 RPM quota is spent as one call every 100 ms
@@ -36,7 +37,7 @@ _SCHEDULE_KEPT = 100_000  # reserved start times kept for tests and benchmarks (
 
 @runtime_checkable
 class Limiter(Protocol):
-    """What the API backend asks before every HTTP attempt (local bucket or, later, a Ray actor)."""
+    """What the API backend asks before every HTTP attempt (local bucket or a shared Ray actor)."""
 
     async def acquire(self, tokens: int = 0) -> float:
         """Wait until a call estimated at ``tokens`` tokens may start; return the seconds waited."""
@@ -171,6 +172,84 @@ class RateLimiter:
         tokens = 60.0 / self.token_interval if self.token_interval else None
         return {**self.job, "process_requests_per_minute": per_minute,
                 "process_tokens_per_minute": tokens}  # fmt: skip
+
+
+class SharedLimiter:
+    """The `Limiter` of one worker of a distributed job: every call asks the job's limiter actor.
+
+    The actor (`limiter_actor`) holds one `RateLimiter` with the job's whole limits and answers
+    `RateLimiter.delay` for every worker, so the workers' clocks never need to agree: a worker
+    sleeps the delay it was given (the round trip only adds slack). Without limits no call goes
+    to the actor at all.
+
+    Args:
+        actor: Handle of the Ray actor made by `limiter_actor`.
+        job: The job's limits (``max_requests_per_minute``, ``max_tokens_per_minute``).
+    """
+
+    def __init__(self, actor: Any, job: Mapping[str, Any]):
+        self.actor = actor
+        self.job = {**job, "share": 1.0}
+        self.limited = bool(job.get("max_requests_per_minute") or job.get("max_tokens_per_minute"))
+
+    async def acquire(self, tokens: int = 0) -> float:
+        """Reserve the next slot of the job's schedule and wait for it; return the seconds waited."""
+        if not self.limited:
+            return 0.0
+        delay = float(await self.actor.delay.remote(tokens))  # a Ray ObjectRef is awaitable
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return delay
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Correct the job's token schedule (fire and forget: nothing waits for the answer)."""
+        if self.job.get("max_tokens_per_minute") and used != reserved:
+            self.actor.settle.remote(reserved, used)
+
+    def describe(self) -> dict[str, Any]:
+        """The job's limits, spent by every worker through one shared schedule."""
+        return {**self.job, "shared_by": "ray actor",
+                "process_requests_per_minute": self.job.get("max_requests_per_minute"),
+                "process_tokens_per_minute": self.job.get("max_tokens_per_minute")}  # fmt: skip
+
+
+def limiter_actor(
+    max_requests_per_minute: float | None, max_tokens_per_minute: float | None, name: str
+) -> Any:
+    """Start the Ray actor that holds a job's request budget (needs ``ray``, the ``ray`` extra).
+
+    Args:
+        max_requests_per_minute: The job's request limit (None: unlimited).
+        max_tokens_per_minute: The job's token limit (None: unlimited).
+        name: The actor's name: workers find it with ``ray.get_actor(name)`` (a handle passed as
+            an argument would keep their constructor arguments in Ray's object store).
+
+    Returns:
+        The actor handle; workers wrap it in a `SharedLimiter`.
+    """
+    import ray  # the optional `ray` extra: only a Ray run gets here
+
+    # One call at a time (max_concurrency 1): the schedule needs no lock. A restarted actor
+    # starts a fresh schedule, which never bursts (an idle limiter banks no slots).
+    remote = ray.remote(num_cpus=0, max_restarts=-1)(_LimiterActor)
+    return remote.options(name=name).remote(max_requests_per_minute, max_tokens_per_minute)
+
+
+class _LimiterActor:
+    """The actor behind `SharedLimiter`: one `RateLimiter` with the whole job's limits."""
+
+    def __init__(self, max_requests_per_minute: float | None, max_tokens_per_minute: float | None):
+        self.limiter = RateLimiter.for_share(max_requests_per_minute, max_tokens_per_minute)
+
+    def delay(self, tokens: int = 0) -> float:
+        return self.limiter.delay(tokens)
+
+    def settle(self, reserved: int, used: int) -> None:
+        self.limiter.settle(reserved, used)
+
+    def schedule(self) -> list[float]:
+        """The reserved start times (actor clock), for tests and benchmarks."""
+        return list(self.limiter.schedule)
 
 
 def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:

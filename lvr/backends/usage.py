@@ -70,6 +70,10 @@ class Usage:
     def __add__(self, other: Usage) -> Usage:
         return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in _FIELDS})
 
+    def __sub__(self, other: Usage) -> Usage:
+        """What was counted since ``other`` (an earlier copy of the same tally)."""
+        return Usage(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in _FIELDS})
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Usage:
         """Read the counts of `to_dict` (other keys, such as cost, are ignored)."""

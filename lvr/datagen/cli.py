@@ -1,12 +1,16 @@
 """``lvr datagen``: segment -> caption -> qa -> filter -> export, each a resumable stage.
 
 Every stage command takes ``--config/--set/--show-config/--run`` and ``--shard i --num-shards n``
-(machine ``i`` of ``n`` runs shards ``k`` with ``k % n == i``; see docs/datagen.md for Slurm).
-A run folder of an older lvr is refused with the one line naming ``lvr datagen migrate``.
+(machine ``i`` of ``n`` runs shards ``k`` with ``k % n == i``; see docs/datagen.md for Slurm), or
+``--executor ray`` (every shard of the job pulled from one queue by Ray workers, ``--address`` for
+a running cluster). A run folder of an older lvr is refused with the one line naming
+``lvr datagen migrate``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,8 @@ from lvr.datagen.config import DatagenConfig
 from lvr.datagen.export import export_hf, export_jsonl
 from lvr.datagen.filter import run_filter
 from lvr.datagen.migrate import migrate_run
-from lvr.datagen.runner import DatagenStage, run_datagen_stage
+from lvr.datagen.ray_executor import RayExecutor
+from lvr.datagen.runner import DatagenStage, Executor, run_datagen_stage
 from lvr.errors import LvrError
 from lvr.layout import RunLayout, check_layout
 
@@ -40,6 +45,20 @@ RetryOpt = typer.Option(
     help="Redo finished shards that hold error rows (cached rows are free).",
 )
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+ExecutorOpt = typer.Option(
+    "local",
+    "--executor",
+    help="local: this machine's shards, here. ray: every shard of the job, pulled from one queue "
+    "by Ray workers (one request budget for all; needs the `ray` extra).",
+)
+AddressOpt = typer.Option(
+    None,
+    "--address",
+    help="--executor ray: a running Ray cluster (default: a local Ray for this run).",
+)
+WorkersOpt = typer.Option(
+    0, "--workers", help="--executor ray: shard workers at once (default: the cluster's CPUs)."
+)
 PassRatesOpt = typer.Option(
     None,
     "--pass-rates",
@@ -58,12 +77,32 @@ def _check_shard(shard: int, num_shards: int) -> None:
         )
 
 
+@contextmanager
+def _executor(
+    kind: str, address: str | None, workers: int, shard: int, num_shards: int
+) -> Iterator[Executor | None]:
+    """The executor of ``--executor`` for the commands it wraps (a local Ray stops after them)."""
+    _check_shard(shard, num_shards)
+    if kind == "local":
+        if address or workers:
+            raise LvrError("--address and --workers go with --executor ray")
+        yield None
+        return
+    if kind != "ray":
+        raise LvrError(f"--executor must be local or ray, got {kind!r}")
+    if num_shards != 1:
+        raise LvrError("--executor ray runs every shard of the job from one queue: drop "
+                       "--shard/--num-shards (they are for machines that cannot talk to each other)")  # fmt: skip
+    with RayExecutor(address=address, workers=workers) as ray_executor:
+        yield ray_executor
+
+
 def _run(
     stage: DatagenStage[Any], cfg: DatagenConfig, layout: RunLayout, shard: int, num_shards: int,
-    quiet: bool, retry: bool = True,
+    quiet: bool, retry: bool = True, executor: Executor | None = None,
 ) -> None:  # fmt: skip
     """Run one sharded stage and print its summary: shards run/skipped, rows and error rows."""
-    result = run_datagen_stage(stage, cfg, layout, shard, num_shards, not quiet, retry)
+    result = run_datagen_stage(stage, cfg, layout, shard, num_shards, not quiet, retry, executor)
     tables = ", ".join(
         f"{t} {n} rows ({result.errors.get(t, 0)} errors)" for t, n in result.rows.items()
     )
@@ -75,12 +114,15 @@ def _run(
 
 def _stage_command(
     stage: DatagenStage[Any], config: Path | None, sets: list[str] | None, show: bool, run: Path,
-    shard: int, num_shards: int, quiet: bool, retry: bool = True,
+    shard: int, num_shards: int, quiet: bool, retry: bool, executor: str, address: str | None,
+    workers: int,
 ) -> None:  # fmt: skip
     cfg = _config(config, sets, show)
-    if cfg is not None:
-        _check_shard(shard, num_shards)
-        _run(stage, cfg, check_layout(run), shard, num_shards, quiet, retry)
+    if cfg is None:
+        return
+    layout = check_layout(run)
+    with _executor(executor, address, workers, shard, num_shards) as ex:
+        _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
 
 
 def _filter(cfg: DatagenConfig, layout: RunLayout, pass_rates: Path | None) -> None:
@@ -96,27 +138,33 @@ def _filter(cfg: DatagenConfig, layout: RunLayout, pass_rates: Path | None) -> N
 def segment_cmd(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt,
+    executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Probe every input video into `videos` and cut it into `clips` (fixed stride or shots)."""
-    _stage_command(segment.STAGE, config, sets, show, run, shard, num_shards, quiet)
+    _stage_command(segment.STAGE, config, sets, show, run, shard, num_shards, quiet, True,
+                   executor, address, workers)  # fmt: skip
 
 
 @app.command("caption")
 def caption_cmd(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
+    executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Caption every clip with a VLM (openai / hf) or import annotations."""
-    _stage_command(caption.STAGE, config, sets, show, run, shard, num_shards, quiet, retry)
+    _stage_command(caption.STAGE, config, sets, show, run, shard, num_shards, quiet, retry,
+                   executor, address, workers)  # fmt: skip
 
 
 @app.command("qa")
 def qa_cmd(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
+    executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Write reasoning questions per video from its timestamped captions (LLM or template)."""
-    _stage_command(qa.STAGE, config, sets, show, run, shard, num_shards, quiet, retry)
+    _stage_command(qa.STAGE, config, sets, show, run, shard, num_shards, quiet, retry,
+                   executor, address, workers)  # fmt: skip
 
 
 @app.command("filter")
@@ -156,16 +204,17 @@ def export(
 def run_all(
     config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
-    pass_rates: Path | None = PassRatesOpt,
+    pass_rates: Path | None = PassRatesOpt, executor: str = ExecutorOpt,
+    address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Run segment, caption, qa and filter in order (filter only when this machine holds every shard)."""
     cfg = _config(config, sets, show)
     if cfg is None:
         return
-    _check_shard(shard, num_shards)
     layout = check_layout(run)
-    for stage in (segment.STAGE, caption.STAGE, qa.STAGE):
-        _run(stage, cfg, layout, shard, num_shards, quiet, retry)
+    with _executor(executor, address, workers, shard, num_shards) as ex:
+        for stage in (segment.STAGE, caption.STAGE, qa.STAGE):
+            _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
     if num_shards == 1:
         _filter(cfg, layout, pass_rates)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lvr.artifacts import content_id
 from lvr.backends import Backend, Limiter, RateLimiter, Usage, make_backend
@@ -74,14 +74,19 @@ class ModelBackends:
             also read the folder's other ``requests*.sqlite`` files, so a rerun with another
             number of shards reuses every answer (`lvr.backends.cache`).
         num_shards: Number of machines sharing the job's request budget.
+        limiter: The job's shared request budget (the Ray executor's `SharedLimiter`); None: this
+            machine's share of it (`shard_limiter`).
     """
 
     def __init__(
-        self, kind: str, options: Mapping[str, Any], cache_file: Path, num_shards: int = 1
-    ):
+        self, kind: str, options: Mapping[str, Any], cache_file: Path, num_shards: int = 1,
+        limiter: Limiter | None = None,
+    ):  # fmt: skip
         self.kind, self.options, self.cache_file = kind, dict(options), cache_file
         self.num_shards = num_shards
         self.limiter = shard_limiter(kind, self.options, num_shards)
+        if limiter is not None and self.limiter is not None:  # only backends with rate limits
+            self.limiter = limiter
         self._built: dict[str, Backend] = {}
 
     def __call__(self, model: str) -> Backend:
@@ -95,6 +100,15 @@ class ModelBackends:
         """The backends built so far (their ``usage`` goes into the manifest)."""
         return list(self._built.values())
 
+    def usage(self) -> dict[str, Usage]:
+        """Usage per model of the backends built so far (only cached backends count)."""
+        out: dict[str, Usage] = {}
+        for backend in self.built():
+            usage = getattr(backend, "usage", None)
+            if usage is not None:
+                out[backend.model] = out.get(backend.model, Usage()) + usage
+        return out
+
     def rate_limits(self) -> dict[str, Any] | None:
         """The job's limits and this machine's share of them, or None without rate limits."""
         if self.limiter is None:
@@ -105,6 +119,14 @@ class ModelBackends:
         for backend in self._built.values():
             if hasattr(backend, "close"):
                 backend.close()
+
+
+class CallSource(Protocol):
+    """What a `CallReport` reads: usage per model so far, and the rate limits spent."""
+
+    def usage(self) -> dict[str, Usage]: ...
+
+    def rate_limits(self) -> dict[str, Any] | None: ...
 
 
 class CallReport:
@@ -118,11 +140,13 @@ class CallReport:
     Args:
         manifest: Path of the manifest this stage run will write.
         prices: model -> {prompt_per_1m, completion_per_1m}.
-        models: The stage's model backends (those built so far are counted).
+        models: The stage's model calls: its `ModelBackends` (those built so far are counted), or
+            anything with the same ``usage()`` and ``rate_limits()`` (the Ray executor's tally of
+            its workers).
     """
 
     def __init__(
-        self, manifest: Path, prices: Mapping[str, Mapping[str, float]], models: ModelBackends
+        self, manifest: Path, prices: Mapping[str, Mapping[str, float]], models: CallSource
     ):
         self.prices, self.models = prices, models
         self.before: dict[str, Usage] = {}
@@ -134,11 +158,7 @@ class CallReport:
 
     def __call__(self) -> dict[str, Any]:
         """The manifest fields: ``usage``, ``usage_total`` and (with limits) ``rate_limits``."""
-        now: dict[str, Usage] = {}
-        for backend in self.models.built():
-            usage = getattr(backend, "usage", None)  # only cached backends count
-            if usage is not None:
-                now[backend.model] = now.get(backend.model, Usage()) + usage
+        now = self.models.usage()
         total = dict(self.before)
         for model, usage in now.items():
             total[model] = total.get(model, Usage()) + usage

@@ -14,15 +14,20 @@ used to repeat lives here once::
 The first stage (``segment``) has no upstream: its plan lists every input and the runner cuts the
 items into shards of ``shards.videos_per_shard``. Caption/qa shard ``k`` covers the clips/videos of
 segment shard ``k``, so machine ``i`` of ``n`` runs the whole chain on shards ``k % n == i``.
+
+An `Executor` (``lvr datagen run --executor ray``: `lvr.datagen.ray_executor.RayExecutor`) runs
+the unfinished shards of the whole job instead: the same shards, files and markers, pulled from
+one queue by its workers, with one request budget for all of them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -72,10 +77,14 @@ class StageContext:
     num_shards: int
     progress: bool
     models: ModelBackends | None = None
+    # False when the executor already runs one worker per CPU (Ray): no process pool of its own.
+    parallel: bool = True
 
     @property
     def request_cache(self) -> Path:
-        """This machine's model-call cache (one SQLite file per machine)."""
+        """This worker's model-call cache (one SQLite file per machine or worker)."""
+        if self.models is not None:
+            return self.models.cache_file
         return self.layout.request_cache(self.shard, self.num_shards)
 
     def model_backends(self, section: str, backend: str, model: str) -> ModelBackends:
@@ -92,6 +101,25 @@ class StageContext:
         if self.models is None:  # a stage with model workers declares `models`
             raise LvrError(f"internal: the {section} stage declared no model backends")
         return self.models
+
+
+class Executor(Protocol):
+    """Runs the unfinished shards of a whole job elsewhere (`lvr.datagen.ray_executor`)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What ran the shards, for the stage manifest (``{"kind": "ray", "workers": 4}``)."""
+        ...
+
+    def model_calls(self, options: Mapping[str, Any]) -> Any:
+        """The job's shared request budget and usage tally (a `CallReport` source)."""
+        ...
+
+    def execute(
+        self, stage: DatagenStage[Any], cfg: DatagenConfig, layout: RunLayout, calls: Any,
+        todo: Sequence[Shard],
+    ) -> Iterator[Shard]:  # fmt: skip
+        """Run ``todo`` (each shard written with its marker); yield each shard once committed."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,7 @@ def run_datagen_stage(
     num_shards: int = 1,
     progress: bool = True,
     retry_errors: bool = True,
+    executor: Executor | None = None,
 ) -> StageResult:
     """Run one datagen stage on this machine's shards (resumable: finished shards are skipped).
 
@@ -148,6 +177,8 @@ def run_datagen_stage(
         num_shards: Number of machines.
         progress: Show progress bars.
         retry_errors: Redo finished shards that hold error rows, for stages whose errors may pass.
+        executor: Run every unfinished shard of the job on its workers (e.g. Ray) instead of this
+            machine's shards here; ``shard``/``num_shards`` must then be 0/1.
 
     Returns:
         The stage result (shards run/skipped, rows and errors per table).
@@ -156,6 +187,9 @@ def run_datagen_stage(
         LayoutError: ``run`` was written by an older lvr (names the migration).
         StageInputError: The upstream stage has no finished shard here.
     """
+    if executor is not None and num_shards != 1:
+        raise LvrError("an executor (--executor ray) runs the whole job from one queue: "
+                       "drop --shard/--num-shards")  # fmt: skip
     layout = run if isinstance(run, RunLayout) else check_layout(run)
     if stage.prepare is not None:
         cfg = stage.prepare(cfg, layout)
@@ -164,11 +198,20 @@ def run_datagen_stage(
     if retry_errors and stage.transient_errors:
         retry_failed_shards(target, shards)
     manifest = manifest_name(shard, num_shards)
-    models, report = None, None
+    models, calls, report = None, None, None
     if stage.models is not None:
         kind, options = stage.models(cfg)
-        models = ModelBackends(kind, options, layout.request_cache(shard, num_shards), num_shards)
-        report = CallReport(target.manifest(manifest), cfg.prices, models)  # before it is replaced
+        if executor is not None:  # one budget for every worker, usage summed by the driver
+            calls = executor.model_calls(options if kind == "openai" else {})
+        else:
+            models = calls = ModelBackends(kind, options, layout.request_cache(shard, num_shards),
+                                           num_shards)  # fmt: skip
+        report = CallReport(target.manifest(manifest), cfg.prices, calls)  # before it is replaced
+    if executor is not None:
+        execute = partial(executor.execute, stage, cfg, layout, calls)
+        fields = partial(_executor_fields, executor, report)
+        return run_stage(target, shards, None, cfg, inputs=inputs, description=stage.name,
+                         progress=progress, manifest=manifest, report=fields, execute=execute)  # fmt: skip
     with ExitStack() as closing:  # the worker first, then the backends it called
         if models is not None:
             closing.callback(models.close)
@@ -182,6 +225,13 @@ def run_datagen_stage(
 
         return run_stage(target, shards, tables, cfg, inputs=inputs, description=stage.name,
                          progress=progress, manifest=manifest, report=report)  # fmt: skip
+
+
+def _executor_fields(
+    executor: Executor, report: Callable[[], dict[str, Any]] | None
+) -> dict[str, Any]:
+    """The manifest fields of a stage run by an executor: what ran it, and the model calls."""
+    return {"executor": executor.describe(), **(report() if report is not None else {})}
 
 
 def _plan(

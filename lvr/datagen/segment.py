@@ -234,6 +234,7 @@ class Segmenter:
 
     def __init__(self, cfg: DatagenConfig, ctx: StageContext):
         self.seg = cfg.segment
+        self.parallel = ctx.parallel  # False under an executor that runs a worker per CPU
         self.clip_dir: Path | None = None
         if self.seg.write_clips:
             self.clip_dir = Path(self.seg.clip_dir) if self.seg.clip_dir else ctx.layout.clip_files
@@ -247,7 +248,7 @@ class Segmenter:
         """
         workers = self.seg.workers or os.cpu_count() or 1
         decoding = self.seg.method == "shots" or self.seg.verify_decode or self.seg.write_clips
-        if workers <= 1 or not decoding:
+        if workers <= 1 or not decoding or not self.parallel:
             return None  # probing reads headers only: not worth a process pool
         # spawn: the parent may hold threads (progress bars, thread pools), which fork does not copy safely
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))

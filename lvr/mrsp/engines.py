@@ -1,7 +1,14 @@
 """Rollout engines for the RL recipe: build one, check vLLM's arguments, sync weights into it.
 
 `hf` samples with the policy's own module (nothing to sync); `vllm` keeps its own copy of the
-weights on the SP leader and is reloaded in place after every step that changed the policy.
+weights and is reloaded in place after every step that changed the policy. There is one vLLM
+engine per SP group, on the group's leader (SP rank 0): with dp data-parallel groups, dp engines
+sample their own groups' prompts at the same time, each from the embeddings its group cached, and
+each gets the new weights after every step (every rank holds the whole policy, so each leader
+sends its own copy: no weight traffic between nodes).
+
+Inside a multi-process job each engine runs in a process of its own, started with `spawn` and
+shown only its leader's GPU (`engine_process_env`).
 """
 
 from __future__ import annotations
@@ -9,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from lvr.mrsp.comm import MrspError
 from lvr.mrsp.rollout import HFRolloutEngine
@@ -31,7 +41,8 @@ def make_rollout_engine(
     vllm_args: Mapping[str, Any],
 ) -> Any:
     """The sampler. `hf` runs `model` itself; `vllm` holds its own copy of the weights, started
-    from `folder`, on the SP leader only (the leader generates and broadcasts; None elsewhere)."""
+    from `folder`, on each SP group's leader (`is_leader`: the leader generates its group's
+    prompts and broadcasts the rollouts to the group; None on the other ranks)."""
     if kind == "hf":
         return HFRolloutEngine(model, eos_ids, pad_id)
     if not is_leader:
@@ -39,7 +50,40 @@ def make_rollout_engine(
     from lvr.mrsp.vllm_engine import VLLMRolloutEngine  # the optional `gpu` extra
 
     video_id = int(model.config.video_token_id)
-    return VLLMRolloutEngine(folder, video_id, stop_token_ids=eos_ids, **vllm_args)
+    with engine_process_env(next(model.parameters()).device):
+        return VLLMRolloutEngine(folder, video_id, stop_token_ids=eos_ids, **vllm_args)
+
+
+@contextmanager
+def engine_process_env(device: torch.device) -> Iterator[None]:
+    """The environment a vLLM engine starts in from a rank of a multi-process job.
+
+    - Its own process, spawned: an engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+      or forked from it would find the training world's process group initialized and take it
+      for its own world, so each group's engine would wait in collectives for ranks that never
+      join. The engine core then runs in a fresh process with a world of its own.
+    - Only this rank's GPU: the engine process sees just the leader's device while it starts
+      (``CUDA_VISIBLE_DEVICES``), or every group's engine would start on GPU 0. Restored after.
+
+    A single process (no process group) keeps vLLM's settings as they are.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device.type == "cuda":
+        ids = visible.split(",") if visible else None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if ids else str(index)
+    try:
+        yield
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def check_vllm(kwargs: Mapping[str, Any]) -> None:

@@ -2,12 +2,15 @@
 
 world = dp x sp: each sequence-parallel group (contiguous ranks) holds one replica's samples and
 splits their encoding and prefill; the dp groups take disjoint slices of every step's prompts.
+Across nodes (torchrun ``--nnodes``) the SP groups stay inside a node (`check_sp_in_node`); the
+DP groups span the nodes.
 These helpers build the groups and move small per-step records (decode failures, reward
 summaries, loss statistics) between the DP groups; the RL recipe decides what is global.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,54 @@ def dp_size_for(sp_size: int, world: int) -> int:
     if sp < 0 or world % sp:
         raise MrspError(f"sp_size ({sp_size}) must divide the world size ({world})")
     return world // sp
+
+
+@dataclass(frozen=True)
+class Node:
+    """This process's node, as torchrun describes it (one node when not launched by torchrun).
+
+    torchrun numbers ranks node by node (``RANK = first + LOCAL_RANK``), so the ranks of a node
+    are contiguous and a contiguous SP group stays inside a node exactly when `check_sp_in_node`
+    passes.
+    """
+
+    local_world: int  # ranks on this node (LOCAL_WORLD_SIZE)
+    first_rank: int  # global rank of this node's local rank 0 (RANK - LOCAL_RANK)
+    nodes: int  # nodes of the job (GROUP_WORLD_SIZE)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], world: int) -> Node:
+        """Read the variables torchrun sets (without them: one node holding the whole world)."""
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        first = int(env.get("RANK", "0")) - int(env.get("LOCAL_RANK", "0"))
+        nodes = int(env.get("GROUP_WORLD_SIZE", max(1, world // max(local_world, 1))))
+        return cls(local_world, first, nodes)
+
+
+def check_sp_in_node(sp_size: int, world: int, node: Node) -> None:
+    """SP groups must stay inside a node: Ulysses attention runs all-to-alls inside the group in
+    every layer, which only a node's interconnect carries at speed (data parallelism, one
+    gradient all-reduce per step, is what crosses nodes).
+
+    Raises:
+        MrspError: A group of this node would hold ranks of another node (one line, with the
+            setting that fixes it).
+
+    >>> check_sp_in_node(2, 4, Node(local_world=2, first_rank=2, nodes=2))
+    >>> check_sp_in_node(0, 4, Node(local_world=2, first_rank=2, nodes=2))
+    Traceback (most recent call last):
+    ...
+    lvr.mrsp.comm.MrspError: sp_size 0 (one SP group of all 4 ranks) would span nodes (2 nodes, 2 ranks on this one): SP groups must stay inside a node; set sp_size to a divisor of 2, e.g. --set sp_size=2
+    """
+    sp = sp_size or world
+    if node.local_world == world or (node.local_world % sp == 0 and node.first_rank % sp == 0):
+        return
+    what = f"sp_size {sp_size}" + (f" (one SP group of all {world} ranks)" if not sp_size else "")
+    raise MrspError(
+        f"{what} would span nodes ({node.nodes} nodes, {node.local_world} ranks on this one): "
+        f"SP groups must stay inside a node; set sp_size to a divisor of {node.local_world}, "
+        f"e.g. --set sp_size={node.local_world}"
+    )
 
 
 def build_topology(sp_size: int, world: int, rank: int) -> Topology:

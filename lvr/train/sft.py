@@ -16,6 +16,10 @@ Launch lines::
     # 8 GPUs (full fine-tuning, DeepSpeed ZeRO-3); `deepspeed --num_gpus 8 --module lvr.cli sft ...`
     # works the same way
     torchrun --nproc_per_node 8 -m lvr.cli sft --config configs/sft/qwen25vl_8gpu.yaml -r runs/exp1
+    # 2 nodes x 8 GPUs: the same line on every node, meeting at the first node (scripts/slurm/sft.sbatch);
+    # the run folder on a file system every node sees
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node1:29500 \
+        --rdzv-id exp1 -m lvr.cli sft --config configs/sft/qwen25vl_8gpu.yaml -r /shared/runs/exp1
     # continue from the latest checkpoint in runs/exp1/sft/
     ... --resume
 

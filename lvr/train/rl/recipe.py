@@ -34,6 +34,11 @@ Launch lines::
     torchrun --nproc_per_node 8 -m lvr.cli rl --config configs/rl/qwen25vl_8gpu_long.yaml --run runs/exp1
     # 8 GPUs as 4 data-parallel SP groups of 2 (shorter videos: more prompts in flight)
     ... --config configs/rl/qwen25vl_8gpu_long.yaml --set sp_size=2 --set data.frames=128
+    # 2 nodes x 8 GPUs (scripts/slurm/rl.sbatch): SP groups inside a node (sp_size divides 8),
+    # data-parallel groups across the nodes; the same line on every node
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node1:29500 \
+        --rdzv-id exp1 -m lvr.cli rl --config configs/rl/qwen25vl_8gpu_long.yaml \
+        --set sp_size=8 -r /shared/runs/exp1
     # continue from the latest checkpoint in runs/exp1/rl/
     ... --resume
 
@@ -77,11 +82,12 @@ removes such groups before the update. lvr's rule is the safe end of both: an up
 where a reward difference asks for one.
 
 Rollout engines (`rollout.engine`): `hf` samples with the policy's own module (nothing to sync);
-`vllm` (the `gpu` extra, or the CPU venv of scripts/vllm_env.sh; dp 1 only) runs a separate vLLM
-engine on rank 0, started from the folder the policy was loaded from (on resume: the checkpoint's
-HF folder), fed the cached video embeddings, and reloaded in place with the policy's weights (LoRA
-merged into plain weights) after every RL step that stepped the optimizer. Extra `vllm.LLM`
-arguments go in `rollout.vllm` (dtype, gpu_memory_utilization, max_model_len, ...).
+`vllm` (the `gpu` extra, or the CPU venv of scripts/vllm_env.sh) runs a separate vLLM engine on
+the leader of every SP group (dp engines for dp data-parallel groups, each sampling its own
+group's prompts), started from the folder the policy was loaded from (on resume: the checkpoint's
+HF folder), fed the group's cached video embeddings, and reloaded in place with the policy's
+weights (LoRA merged into plain weights) after every RL step that stepped the optimizer. Extra
+`vllm.LLM` arguments go in `rollout.vllm` (dtype, gpu_memory_utilization, max_model_len, ...).
 
 Long-video settings: `data.frames` sets the frames per video (the paper trains with 512 and reaches
 3,600 on 8 GPUs). The world is split as dp x sp (`sp_size`; 0 = one SP group of all ranks): each
@@ -105,14 +111,14 @@ Deliberate simplifications:
   broadcasts the rollouts to the group (no rollout workers).
 - With dp > 1 a mini-batch's prompts stay on the DP group that sampled them (no re-sharding of
   embeddings), so one optimizer step may give the groups uneven shares of rows; over an RL step
-  each group runs exactly its own rollout_batch/dp prompts. DAPO dynamic sampling and the vLLM
-  engine (started on global rank 0 only) need dp = 1: both are refused with dp > 1.
+  each group runs exactly its own rollout_batch/dp prompts. DAPO dynamic sampling needs dp = 1
+  (refused with dp > 1).
 - The vision tower and projector are frozen (the paper's embedding reuse); the language model is
   trained fully or with LoRA (the reference is then the adapter-disabled base).
 - Every rank holds the whole policy (no FSDP / ZeRO-3 parameter sharding, no DeepSpeed engine in
   RL): full fine-tuning fits small models; a 7B policy on 80 GB GPUs needs LoRA
   (configs/rl/qwen25vl_*.yaml).
-- The vLLM engine shares the training GPU(s) of rank 0 (no separate rollout workers), and weights
+- Each vLLM engine shares its SP leader's training GPU (no separate rollout workers), and weights
   reach it through host memory after each RL step (no CUDA IPC / NCCL weight broadcast).
 - A video that fails to decode drops its question from the step (counted, logged to
   `rl/skipped.jsonl`), never replaced by another video.
@@ -134,7 +140,7 @@ from lvr.layout import RunLayout
 from lvr.models.inputs import end_of_turn_ids
 from lvr.mrsp.encode import EmbeddingCache
 from lvr.mrsp.engines import check_vllm, make_rollout_engine
-from lvr.mrsp.topology import build_topology, dp_size_for
+from lvr.mrsp.topology import Node, build_topology, check_sp_in_node, dp_size_for
 from lvr.train import checkpoint
 from lvr.train.common import (
     MetricsLogger,
@@ -199,7 +205,8 @@ def setup(cfg: RLConfig, layout: RunLayout, ckpt: Path | None = None) -> RLRun:
     `ckpt` is the checkpoint a resume will load: a vLLM engine starts from its HF folder, which
     holds the weights the policy is about to get, so no reload is needed.
     """
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the world init_distributed joins
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the world init_distributed joins
+    check_config(cfg, world, Node.from_env(os.environ, world))
     info = init_distributed(cfg.device)
     topo = build_topology(cfg.sp_size, info.world_size, info.rank)
     seed_everything(cfg.seed)
@@ -218,9 +225,9 @@ def setup(cfg: RLConfig, layout: RunLayout, ckpt: Path | None = None) -> RLRun:
     steps_per_rl_step = cfg.algo.update_epochs * max(1, cfg.rollout_batch // cfg.update_batch)
     optimizer, scheduler = make_optimizer(policy, cfg.optim, cfg.steps * steps_per_rl_step)
     pad_id, eos_ids = _special_ids(model, processor)
-    sampler = make_rollout_engine(
-        cfg.rollout.engine, model, eos_ids, pad_id, ckpt or source, info.is_main, cfg.rollout.vllm
-    )
+    # vllm: one engine per SP group, on its leader (the rank that samples the group's prompts)
+    sampler = make_rollout_engine(cfg.rollout.engine, model, eos_ids, pad_id, ckpt or source,
+                                  info.rank == topo.leader, cfg.rollout.vllm)  # fmt: skip
     return RLRun(
         cfg=cfg, info=info, topo=topo, out_dir=layout.rl, policy=policy, model=model,
         reference=reference, processor=processor, optimizer=optimizer, scheduler=scheduler,
@@ -229,13 +236,19 @@ def setup(cfg: RLConfig, layout: RunLayout, ckpt: Path | None = None) -> RLRun:
     )  # fmt: skip
 
 
-def check_config(cfg: RLConfig, world: int) -> None:
+def check_config(cfg: RLConfig, world: int, node: Node | None = None) -> None:
     """Settings that cannot work, refused before anything loads (one line each).
+
+    Args:
+        cfg: The recipe config.
+        world: The number of ranks.
+        node: This rank's node under torchrun ``--nnodes`` (None: one node holds every rank).
 
     Raises:
         TrainError: The first problem found.
     """
     dp = dp_size_for(cfg.sp_size, world)
+    check_sp_in_node(cfg.sp_size, world, node or Node(world, 0, 1))
     if cfg.rollout_batch % cfg.update_batch:
         raise TrainError(
             f"rollout_batch ({cfg.rollout_batch}) must be a multiple of update_batch ({cfg.update_batch})"
@@ -247,8 +260,6 @@ def check_config(cfg: RLConfig, world: int) -> None:
         )
     if dp > 1 and cfg.algo.dynamic_sampling:  # refills would draw different counts per group
         raise TrainError("algo.dynamic_sampling needs one SP group (sp_size 0 or = world size)")
-    if dp > 1 and cfg.rollout.engine == "vllm":  # the engine runs on global rank 0 only
-        raise TrainError("rollout.engine=vllm needs one SP group (sp_size 0 or = world size)")
     if cfg.rollout.n < 2:
         raise TrainError("rollout.n (G) must be >= 2: group-relative advantages need a group")
     if cfg.rollout.temperature <= 0:
