@@ -5,7 +5,9 @@ Same interface as `HFRolloutEngine`. Cached video embeddings go in as precompute
 never runs the vision tower; vLLM computes the M-RoPE positions from `video_grid_thw` itself (and
 `second_per_grid_ts`). Our prompts arrive with the `<|video_pad|>` run already expanded; vLLM expands
 the placeholder from the grid, so the run is collapsed back to one token before sending.
-Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`).
+Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`). The vision
+placeholder tokens are banned from sampling (`bad_words`: each is one token, so always banned),
+as `HFRolloutEngine` suppresses them.
 
 Weights are reloaded in place after each optimizer step with the workers' `reload_weights` through
 `collective_rpc`: the tensors travel as one `torch.save` blob and a small function unpacks them in
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lvr.models import family
 from lvr.mrsp.batch import VIDEO_TYPE, PromptInput, check_prompt
 from lvr.mrsp.comm import MrspError
 from lvr.mrsp.rollout import Rollouts
@@ -79,14 +82,20 @@ class VLLMRolloutEngine:
         self.llm = LLM(model=str(model_path), **kwargs)
         self.video_token_id = video_token_id
         self.stop_token_ids = [int(i) for i in stop_token_ids]
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.family = family.family_of(hf_config)
+        tok = self.llm.get_tokenizer()  # vision placeholders: never sampled
+        self.bad_words = [tok.convert_ids_to_tokens(i) for i in family.placeholder_ids(hf_config)]
 
     def _request(self, p: PromptInput) -> dict[str, Any]:
         check_prompt(p, self.video_token_id)
+        # vLLM takes DeepStack features side by side with the tokens: [N, (1 + k) * D].
         video = {
-            "video_embeds": p.video_embeds.detach().cpu(),
+            "video_embeds": p.video_embeds.detach().packed().cpu(),
             "video_grid_thw": p.video_grid_thw.reshape(1, 3).cpu(),
-            "second_per_grid_ts": torch.tensor([float(p.second_per_grid_ts)]),
         }
+        if p.second_per_grid_ts is not None:
+            video["second_per_grid_ts"] = torch.tensor([float(p.second_per_grid_ts)])
         return {"prompt_token_ids": collapse_video_run(p), "multi_modal_data": {"video": video}}
 
     def generate(
@@ -110,6 +119,7 @@ class VLLMRolloutEngine:
                 seed=seed + i,
                 logprobs=0,
                 stop_token_ids=self.stop_token_ids or None,
+                bad_words=self.bad_words or None,
             )
             for i in range(len(prompts))
         ]
@@ -143,7 +153,7 @@ class VLLMRolloutEngine:
         weights = [
             (k, v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).cpu())
             for k, v in state.items()
-            if ".visual." not in f".{k}"
+            if not family.is_vision_param(self.family, k)
         ]
         buf = io.BytesIO()
         torch.save(weights, buf)  # bytes cross vLLM's RPC intact (see the module docstring)
