@@ -82,7 +82,7 @@ def _combine(seeds: list[int]) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def _times(req: Request) -> list[float]:
+def times_of(req: Request) -> list[float]:
     """Seconds of each frame of a video request: its timestamps, else `i / fps`."""
     if req.timestamps is not None:
         return [float(t) for t in req.timestamps]
@@ -279,7 +279,7 @@ class HFBackend:
             # Our frames are already sampled: the processor must not resample them, and the model
             # is told their true times (timestamp text, second_per_grid_ts) as its family does.
             meta = [
-                video_metadata(self._proc, _times(r), v.shape[1], v.shape[2])
+                video_metadata(self._proc, times_of(r), v.shape[1], v.shape[2])
                 for v, r in zip(videos, reqs, strict=True)
             ]
             kwargs = {"videos": videos, "video_metadata": meta, "do_sample_frames": False}
