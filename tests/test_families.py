@@ -250,3 +250,44 @@ def test_tiny_cli_writes_a_family_and_refuses_an_unknown_one(tmp_path: Path) -> 
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert bad.returncode == 2 and "invalid choice: 'llama'" in bad.stderr
+
+
+@pytest.mark.parametrize("name", [f for f in TINY_FAMILIES if family.get_family(f).vllm_refusal])
+def test_vllm_is_refused_in_one_line(name: str, tmp_path: Path) -> None:
+    from lvr.mrsp.vllm_engine import VLLMRolloutEngine
+
+    folder = build_tiny_vlm(tmp_path / name, family=name)
+    with pytest.raises(MrspError) as err:
+        VLLMRolloutEngine(folder, video_token_id=0)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("rollout.engine=vllm: vLLM is refused for")
+    assert text.endswith("use rollout.engine=hf")
+
+
+@pytest.mark.parametrize("name", TINY_FAMILIES)
+def test_hf_backend_answers_video_requests(name: str, tmp_path: Path) -> None:
+    # The captioner / eval path: frames as one video with their times, placeholders suppressed.
+    from lvr.backends import Request
+    from lvr.backends.hf import HFBackend
+
+    backend = HFBackend(build_tiny_vlm(tmp_path / name, family=name))
+    frames = list(_frames(4, seed=7))
+    reqs = [Request(f"c{i}", [{"role": "user", "content": "Describe the clip."}], images=frames,
+                    fps=2.0, timestamps=[10.0, 10.5, 11.0, 11.5], max_tokens=6,
+                    temperature=t, n=2) for i, t in enumerate((0.0, 1.0))]  # fmt: skip
+    got = backend.run(reqs, progress=False)
+    assert [r.error for r in got] == [None, None] and all(len(r.texts) == 2 for r in got)
+    assert backend.placeholder_ids() == family.placeholder_ids(backend._model)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*/qwen3vl_*.yaml")))
+def test_qwen3vl_configs_load_and_open_with_their_command(path: Path) -> None:
+    from lvr.config import load_config
+    from lvr.train.rl import RLConfig
+    from lvr.train.sft import SFTConfig
+
+    kind = path.parent.name
+    cfg = load_config(SFTConfig if kind == "sft" else RLConfig, path, [])
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and f" {kind} --config configs/{kind}/{path.name} " in first
+    assert cfg.model.lora or cfg.deepspeed  # 1 GPU: LoRA; 8 GPUs: ZeRO-3 or LoRA

@@ -28,6 +28,7 @@ import numpy as np
 
 from lvr.backends.base import BackendError, Request, one_line
 from lvr.backends.hf import HFBackend, times_of
+from lvr.models.family import FamilyError, check_vllm_family
 from lvr.models.family import video_metadata as family_video_metadata
 
 
@@ -115,6 +116,10 @@ class VLLMBackend(HFBackend):
         if self.opts.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = self.opts.gpu_memory_utilization
         kwargs.update(self.opts.llm)
+        try:
+            check_vllm_family(self.model)
+        except FamilyError as exc:
+            raise BackendError(f"{one_line(str(exc))}; use --backend hf") from None
         try:
             self._proc = AutoProcessor.from_pretrained(self.model)
             self._llm = LLM(model=self.model, **kwargs)

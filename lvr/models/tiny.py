@@ -175,6 +175,7 @@ def _qwen3_vl_moe(text: dict, ids: dict[str, int], hidden: int) -> PretrainedCon
         "head_dim": 64, "rope_parameters": _mrope(5_000_000.0, [12, 10, 10], True),
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden // 2,
         "decoder_sparse_step": 1,
+        "norm_topk_prob": True,  # what transformers does; vLLM reads the flag from the config
     }  # fmt: skip
     return Qwen3VLMoeConfig(
         text_config=text, vision_config=_qwen3_vision(hidden, True), **_vision_ids(ids)

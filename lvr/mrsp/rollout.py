@@ -100,7 +100,7 @@ class HFRolloutEngine:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
 
-    def _prefix_cache(self, p: PromptInput, n: int) -> object:
+    def _prefix_cache(self, p: PromptInput, n: int) -> dict[str, Any]:
         """Prefill all prompt tokens but the last once, then copy the cache to n rows.
 
         Sharing the prompt's prefill across the n samples is what a prefix-caching engine does;
@@ -109,14 +109,16 @@ class HFRolloutEngine:
         built by prefilling the n rows instead. The forward also sets the model's `rope_deltas`,
         which `generate` uses for the positions of every later token.
         """
-        cache = self._prefill_prefix(p, 1)
+        ((name, cache),) = self._prefill_prefix(p, 1).items()
         if all(callable(getattr(layer, "batch_repeat_interleave", None)) for layer in cache.layers):
             cache.batch_repeat_interleave(n)
-            return cache
+            return {name: cache}
         return self._prefill_prefix(p, n)
 
-    def _prefill_prefix(self, p: PromptInput, rows: int) -> Any:
-        """The cache of the prompt without its last token, for `rows` identical rows."""
+    def _prefill_prefix(self, p: PromptInput, rows: int) -> dict[str, Any]:
+        """The cache of the prompt without its last token, for `rows` identical rows, under the
+        name `generate` takes it by (`cache`; `past_key_values` before transformers 5.2x, which
+        the vLLM CPU venv pins)."""
         dev = self.model.device
         ids = p.input_ids[None, :-1].expand(rows, -1).to(dev)  # [rows, P-1]
         secs = None if p.second_per_grid_ts is None else torch.tensor([p.second_per_grid_ts])
@@ -132,7 +134,8 @@ class HFRolloutEngine:
             logits_to_keep=1,
             **{k: v.repeat_interleave(rows, 0).to(dev) for k, v in video.items()},
         )
-        return out.cache
+        name = "cache" if "cache" in out else "past_key_values"
+        return {name: out[name]}
 
     def _generate_one(
         self, p: PromptInput, n: int, temperature: float, top_p: float, max_new_tokens: int
@@ -142,13 +145,13 @@ class HFRolloutEngine:
         if p.mm_token_type_ids[-1] != 0:
             raise MrspError(f"prompt {p.key!r} must end with a text token (the generation prompt)")
         ids = p.input_ids[None].expand(n, -1).to(dev)  # [n, P]
-        cache = self._prefix_cache(p, n)
+        cache = self._prefix_cache(p, n)  # {"cache": ...}
         sample = temperature > 0
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             mm_token_type_ids=p.mm_token_type_ids[None].expand(n, -1).to(dev),
-            cache=cache,
+            **cache,
             do_sample=sample,
             temperature=temperature if sample else None,
             top_p=top_p if sample else None,
