@@ -24,7 +24,7 @@ another). Encoding is then ~40-60% of the baseline step and ~2-5% of ours. Real 
 r = 0.26-0.88 (`_model_flops.py`, 224 x 224 frames, 4K context: Qwen2.5-VL-7B 0.40, 3B 0.88,
 Qwen3-VL-8B 0.31, Qwen3-VL-30B-A3B 0.62, Qwen3.5 at transformers' default sizes 0.26), so
 "realistic" gives each family's tiny model as many decoder layers as make its measured r that of
-its real model. There encoding is ~12-30% of the baseline step and under 1% of ours, and reuse
+its real model. There encoding is ~12-30% of the baseline step and about 1% of ours, and reuse
 alone gives 1.1-1.4x at 128 frames; less with real response lengths (512-1024 tokens instead of 16
 add decoder work only), more only for small decoders (Qwen2.5-VL-3B, r 0.88: ~1.6x by the formula).
 It cannot reach 2.1x. The paper's 2.1x (439 s / 205 s at 512 frames, 8 GPUs) is stage 1 + stage 2:

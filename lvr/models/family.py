@@ -27,11 +27,13 @@ from typing import Any, Literal
 
 import torch
 
+from lvr.errors import LvrError
+
 FrameTimes = Literal["order", "grid_seconds", "timestamp_text"]
 
 
-class FamilyError(ValueError):
-    """A model whose architecture lvr does not know."""
+class FamilyError(LvrError, ValueError):
+    """A model whose architecture lvr does not know (one line at the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ def get_family(name: str) -> Family:
 
 
 def _config(model_or_config: Any) -> Any:
+    while not hasattr(model_or_config, "config") and hasattr(model_or_config, "module"):
+        model_or_config = model_or_config.module  # DDP / DeepSpeed engines
     config = getattr(model_or_config, "config", model_or_config)
     if not hasattr(config, "model_type"):
         raise FamilyError(f"{type(model_or_config).__name__} has no model config")

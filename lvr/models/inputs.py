@@ -376,7 +376,8 @@ def build_sample(
         options: Option texts (lettered A, B, ... here), or None for open-ended.
         frames: uint8 [T, H, W, 3] already-sampled frames, or None for a text-only sample.
         fps: Sampling rate of `frames` (frames per second); exclusive with `timestamps`.
-        timestamps: Time in seconds of each frame; the mean spacing gives the rate.
+        timestamps: Time in seconds of each frame: what the model is told, as its family takes
+            times (`lvr.models.family.video_metadata`).
         target: Assistant text (see `format_target`); when given, it is appended with the
             end-of-turn token and `labels` cover exactly those tokens.
         mode: "think" or "direct" instruction.
@@ -386,8 +387,9 @@ def build_sample(
     Returns:
         Tensors with batch size 1, ready for `model(**sample)` / `collate`:
         input_ids [1, L], attention_mask [1, L], and with a VLM processor mm_token_type_ids [1, L]
-        (0 text, 1 image, 2 video); with frames pixel_values_videos [N_patches, 3*2*14*14],
-        video_grid_thw [1, 3], second_per_grid_ts [1]; with a target labels [1, L].
+        (0 text, 1 image, 2 video); with frames pixel_values_videos [N_patches, 3*2*p*p],
+        video_grid_thw [1, 3] and, for Qwen2.5-VL, second_per_grid_ts [1] (Qwen3-VL / Qwen3.5:
+        the frame times are `<t seconds>` text in input_ids); with a target labels [1, L].
 
     Raises:
         ValueError: Bad frames, fps/timestamps, options, mode, control tokens in the text, or
