@@ -1,26 +1,45 @@
-"""MR-SP stage 1 benchmark: one RL step with the video encoded once vs re-encoded everywhere.
+"""MR-SP stage 1 benchmark: one RL step with the video encoded once vs re-encoded everywhere,
+for every model family, at the tiny models' proportions and at the real models'.
 
-Workload per frame count (one prompt, one video of N frames at 112x112, the tiny Qwen2.5-VL of the
-tests: text hidden 128 x 2 layers, vision hidden 64 x depth 2). Per video token its tower costs
-about 1.5-2x one decoder forward here (printed as encode_s vs prefill_s); by FLOPs Qwen2.5-VL-3B is
-~0.9x and 7B ~0.4x, so real models gain less from reuse alone than this tiny one:
-  G = 8 rollouts of up to 16 tokens (`HFRolloutEngine`), then old-policy and reference prefills
-  (no grad) and the policy prefill with backward (`sp_prefill_logprobs`) over the G sequences.
+Workload (one prompt, one video of N frames at 112x112 built by the family's own processor; the
+tiny model of each family from `lvr.models.tiny`): G = 8 rollouts of up to 16 tokens
+(`HFRolloutEngine`), then old-policy and reference prefills (no grad) and the policy prefill with
+backward (`sp_prefill_logprobs`) over the G sequences.
 
 - ours: `EmbeddingCache` — the tower runs once; every rollout and prefill reuses the embeddings.
 - baseline (the public implementation: only pixels cached, every sequence of every forward carries
   its video): the tower runs once per rollout and once per row of each of the 3 prefills
   = 4 * G encodes. The decoder work is the identical calls in both, so the ratio isolates reuse.
 
-Vision is frozen in both (encodes under no_grad, generous to the baseline).
+Why the figure moves between machines, and what reuse can give (the investigation of issue 14).
+With E the cost of one encode and D the decoder work of the step, ours is E + D and the baseline
+32 E + D, so the speed-up is (32 e + 1) / (e + 1) with e = E / D. The decoder runs ~5G + 1 = 41
+forward-equivalents of the prompt (rollout prefill once, old + reference 2G, policy forward +
+backward 3G), so e ~ r / 41, where r is what one video token costs in the tower relative to one
+decoder token (`predicted_ratio`). 2.1x needs e >= 0.037, i.e. r >= ~1.5. The tiny models of the
+tests (a 2-block ViT of width 64 next to a 2-layer decoder of width 128) measured r = 1.4-2.2 on
+this machine from run to run, i.e. tiny ratios of 1.7-2.5x: the tiny figure sits on the knife's
+edge of 2.1x, and which kernels a CPU runs faster decides the side (1.95x on one machine, 2.1x on
+another). Encoding is then ~40-60% of the baseline step and ~2-5% of ours. Real models have
+r = 0.26-0.88 (`_model_flops.py`, 224 x 224 frames, 4K context: Qwen2.5-VL-7B 0.40, 3B 0.88,
+Qwen3-VL-8B 0.31, Qwen3-VL-30B-A3B 0.62, Qwen3.5 at transformers' default sizes 0.26), so
+"realistic" gives each family's tiny model as many decoder layers as make its measured r that of
+its real model. There encoding is ~12-30% of the baseline step and about 1% of ours, and reuse
+alone gives 1.1-1.4x at 128 frames; less with real response lengths (512-1024 tokens instead of 16
+add decoder work only), more only for small decoders (Qwen2.5-VL-3B, r 0.88: ~1.6x by the formula).
+It cannot reach 2.1x. The paper's 2.1x (439 s / 205 s at 512 frames, 8 GPUs) is stage 1 + stage 2:
+the sequence-parallel prefill divides the dominant decoder term over the SP group (and is what
+lets 1,024 frames fit at all), and a batching rollout engine (vLLM) shrinks the rollout part; on
+one CPU process neither can show a speed-up: that needs the GPUs of an SP group.
 
 Time is this process's CPU time with one torch thread: the machine is shared with other jobs,
 and wall time under contention measured the neighbours (CPU time of single-threaded compute is
-the work done). The rollout engine shares one prompt prefill across the G samples (prefix KV
-cache), so both sides pay the decoder what a prefix-caching engine would.
+the work done). The rollout engine shares one prompt prefill across the G samples (prefix cache),
+so both sides pay the decoder what a prefix-caching engine would. Vision is frozen in both
+(encodes under no_grad, generous to the baseline).
 
-    .venv/bin/python benchmarks/mrsp_reuse.py            # ~30 s of CPU time
-    .venv/bin/python benchmarks/mrsp_reuse.py --frames 64,128 --repeats 1
+    .venv/bin/python benchmarks/mrsp_reuse.py                       # all families, 128 frames
+    .venv/bin/python benchmarks/mrsp_reuse.py --families qwen2_5_vl --frames 64,128,256
 """
 
 from __future__ import annotations
@@ -29,140 +48,173 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
+from _model_flops import per_token_flops, real_configs
 
-from lvr.mrsp.batch import PromptInput, pack_batch
+from lvr.models.family import VideoEmbeds
+from lvr.models.inputs import build_sample
+from lvr.models.tiny import TINY_FAMILIES, tiny_vlm
+from lvr.mrsp.batch import PromptInput, pack_batch, prompt_from_sample
 from lvr.mrsp.encode import EmbeddingCache, VideoKey, encode_video
 from lvr.mrsp.prefill import sp_prefill_logprobs
 from lvr.mrsp.rollout import HFRolloutEngine
-from lvr.mrsp.synthetic import (
-    EOS,
-    PAD,
-    SyntheticVideo,
-    synthetic_prompt,
-    synthetic_video,
-    tiny_model,
-)
 
 G = 8
 MAX_NEW = 16
 TARGET = 2.1
+GATE_FRAMES = 128
 
 
 def _prefills(
-    model: torch.nn.Module, rows: Callable[[], list[PromptInput]], responses: list[torch.Tensor]
-) -> None:
+    model: torch.nn.Module, rows: Callable[[], list[PromptInput]], responses: list[torch.Tensor],
+    pad: int,
+) -> None:  # fmt: skip
     """old-policy + reference (no grad) and policy (with backward) prefills of the G sequences."""
     for _ in range(2):
         with torch.no_grad():
-            sp_prefill_logprobs(model, pack_batch(model, rows(), responses, PAD))
-    out = sp_prefill_logprobs(model, pack_batch(model, rows(), responses, PAD))
+            sp_prefill_logprobs(model, pack_batch(model, rows(), responses, pad))
+    out = sp_prefill_logprobs(model, pack_batch(model, rows(), responses, pad))
     (-(out.logprobs * out.mask).sum() / out.mask.sum()).backward()
     model.zero_grad(set_to_none=True)
 
 
 def rl_step(
-    model: torch.nn.Module, v: SyntheticVideo, embed: Callable[[], torch.Tensor], reuse: bool
-) -> int:
+    model: torch.nn.Module, sample: dict, embed: Callable[[], VideoEmbeds], reuse: bool,
+    eos: list[int], pad: int,
+) -> int:  # fmt: skip
     """One RL-step-shaped workload. Returns the number of `embed` calls that ran the tower."""
-    ids, types = synthetic_prompt(v.grid_thw)
     calls = 0
 
     def prompt() -> PromptInput:
         nonlocal calls
         calls += 1
-        return PromptInput(ids, types, v.grid_thw, 1.0, embed(), key=v.video_id)
+        return prompt_from_sample(sample, embed(), key="video")
 
-    engine = HFRolloutEngine(model, [EOS], PAD)
+    engine = HFRolloutEngine(model, eos, pad)
     if reuse:
         p = prompt()  # the cache encodes on this first call only
         ro = engine.generate([p], n=G, max_new_tokens=MAX_NEW, seed=0)
-        _prefills(model, lambda: [p] * G, ro.response_ids)
+        _prefills(model, lambda: [p] * G, ro.response_ids, pad)
         return 1
     for _ in range(G - 1):  # one encode per rollout; the decoder work is the same single call
         prompt()
     ro = engine.generate([prompt()], n=G, max_new_tokens=MAX_NEW, seed=0)
     # Every row of the old, ref and policy prefills carries (and re-encodes) its video.
-    _prefills(model, lambda: [prompt() for _ in range(G)], ro.response_ids)
+    _prefills(model, lambda: [prompt() for _ in range(G)], ro.response_ids, pad)
     return calls
 
 
-def measure(frames: int, repeats: int) -> dict[str, float]:
-    """Time ours and the baseline at one frame count (best of `repeats`)."""
-    model = tiny_model(seed=0)
-    v = synthetic_video(frames, size=112, seed=frames)
-    key = VideoKey(v.video_id, tuple(range(frames)), (112, 112))
+def _setup(name: str, layers: int, frames: int) -> tuple[torch.nn.Module, Any, dict]:
+    model, proc = tiny_vlm(name, seed=0, layers=layers)
+    pixels = np.random.default_rng(frames).integers(0, 256, (frames, 112, 112, 3), np.uint8)
+    sample = build_sample(proc, "What happens first?", ["red", "blue"], frames=pixels, fps=2.0)
+    return model, proc, {k: v for k, v in sample.items() if k != "attention_mask"}
 
-    def fresh() -> torch.Tensor:
+
+def token_cost_ratio(model: torch.nn.Module, sample: dict, pad: int) -> dict[str, float]:
+    """Measured CPU cost of one video token in the tower over one decoder token (no grad; the
+    faster of two runs each, so one-off first-call costs do not count)."""
+    pixels, grid = sample["pixel_values_videos"], sample["video_grid_thw"][0]
+    encode_s, prefill_s = float("inf"), float("inf")
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.process_time()
+            emb = encode_video(model, pixels, grid)
+            encode_s = min(encode_s, time.process_time() - t0)
+            p = prompt_from_sample(sample, emb)
+            t0 = time.process_time()
+            sp_prefill_logprobs(model, pack_batch(model, [p], [torch.tensor([9, 9])], pad))
+            prefill_s = min(prefill_s, time.process_time() - t0)
+    length = p.input_ids.numel() + 2
+    return {"encode_s": encode_s, "prefill_s": prefill_s,
+            "r": (encode_s / emb.rows) / (prefill_s / length)}  # fmt: skip
+
+
+def measure(name: str, frames: int, layers: int, repeats: int) -> dict[str, Any]:
+    """Time ours and the baseline for one family, frame count and decoder depth."""
+    model, proc, sample = _setup(name, layers, frames)
+    tok = proc.tokenizer
+    eos, pad = [tok.convert_tokens_to_ids("<|im_end|>")], int(tok.pad_token_id)
+    pixels, grid = sample["pixel_values_videos"], sample["video_grid_thw"][0]
+    key = VideoKey("video", tuple(range(frames)), (112, 112))
+
+    def fresh() -> VideoEmbeds:
         with torch.no_grad():
-            return encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw)
+            return encode_video(model, pixels, grid)
 
     times: dict[str, list[float]] = {"ours": [], "baseline": []}
     counts = {}
     for _ in range(repeats):
-        for name in ("baseline", "ours"):
+        for kind in ("baseline", "ours"):
             cache = EmbeddingCache(model)
-            embed = (
-                fresh
-                if name == "baseline"
-                else (lambda c=cache: c.get(key, v.pixel_values_videos, v.grid_thw))
-            )
+            embed = fresh if kind == "baseline" else (lambda c=cache: c.get(key, pixels, grid))
             t0 = time.process_time()
-            n_enc = rl_step(model, v, embed, reuse=name == "ours")
-            times[name].append(time.process_time() - t0)
-            counts[name] = cache.encodes if name == "ours" else n_enc
+            n_enc = rl_step(model, sample, embed, kind == "ours", eos, pad)
+            times[kind].append(time.process_time() - t0)
+            counts[kind] = cache.encodes if kind == "ours" else n_enc
     ours, base = min(times["ours"]), min(times["baseline"])
-    t0 = time.process_time()
-    emb = fresh()
-    encode_s = time.process_time() - t0
-    ids, types = synthetic_prompt(v.grid_thw)
-    p = PromptInput(ids, types, v.grid_thw, 1.0, emb)
-    t0 = time.process_time()
-    with torch.no_grad():  # one sequence, no grad: the decoder's cost for the same video
-        sp_prefill_logprobs(model, pack_batch(model, [p], [torch.tensor([9, 9])], PAD))
-    prefill_s = time.process_time() - t0
+    cost = token_cost_ratio(model, sample, pad)
+    share = (base - ours) / base  # what the 4G - 1 extra encodes took of the baseline step
     return {
-        "frames": frames,
-        "video_tokens": int(v.grid_thw.prod()) // 4,
-        "ours_s": round(ours, 3),
-        "baseline_s": round(base, 3),
-        "ratio": round(base / ours, 2),
-        "encode_s": round(encode_s, 4),
-        "prefill_s": round(prefill_s, 4),
-        "encodes_ours": counts["ours"],
-        "encodes_baseline": counts["baseline"],
-    }
+        "family": name, "frames": frames, "decoder_layers": layers,
+        "video_tokens": int((sample["mm_token_type_ids"] == 2).sum()),
+        "ours_s": round(ours, 3), "baseline_s": round(base, 3), "ratio": round(base / ours, 2),
+        "r_measured": round(cost["r"], 3), "encode_share_of_ours": round(
+            (base - ours) / (counts["baseline"] - 1) / ours, 3),
+        "encode_share_of_baseline": round(share, 3),
+        "encodes_ours": counts["ours"], "encodes_baseline": counts["baseline"],
+    }  # fmt: skip
+
+
+def realistic_layers(name: str, frames: int, r_real: float) -> int:
+    """Decoder depth that gives the tiny model the real model's r (decoder cost ~ depth): from the
+    measured r at depth 2, corrected once by the r measured at the first estimate."""
+    layers = 2
+    for _ in range(2):
+        model, proc, sample = _setup(name, layers, frames)
+        r = token_cost_ratio(model, sample, int(proc.tokenizer.pad_token_id))["r"]
+        layers = max(2, round(layers * r / r_real))
+    return layers
 
 
 def main() -> None:
-    """Run the benchmark and print one JSON line per frame count, then the summary line."""
+    """Run the benchmark and print one JSON line per measurement, then the summary line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", default="64,128,256")
+    ap.add_argument("--families", default=",".join(TINY_FAMILIES))
+    ap.add_argument("--frames", default=str(GATE_FRAMES))
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    measure(8, 1)  # warm-up: first calls pay one-off kernel and import costs
-    rows = [measure(int(f), args.repeats) for f in args.frames.split(",")]
-    for r in rows:
-        print(json.dumps(r))
-    gated = [r for r in rows if r["frames"] >= 128] or rows
+    real = real_configs()
+    measure("qwen2_5_vl", 8, 2, 1)  # warm-up: first calls pay one-off kernel and import costs
+    rows = []
+    for name in args.families.split(","):
+        checkpoint, config = real[name]
+        r_real = per_token_flops(config)["ratio"]
+        for frames in (int(f) for f in args.frames.split(",")):
+            layers = realistic_layers(name, frames, r_real)
+            for kind, depth in (("tiny", 2), ("realistic", layers)):
+                row = measure(name, frames, depth, args.repeats)
+                row |= {"proportions": kind, "r_real": round(r_real, 3), "real_model": checkpoint}
+                predicted = (4 * G * row["r_measured"] / (5 * G + 1) + 1) / (
+                    row["r_measured"] / (5 * G + 1) + 1)  # fmt: skip
+                row["predicted_ratio"] = round(predicted, 2)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    gated = [r for r in rows if r["proportions"] == "realistic" and r["frames"] >= GATE_FRAMES]
+    gated = gated or [r for r in rows if r["proportions"] == "realistic"]
     worst = min(gated, key=lambda r: r["ratio"])
-    print(
-        json.dumps(
-            {
-                "benchmark": "mrsp_reuse",
-                "metric": "rl_step_time_ratio_reencode_over_reuse_min_at_>=128_frames",
-                "ours": worst["ours_s"],
-                "baseline": worst["baseline_s"],
-                "ratio": worst["ratio"],
-                "target": TARGET,
-                "met": all(r["ratio"] >= TARGET for r in gated),
-                "per_frames": {str(r["frames"]): r["ratio"] for r in rows},
-            }
-        )
-    )
+    print(json.dumps({
+        "benchmark": "mrsp_reuse",
+        "metric": "rl_step_cpu_time_ratio_reencode_over_reuse_realistic_proportions_min_families",
+        "ours": worst["ours_s"], "baseline": worst["baseline_s"], "ratio": worst["ratio"],
+        "target": TARGET, "met": all(r["ratio"] >= TARGET for r in gated),
+        "per_family": {f"{r['family']}/{r['proportions']}/f{r['frames']}": r["ratio"] for r in rows},
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _prompt(model: torch.nn.Module, frames: int, seed: int, secs: float = 1.0) -
     v = synthetic_video(frames, seed=seed)
     ids, types = synthetic_prompt(v.grid_thw, n_before=2 + seed, seed=seed)
     with torch.no_grad():
-        emb = encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw)
+        emb = encode_video(model, v.pixel_values_videos, v.grid_thw)
     return PromptInput(ids, types, v.grid_thw, secs, emb, key=v.video_id)
 
 
@@ -64,14 +64,13 @@ def test_split_counts_covers_any_frame_count() -> None:
 
 def test_encoding_whole_temporal_patches_separately_is_exact(model: torch.nn.Module) -> None:
     v = synthetic_video(8, size=224, seed=3)  # 4 temporal patches, 4 windows per frame
-    visual = model.model.visual
     t, h, w = v.grid_thw.tolist()
     with torch.no_grad():
-        whole = encode_video(visual, v.pixel_values_videos, v.grid_thw)
+        whole = encode_video(model, v.pixel_values_videos, v.grid_thw).tokens
         parts = [
             encode_video(
-                visual, v.pixel_values_videos[i * h * w : (i + 1) * h * w], torch.tensor([1, h, w])
-            )
+                model, v.pixel_values_videos[i * h * w : (i + 1) * h * w], torch.tensor([1, h, w])
+            ).tokens
             for i in range(t)
         ]
     assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
@@ -173,7 +172,7 @@ def test_embedding_cache_encodes_once_per_step_and_reuses_disk(
     assert cache.encodes == 1
     later = EmbeddingCache(model, cache_dir=tmp_path)  # next step / next run
     again = later.get(key, v.pixel_values_videos, v.grid_thw)
-    assert later.encodes == 0 and later.disk_hits == 1 and torch.equal(again, first)
+    assert later.encodes == 0 and later.disk_hits == 1 and torch.equal(again.tokens, first.tokens)
     bumped = VideoKey(v.video_id, (0, 1, 2, 3), (112, 112), weights_version=1)
     later.get(bumped, v.pixel_values_videos, v.grid_thw)
     assert later.encodes == 1
@@ -188,7 +187,7 @@ def test_trainable_cache_keeps_the_graph(model: torch.nn.Module) -> None:
     v = synthetic_video(4, seed=6)
     cache = EmbeddingCache(model, trainable=True)
     emb = cache.get(VideoKey(v.video_id, (0,), (112, 112)), v.pixel_values_videos, v.grid_thw)
-    emb.sum().backward()
+    emb.tokens.sum().backward()
     assert model.model.visual.merger.mlp[0].weight.grad is not None
     model.zero_grad(set_to_none=True)
 

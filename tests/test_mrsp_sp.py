@@ -1,20 +1,23 @@
 """MR-SP across 2 real gloo processes: SP=2 must equal SP=1 (log-probs, entropies, gradients,
 paralleled encoding), for 3 (uneven), 2 (even) and 1 (fewer than ranks) temporal patches, with
-2 heads / 1 KV head (KV repeated before the all-to-all) and 4 heads / 2 KV heads."""
+2 heads / 1 KV head (KV repeated before the all-to-all) and 4 heads / 2 KV heads; and for the
+tiny model of every family on real prompts from its processor (Qwen3-VL: DeepStack features in
+the cache, the gather and the prefill; Qwen3.5: gated delta-net layers split over heads)."""
 
 from __future__ import annotations
 
 import pytest
 
+from lvr.models.tiny import TINY_FAMILIES
 from lvr.mrsp.selftest import spawn_sp_checks
 
 TOL = 1e-5
-MODELS = ("h2kv1", "h4kv2")
+MODELS = ("h2kv1", "h4kv2", *TINY_FAMILIES)
 
 
 @pytest.fixture(scope="module")
 def sp() -> dict[str, float]:
-    return spawn_sp_checks(world=2)
+    return spawn_sp_checks(world=2, families=TINY_FAMILIES)
 
 
 def test_ran_on_two_ranks(sp: dict[str, float]) -> None:
@@ -45,11 +48,15 @@ def test_shuffled_batch_keeps_each_video_with_its_prompt(sp: dict[str, float], m
     assert sp[f"{model}/pairing"] < TOL
 
 
+@pytest.mark.parametrize("prefix", ["", *(f"{f}/" for f in TINY_FAMILIES)])
 @pytest.mark.parametrize("t", [3, 2, 1])
-def test_paralleled_encoding_matches_single_process(sp: dict[str, float], t: int) -> None:
-    assert sp[f"encode_t{t}"] < TOL
+def test_paralleled_encoding_matches_single_process(
+    sp: dict[str, float], prefix: str, t: int
+) -> None:
+    assert sp[f"{prefix}encode_t{t}"] < TOL  # tokens and DeepStack features
 
 
-def test_encoder_runs_once_per_video(sp: dict[str, float]) -> None:
+@pytest.mark.parametrize("prefix", ["", *(f"{f}/" for f in TINY_FAMILIES)])
+def test_encoder_runs_once_per_video(sp: dict[str, float], prefix: str) -> None:
     # 3 videos, each asked for 3 times.
-    assert sp["encode_count"] == 3
+    assert sp[f"{prefix}encode_count"] == 3

@@ -1,19 +1,26 @@
 """vLLM rollout engine vs the HF engine (opt-in: `pytest -m vllm` inside the venv made by
-scripts/vllm_env.sh, or on a GPU machine with the `gpu` extra). Skipped when vLLM is absent."""
+scripts/vllm_env.sh, or on a GPU machine with the `gpu` extra). Skipped when vLLM is absent.
+Every family vLLM serves here gets its cached embeddings (the refused ones:
+tests/test_families.py::test_vllm_is_refused_in_one_line)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
+from lvr.models import family  # noqa: E402
+from lvr.models.inputs import build_sample  # noqa: E402
 from lvr.models.loading import load_vlm  # noqa: E402
-from lvr.models.tiny import build_tiny_vlm  # noqa: E402
+from lvr.models.tiny import TINY_FAMILIES, build_tiny_vlm  # noqa: E402
+from lvr.mrsp.batch import prompt_from_sample  # noqa: E402
+from lvr.mrsp.encode import encode_video  # noqa: E402
 from lvr.mrsp.rollout import HFRolloutEngine  # noqa: E402
 from lvr.mrsp.synthetic import model_prompt  # noqa: E402
 from lvr.mrsp.vllm_engine import VLLMRolloutEngine  # noqa: E402
@@ -67,3 +74,29 @@ def test_weight_update_changes_output(setup: tuple) -> None:
     vl.update_weights(model)
     after = vl.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
     assert float(before.logprobs[0][0]) != pytest.approx(float(after.logprobs[0][0]), abs=1e-4)
+
+
+VLLM_FAMILIES = [f for f in TINY_FAMILIES if not family.get_family(f).vllm_refusal]
+
+
+@pytest.mark.parametrize("name", VLLM_FAMILIES)
+def test_family_from_cached_embeddings_matches_hf(
+    name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Real prompts of each family (Qwen3-VL: timestamp texts, DeepStack features side by side).
+    folder = build_tiny_vlm(Path(tmp_path_factory.mktemp(name)) / "tiny", family=name)
+    model, proc = load_vlm(folder, dtype=torch.float32)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    sample = build_sample(proc, "What color?", ["red", "blue"], frames=frames,
+                          timestamps=[0.5, 1.0, 1.5, 2.0])  # fmt: skip
+    with torch.no_grad():
+        emb = encode_video(model, sample["pixel_values_videos"], sample["video_grid_thw"][0])
+    prompt = prompt_from_sample(sample, emb, key=name)
+    eos = [proc.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    hf = HFRolloutEngine(model, eos, proc.tokenizer.pad_token_id)
+    vl = VLLMRolloutEngine(folder, family.video_token_id(model), stop_token_ids=eos,
+                           dtype="float32", max_model_len=2048, kv_cache_memory_bytes=1 << 28)  # fmt: skip
+    a = hf.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
+    b = vl.generate([prompt], n=1, temperature=0.0, max_new_tokens=4)
+    assert a.response_ids[0].tolist() == b.response_ids[0].tolist()
+    assert torch.allclose(a.logprobs[0], b.logprobs[0], atol=1e-3)

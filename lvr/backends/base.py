@@ -39,6 +39,8 @@ class Request:
         messages: OpenAI chat messages; content is a string or a list of text parts.
         images: uint8 [H, W, 3] frames; each backend renders them its own way.
         fps: Frame rate of `images` when they are consecutive video frames (local VLMs use it).
+        timestamps: Time in seconds of each of `images` when they are video frames; local VLMs
+            tell the model these times (Qwen3-VL writes them into the prompt), else `i / fps`.
         json_schema: Ask for one JSON object matching this schema.
         max_tokens: Generation budget per output.
         temperature: 0 means greedy.
@@ -52,6 +54,7 @@ class Request:
     messages: list[dict[str, Any]]
     images: list[np.ndarray] = field(default_factory=list)
     fps: float | None = None
+    timestamps: list[float] | None = None
     json_schema: dict[str, Any] | None = None
     max_tokens: int = 512
     temperature: float = 0.0
@@ -132,6 +135,11 @@ def check_request(req: Request) -> str | None:
             return f"bad request: image {i} must be a uint8 [H, W, 3] array"
         if img.shape[-1] != 3:
             return f"bad request: image {i} has shape {img.shape}, expected [H, W, 3]"
+    if req.timestamps is not None:
+        if len(req.timestamps) != len(req.images):
+            return f"bad request: {len(req.timestamps)} timestamps for {len(req.images)} images"
+        if any(b <= a for a, b in zip(req.timestamps, req.timestamps[1:], strict=False)):
+            return "bad request: timestamps must be strictly increasing"
     return None
 
 
@@ -156,6 +164,8 @@ def payload_hash(req: Request) -> str:
         "sampling": [req.max_tokens, req.temperature, req.top_p, req.n, req.seed],
         "images": [list(img.shape) for img in req.images],
     }
+    if req.timestamps is not None:  # only then: keys of requests without times stay as they were
+        head["timestamps"] = [round(float(t), 6) for t in req.timestamps]
     h.update(json.dumps(head, sort_keys=True, ensure_ascii=False, default=str).encode())
     for img in req.images:
         h.update(np.ascontiguousarray(img).tobytes())

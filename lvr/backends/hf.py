@@ -2,8 +2,10 @@
 
 Requests are grouped by everything `generate` must share (sampling parameters, schema, media kind),
 batched with left padding, and decoded with the model's own chat template and processor. Images are
-passed as images, or as one video when the request gives `fps` (Qwen2.5-VL style processors get the
-frame rate as metadata and do not resample). With a `json_schema`, decoding is constrained by
+passed as images, or as one video when the request gives `fps`: the processor gets the frames' true
+times as metadata and does not resample (`lvr.models.family.video_metadata`: Qwen3-VL writes each
+temporal patch's time into the prompt, Qwen2.5-VL scales positions by the mean rate). A VLM never
+generates its vision placeholder tokens (`suppress_tokens`). With a `json_schema`, decoding is constrained by
 `JsonLogitsProcessor`, so even a tiny or random model returns schema-valid JSON; the schema is also
 stated in the system prompt so that real models know what the fields mean.
 
@@ -78,6 +80,13 @@ def _combine(seeds: list[int]) -> int:
     """One 63-bit seed from several (stable across runs, unlike hash())."""
     digest = hashlib.blake2b(json.dumps(seeds).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def times_of(req: Request) -> list[float]:
+    """Seconds of each frame of a video request: its timestamps, else `i / fps`."""
+    if req.timestamps is not None:
+        return [float(t) for t in req.timestamps]
+    return [i / float(req.fps or 1.0) for i in range(len(req.images))]
 
 
 def _group_key(req: Request) -> str:
@@ -157,6 +166,16 @@ class HFBackend:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
+
+    def placeholder_ids(self) -> list[int]:
+        """The VLM's vision placeholder tokens (never generated); [] for a family lvr does not know
+        (such a model still captions; nothing is suppressed for it)."""
+        from lvr.models.family import FamilyError, placeholder_ids
+
+        try:
+            return placeholder_ids(self._model)
+        except FamilyError:
+            return []
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -254,17 +273,15 @@ class HFBackend:
             )
         kwargs: dict[str, Any] = {}
         if reqs[0].images and reqs[0].fps:
+            from lvr.models.family import video_metadata
+
             videos = [np.stack(r.images) for r in reqs]  # each [T, H, W, 3]
+            # Our frames are already sampled: the processor must not resample them, and the model
+            # is told their true times (timestamp text, second_per_grid_ts) as its family does.
             meta = [
-                {
-                    "total_num_frames": len(v),
-                    "fps": float(r.fps or 1.0),
-                    "height": v.shape[1],
-                    "width": v.shape[2],
-                }
+                video_metadata(self._proc, times_of(r), v.shape[1], v.shape[2])
                 for v, r in zip(videos, reqs, strict=True)
             ]
-            # Our frames are already sampled: the processor must not resample or guess the fps.
             kwargs = {"videos": videos, "video_metadata": meta, "do_sample_frames": False}
         elif reqs[0].images:
             kwargs = {"images": [list(r.images) for r in reqs]}
@@ -300,6 +317,8 @@ class HFBackend:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.eos_ids(),
         }
+        if self.is_vlm:  # a sampled vision placeholder means nothing (and breaks M-RoPE)
+            gen["suppress_tokens"] = self.placeholder_ids()
         if sampling:
             gen.update(temperature=first.temperature, top_p=first.top_p, num_return_sequences=reps)
         else:

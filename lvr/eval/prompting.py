@@ -189,6 +189,7 @@ def build_request(q: dict[str, Any], frames: Any, cfg: Any, missing: Sequence[in
         messages=messages,
         images=list(frames.frames),
         fps=float(fps),
+        timestamps=[float(t) for t in frames.timestamps_s],  # the true times of these frames
         max_tokens=cfg.max_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from lvr.backends.base import BackendError, Request, one_line
-from lvr.backends.hf import HFBackend
+from lvr.backends.hf import HFBackend, times_of
+from lvr.models.family import FamilyError, check_vllm_family
+from lvr.models.family import video_metadata as family_video_metadata
 
 
 @dataclass
@@ -115,6 +117,10 @@ class VLLMBackend(HFBackend):
             kwargs["gpu_memory_utilization"] = self.opts.gpu_memory_utilization
         kwargs.update(self.opts.llm)
         try:
+            check_vllm_family(self.model)
+        except FamilyError as exc:
+            raise BackendError(f"{one_line(str(exc))}; use --backend hf") from None
+        try:
             self._proc = AutoProcessor.from_pretrained(self.model)
             self._llm = LLM(model=self.model, **kwargs)
         except Exception as exc:  # vLLM raises many types for a model it cannot serve
@@ -130,18 +136,34 @@ class VLLMBackend(HFBackend):
         if req.images:
             video = np.stack(req.images)  # [T, H, W, 3] uint8
             meta = video_metadata(len(req.images), float(req.fps or 1.0))
+            # The frames' true times, as the model's family takes them (Qwen3-VL: every frame's
+            # time; vLLM computes them as frames_indices / fps, like the HF processor).
+            meta.update(family_video_metadata(self._proc, times_of(req), *video.shape[1:3]))
             inputs["multi_modal_data"] = {"video": (video, meta)}
         return inputs
+
+    def placeholder_ids(self) -> list[int]:
+        """The served model's vision placeholder tokens ([] for a family lvr does not know)."""
+        from lvr.models.family import FamilyError, placeholder_ids
+
+        try:
+            return placeholder_ids(self._llm.llm_engine.model_config.hf_config)
+        except FamilyError:
+            return []
 
     def _params(self, req: Request) -> Any:
         from vllm import SamplingParams
 
+        # Vision placeholders are never generated (each is one token: `bad_words` bans it always).
+        tok = self._llm.get_tokenizer()
+        banned = [tok.convert_ids_to_tokens(i) for i in self.placeholder_ids()]
         return SamplingParams(
             n=req.n,
             temperature=req.temperature,
             top_p=req.top_p if req.temperature > 0 else 1.0,
             max_tokens=req.max_tokens,
             seed=req.seed,
+            bad_words=banned or None,
         )
 
     def generate(self, reqs: list[Request]) -> list[list[str]]:

@@ -3,7 +3,10 @@
 Public API (import from `lvr.models`):
 
 - Loading: `load_vlm`, `load_llm`, `ModelLoadError`, `default_dtype`, `default_attn_implementation`.
-- Offline models: `build_tiny_vlm`, `build_tiny_llm`, `smollm2_dir`, `MissingPackageError`.
+- Offline models: `build_tiny_vlm` (any family: `family="qwen3_vl"`), `build_tiny_llm`,
+  `smollm2_dir`, `MissingPackageError`.
+- Model families (`lvr.models.family`): what each architecture needs (vision tower, placeholders,
+  positions, frame times, DeepStack), consulted by every stage.
 - Prompt format (`PROMPT_VERSION` goes into cache keys): `SYSTEM_PROMPT`, `THINK_INSTRUCTION`,
   `THINK_INSTRUCTION_OPEN`, `DIRECT_INSTRUCTION`, `DIRECT_INSTRUCTION_OPEN`, `format_question`,
   `format_target`, `build_messages`, `instruction_for`.

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 
+from lvr.models import family
+from lvr.models.family import find_rope_owner
 from lvr.models.inputs import IGNORE_INDEX, BatchDict
 
 PaddingSide = Literal["left", "right"]
@@ -100,29 +102,14 @@ def collate(
     return batch
 
 
-def find_rope_owner(model: Any) -> Any | None:
-    """Return the submodule that defines `get_rope_index` (through PEFT/DDP wrappers), or None.
-
-    Args:
-        model: A model, possibly wrapped.
-
-    Returns:
-        The module with `get_rope_index` (e.g. `Qwen2_5_VLModel`), None for 1-D RoPE models.
-    """
-    for module in model.modules():
-        if callable(getattr(module, "get_rope_index", None)):
-            return module
-    return None
-
-
 def rope_index(model: Any, batch: BatchDict) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the model's own position ids for a batch, and the M-RoPE deltas.
 
-    For M-RoPE models (Qwen2-VL, Qwen2.5-VL) this calls the model's `get_rope_index` with
-    mm_token_type_ids, grids, second_per_grid_ts and the attention mask — the same call the model
-    makes inside `forward`/`generate`. For 1-D RoPE models it returns `cumsum(mask) - 1`, which is
-    what `generate` uses (a plain forward without position_ids would use the column index instead,
-    wrong for left-padded rows).
+    For M-RoPE models (every Qwen-VL family) this calls the model's `get_rope_index` with
+    mm_token_type_ids, grids, the family's timing inputs (`second_per_grid_ts` for Qwen2.5-VL)
+    and the attention mask — the same call the model makes inside `forward`/`generate`. For 1-D
+    RoPE models it returns `cumsum(mask) - 1`, which is what `generate` uses (a plain forward
+    without position_ids would use the column index instead, wrong for left-padded rows).
 
     Args:
         model: The model (wrappers are looked through).
@@ -137,19 +124,19 @@ def rope_index(model: Any, batch: BatchDict) -> tuple[torch.Tensor, torch.Tensor
         ValueError: An M-RoPE model and a batch without mm_token_type_ids.
     """
     mask = batch["attention_mask"]
-    owner = find_rope_owner(model)
-    if owner is None:
+    if find_rope_owner(model) is None:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()  # [B, L]
         return pos, torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
     if "mm_token_type_ids" not in batch:
         raise ValueError("batch lacks mm_token_type_ids: M-RoPE positions cannot be computed")
-    return owner.get_rope_index(
-        input_ids=batch["input_ids"],
-        mm_token_type_ids=batch["mm_token_type_ids"],
-        image_grid_thw=batch.get("image_grid_thw"),
+    return family.rope_index(
+        model,
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        mask,
         video_grid_thw=batch.get("video_grid_thw"),
         second_per_grid_ts=batch.get("second_per_grid_ts"),
-        attention_mask=mask,
+        image_grid_thw=batch.get("image_grid_thw"),
     )
 
 

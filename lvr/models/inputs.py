@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lvr.media.sample import Frames
+from lvr.models.family import video_metadata
 from lvr.models.prompts import (  # noqa: F401  (re-exported: the prompt is part of a sample)
     DIRECT_INSTRUCTION,
     DIRECT_INSTRUCTION_OPEN,
@@ -140,6 +141,30 @@ def video_fps(num_frames: int, fps: float | None, timestamps: Sequence[float] | 
     return float((num_frames - 1) / (ts[-1] - ts[0]))
 
 
+def frame_times(
+    num_frames: int, fps: float | None, timestamps: Sequence[float] | None
+) -> list[float]:
+    """The time in seconds of each frame: the timestamps, or `i / fps` from a rate.
+
+    Args:
+        num_frames: T.
+        fps: Frames per second of the given (already sampled) frames.
+        timestamps: Time in seconds of each frame.
+
+    Returns:
+        T times (strictly increasing; a single frame may come with its one timestamp).
+
+    Raises:
+        ValueError: As `video_fps`.
+    """
+    if fps is None and timestamps is not None and num_frames == len(timestamps) == 1:
+        return [float(timestamps[0])]  # one frame: its time, no rate
+    rate = video_fps(num_frames, fps, timestamps)  # validates either form
+    if timestamps is not None:
+        return [float(t) for t in timestamps]
+    return [i / rate for i in range(num_frames)]
+
+
 def _check_frames(frames: Any) -> np.ndarray:
     if isinstance(frames, torch.Tensor):
         frames = frames.cpu().numpy()
@@ -164,12 +189,12 @@ def _encode_prompt(
     video: dict[str, Any] = {}
     if frames is not None:
         t, h, w, _ = frames.shape
-        rate = video_fps(t, fps, timestamps)
+        times = frame_times(t, fps, timestamps)
         # Our frames are already sampled: the processor must neither resample them nor guess
-        # their fps (it defaults to 24), since fps sets second_per_grid_ts = temporal_patch / fps.
+        # their times (it assumes 24 fps); the family decides how the times are given.
         video = {
             "videos": [frames],
-            "video_metadata": [{"total_num_frames": t, "fps": rate, "height": h, "width": w}],
+            "video_metadata": [video_metadata(proc_or_tok, times, h, w)],
             "do_sample_frames": False,
         }
     enc = proc_or_tok(text=[prompt], add_special_tokens=False, return_tensors="pt", **video)
@@ -221,7 +246,8 @@ def build_sample(
         options: Option texts (lettered A, B, ... here), or None for open-ended.
         frames: uint8 [T, H, W, 3] already-sampled frames, or None for a text-only sample.
         fps: Sampling rate of `frames` (frames per second); exclusive with `timestamps`.
-        timestamps: Time in seconds of each frame; the mean spacing gives the rate.
+        timestamps: Time in seconds of each frame: what the model is told, as its family takes
+            times (`lvr.models.family.video_metadata`).
         target: Assistant text (see `format_target`); when given, it is appended with the
             end-of-turn token and `labels` cover exactly those tokens.
         mode: "think" or "direct" instruction.
@@ -231,8 +257,9 @@ def build_sample(
     Returns:
         Tensors with batch size 1, ready for `model(**sample)` / `collate`:
         input_ids [1, L], attention_mask [1, L], and with a VLM processor mm_token_type_ids [1, L]
-        (0 text, 1 image, 2 video); with frames pixel_values_videos [N_patches, 3*2*14*14],
-        video_grid_thw [1, 3], second_per_grid_ts [1]; with a target labels [1, L].
+        (0 text, 1 image, 2 video); with frames pixel_values_videos [N_patches, 3*2*p*p],
+        video_grid_thw [1, 3] and, for Qwen2.5-VL, second_per_grid_ts [1] (Qwen3-VL / Qwen3.5:
+        the frame times are `<t seconds>` text in input_ids); with a target labels [1, L].
 
     Raises:
         ValueError: Bad frames, fps/timestamps, options, mode, control tokens in the text, or
@@ -270,12 +297,11 @@ def frames_sample(
     """The sample of a question over decoded frames, timed by their true timestamps.
 
     The one video -> sample path of SFT, RL and evaluation with a local model: the frame times
-    the model is told are those of the frames `lvr.media` actually decoded (a single frame has no
-    spacing: it is given 1 fps).
+    the model is told are those of the frames `lvr.media` actually decoded (with a frame cap,
+    fps sampling, a clip window or a variable frame rate alike).
     """
     ts = [float(t) for t in frames.timestamps_s]
-    timing: dict[str, Any] = {"timestamps": ts} if len(ts) >= 2 else {"fps": 1.0}
     return build_sample(
         processor, question, options or None, frames=frames.frames, target=target, mode=mode,
-        **timing,
+        timestamps=ts,
     )  # fmt: skip

@@ -3,7 +3,7 @@
 The RL recipe uses this narrow API, per step:
 
     cache = EmbeddingCache(model, group=sp_group)          # once; cache.new_step() every step
-    emb = cache.get(VideoKey(vid, frame_idx, (h, w), vision_version), pixels, grid_thw)
+    emb = cache.get(VideoKey(vid, frame_idx, (h, w), vision_version), pixels, grid_thw)  # VideoEmbeds
     prompt = PromptInput(input_ids, mm_token_type_ids, grid_thw, second_per_grid_ts, emb, key=vid)
     rollouts = engine.generate(prompts, n=G, temperature=1.0, top_p=0.99, max_new_tokens=..., seed=step)
     batch = pack_batch(model, [prompts[i] for i in rollouts.prompt_index], rollouts.response_ids, pad_id)
@@ -19,6 +19,9 @@ The RL recipe uses this narrow API, per step:
   response tokens and returned as `[B, R]`, identical on every rank and to SP=1.
 - Positions: the model's own `get_rope_index` with `mm_token_type_ids` (3-D M-RoPE), the same as
   `generate` uses; rollouts and prefills see identical positions (tested).
+- Families (`lvr.models.family`): every Qwen-VL family lvr knows; a video's `VideoEmbeds` are its
+  merged tokens plus Qwen3-VL's DeepStack features (cached, gathered and prefilled together);
+  Qwen3.5's gated delta-net layers are split over heads (`linear_attention`).
 - Gradient convention: sum over the SP group (`sync_sp_grads`); see `lvr.mrsp.comm`.
 - Engines (`rollout`): `HFRolloutEngine` (CPU/GPU) and `VLLMRolloutEngine` (`lvr.mrsp.vllm_engine`,
   imported lazily: vLLM is optional).

@@ -1,11 +1,14 @@
 """Prompt/response batches for MR-SP: one video per row, 3-D positions from the model itself.
 
-A `PromptInput` carries its own video embeddings, so a video can never be attached to another
-prompt's responses (the public code's re-balancing defect): rows are built from (prompt, response)
-pairs and every row checks that its `<|video_pad|>` count equals its embedding rows. Position ids
-come from the model's own `get_rope_index` with `mm_token_type_ids` (0 text, 1 image, 2 video), the
-same function `generate` uses, so rollout and training see identical 3-D M-RoPE positions
-(without `mm_token_type_ids` transformers silently falls back to 1-D positions).
+A `PromptInput` carries its own video embeddings (`VideoEmbeds`: merged tokens, and DeepStack
+features for Qwen3-VL), so a video can never be attached to another prompt's responses (the public
+code's re-balancing defect): rows are built from (prompt, response) pairs and every row checks
+that its `<|video_pad|>` count equals its embedding rows. Position ids come from the model's own
+`get_rope_index` with `mm_token_type_ids` (0 text, 1 image, 2 video) and the family's timing
+inputs, the same function `generate` uses, so rollout and training see identical 3-D M-RoPE
+positions (without `mm_token_type_ids` transformers silently falls back to 1-D positions). A
+Qwen3-VL prompt's video is several runs of placeholders (one per temporal patch, between
+timestamp texts); everything here counts placeholders, never assumes one run.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lvr.models import family
+from lvr.models.family import FamilyError, VideoEmbeds
 from lvr.mrsp.comm import MrspError
 
 VIDEO_TYPE = 2  # mm_token_type_ids value of video tokens (0 text, 1 image)
@@ -28,16 +33,18 @@ class PromptInput:
         input_ids: `[P]` prompt token ids (chat template applied, `<|video_pad|>` expanded).
         mm_token_type_ids: `[P]` 0 text / 2 video.
         video_grid_thw: `[3]` (t, h, w) patch grid of the video.
-        second_per_grid_ts: Seconds per temporal patch (temporal patch size / sampling fps).
-        video_embeds: `[N_video_tokens, D]` merged vision embeddings (`EmbeddingCache.get`).
+        second_per_grid_ts: Seconds per temporal patch (temporal patch size / sampling fps) for
+            the families timed that way (Qwen2.5-VL); None for the others.
+        video_embeds: The video's embeddings (`EmbeddingCache.get`): `[N_video_tokens, D]`
+            tokens and the DeepStack features.
         key: Identifies the video (for error messages and pairing checks).
     """
 
     input_ids: torch.Tensor
     mm_token_type_ids: torch.Tensor
     video_grid_thw: torch.Tensor
-    second_per_grid_ts: float
-    video_embeds: torch.Tensor
+    second_per_grid_ts: float | None
+    video_embeds: VideoEmbeds
     key: object = None
 
 
@@ -52,7 +59,7 @@ class PrefillBatch:
         mm_token_type_ids: `[B, L]` 2 on the prompt's video tokens (a `<|video_pad|>` id sampled
             inside a response stays text, as it is during generation).
         position_ids: `[3, B, L]` 3-D M-RoPE positions from `get_rope_index`.
-        video_embeds: One `[N_b, D]` tensor per row.
+        video_embeds: One `VideoEmbeds` (`N_b` rows) per row.
     """
 
     input_ids: torch.Tensor
@@ -60,17 +67,18 @@ class PrefillBatch:
     response_mask: torch.Tensor
     mm_token_type_ids: torch.Tensor
     position_ids: torch.Tensor
-    video_embeds: list[torch.Tensor]
+    video_embeds: list[VideoEmbeds]
 
 
 def prompt_from_sample(
-    sample: Mapping[str, torch.Tensor], video_embeds: torch.Tensor, key: object = None
+    sample: Mapping[str, torch.Tensor], video_embeds: VideoEmbeds, key: object = None
 ) -> PromptInput:
     """Turn one `lvr.models.inputs.build_sample` prompt (batch size 1, no target) into a PromptInput.
 
     Args:
-        sample: Its tensors (input_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts).
-        video_embeds: `[N, D]` from `EmbeddingCache.get(key, sample["pixel_values_videos"], grid)`.
+        sample: Its tensors (input_ids, mm_token_type_ids, video_grid_thw, and
+            second_per_grid_ts for the families that take it).
+        video_embeds: From `EmbeddingCache.get(key, sample["pixel_values_videos"], grid)`.
         key: The video's cache key (kept for error messages).
 
     Returns:
@@ -79,27 +87,22 @@ def prompt_from_sample(
     Raises:
         MrspError: When a tensor is missing, the batch is not 1, or the sample has labels.
     """
-    need = ("input_ids", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts")
+    need = ("input_ids", "mm_token_type_ids", "video_grid_thw")
     missing = [k for k in need if k not in sample]
     if missing or sample["input_ids"].shape[0] != 1 or "labels" in sample:
         raise MrspError(
             f"need one video prompt without a target (missing {missing}, "
             f"batch {sample['input_ids'].shape[0] if 'input_ids' in sample else '?'})"
         )
-    p = PromptInput(
+    secs = sample.get("second_per_grid_ts")
+    return PromptInput(
         sample["input_ids"][0],
         sample["mm_token_type_ids"][0],
         sample["video_grid_thw"][0],
-        float(sample["second_per_grid_ts"][0]),
+        None if secs is None else float(secs[0]),
         video_embeds,
         key,
     )
-    return p
-
-
-def inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the `Qwen2_5_VLModel` inside a `...ForConditionalGeneration` (or the model itself)."""
-    return model.model if hasattr(model, "lm_head") else model
 
 
 def rope_positions(
@@ -107,29 +110,32 @@ def rope_positions(
     input_ids: torch.Tensor,
     mm_token_type_ids: torch.Tensor,
     video_grid_thw: torch.Tensor,
-    second_per_grid_ts: torch.Tensor,
+    second_per_grid_ts: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """3-D positions from the model's own `get_rope_index` (what `generate` uses).
 
     Args:
-        model: A Qwen2.5-VL model.
+        model: A Qwen-VL model of any family.
         input_ids: `[B, L]`.
         mm_token_type_ids: `[B, L]`.
         video_grid_thw: `[n_videos, 3]` in row order.
-        second_per_grid_ts: `[n_videos]`.
+        second_per_grid_ts: `[n_videos]` (families timed by it), or None.
         attention_mask: `[B, L]` or None.
 
     Returns:
         `[3, B, L]` long positions (0 on padding).
+
+    Raises:
+        MrspError: The family needs `second_per_grid_ts` and it is missing.
     """
-    pos, _ = inner_model(model).get_rope_index(
-        input_ids,
-        mm_token_type_ids=mm_token_type_ids,
-        video_grid_thw=video_grid_thw,
-        second_per_grid_ts=second_per_grid_ts,
-        attention_mask=attention_mask,
-    )
+    try:
+        pos, _ = family.rope_index(
+            model, input_ids, mm_token_type_ids, attention_mask, video_grid_thw,
+            second_per_grid_ts,
+        )  # fmt: skip
+    except FamilyError as exc:
+        raise MrspError(str(exc)) from None
     return pos
 
 
@@ -137,10 +143,13 @@ def check_prompt(p: PromptInput, video_token_id: int) -> None:
     """Raise MrspError unless the prompt's video tokens, types and embeddings agree."""
     n_tok = int((p.input_ids == video_token_id).sum())
     n_type = int((p.mm_token_type_ids == VIDEO_TYPE).sum())
-    if not (n_tok == n_type == p.video_embeds.shape[0]):
+    embeds = p.video_embeds
+    if not (n_tok == n_type == embeds.rows) or any(
+        d.shape[0] != embeds.rows for d in embeds.deepstack
+    ):
         raise MrspError(
             f"prompt {p.key!r}: {n_tok} <|video_pad|> tokens, {n_type} video-typed tokens and "
-            f"{p.video_embeds.shape[0]} embedding rows must agree (video attached to the wrong prompt?)"
+            f"{embeds.rows} embedding rows must agree (video attached to the wrong prompt?)"
         )
 
 
@@ -153,7 +162,7 @@ def pack_batch(
     """Pair each prompt with its response into one right-padded batch.
 
     Args:
-        model: The Qwen2.5-VL model (for `get_rope_index` and the video token id).
+        model: The VLM (for `get_rope_index` and the video token id).
         prompts: One prompt per row (repeat a prompt G times for its G rollouts).
         responses: `[R_b]` response ids per row (may include the final eos).
         pad_token_id: Id written on padding.
@@ -166,7 +175,7 @@ def pack_batch(
     """
     if len(prompts) != len(responses):
         raise MrspError(f"{len(prompts)} prompts but {len(responses)} responses")
-    video_token_id = model.config.video_token_id
+    video_token_id = family.video_token_id(model)
     rows = []
     for p, r in zip(prompts, responses, strict=True):
         check_prompt(p, video_token_id)
@@ -186,7 +195,8 @@ def pack_batch(
         attn[i, :n] = 1
         resp[i, n_p:n] = 1
     grids = torch.stack([p.video_grid_thw.reshape(3) for p, _ in rows])  # [B, 3]
-    secs = torch.tensor([float(p.second_per_grid_ts) for p, _ in rows])  # [B]
+    timed = all(p.second_per_grid_ts is not None for p, _ in rows)
+    secs = torch.tensor([float(p.second_per_grid_ts) for p, _ in rows]) if timed else None  # [B]
     pos = rope_positions(model, ids, types, grids, secs, attn)  # [3, B, L]
     embeds = [p.video_embeds for p, _ in rows]
     return PrefillBatch(ids, attn, resp, types, pos, embeds)

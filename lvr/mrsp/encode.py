@@ -1,15 +1,20 @@
 """MR-SP stage 1: paralleled video encoding and the embedding cache.
 
-Qwen2.5-VL's vision tower never lets one temporal patch (2 frames) see another: full-attention
-blocks use `cu_seqlens` per temporal patch and windowed blocks use windows inside one. Encoding
-whole temporal patches separately is therefore exactly encoding the video (checked in the tests), so
-the `t` temporal patches are dealt out in contiguous runs (the first `t % sp` ranks take one more;
-a rank may get none when t < sp), each rank encodes its run and a variable-size all-gather
-reassembles the `[N_video_tokens, D]` embeddings in order.
+The Qwen-VL vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) never let one temporal patch
+(2 frames) see another: attention runs with `cu_seqlens` per temporal patch (and Qwen2.5-VL's
+windows sit inside one), and positions are per frame. Encoding whole temporal patches separately
+is therefore exactly encoding the video (checked per family in the tests), so the `t` temporal
+patches are dealt out in contiguous runs (the first `t % sp` ranks take one more; a rank may get
+none when t < sp), each rank encodes its run with the model's own `get_video_features`, and one
+variable-size all-gather reassembles the video's `VideoEmbeds` in order: the `[N_video_tokens, D]`
+merged tokens and, for Qwen3-VL, one `[N_video_tokens, D]` DeepStack tensor per layer (gathered
+side by side in one collective).
 
 `EmbeddingCache` then serves one encode per video per step to the G rollouts and the old-policy,
 reference and policy prefills (the public code cached pixels and re-ran the tower every forward).
-Keys are (video id, frame indices, resolution, vision-weights version).
+Keys are (video id, frame indices, resolution, vision-weights version); disk entries are also
+named by the vision tower they came from (its config and weights), so a cache folder shared by
+two models never serves one model's embeddings to the other.
 
 Frozen vision (the default for RL, as the paper effectively does with cached embeddings): encoding
 runs under no_grad and entries may also be written to disk (`cache_dir`) for later steps. Rank 0
@@ -31,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from lvr.artifacts import content_id
+from lvr.models import family
+from lvr.models.family import FamilyError, VideoEmbeds
 from lvr.mrsp.comm import MrspError, gather_rows, sp_rank, sp_size
 
 
@@ -46,55 +53,50 @@ def split_counts(n: int, parts: int) -> list[int]:
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the vision tower of a Qwen2.5-VL model (`model.model.visual` or `model.visual`)."""
-    inner = getattr(model, "model", model)
-    visual = getattr(inner, "visual", None)
-    if visual is None:
-        raise MrspError(f"{type(model).__name__} has no vision tower (`.visual`)")
-    return visual
+    """Return the model's vision tower (where its family keeps it)."""
+    try:
+        return family.vision_tower(model)
+    except FamilyError as exc:
+        raise MrspError(str(exc)) from None
 
 
 def encode_video(
-    visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
-) -> torch.Tensor:
-    """Encode one video (or a run of its temporal patches) with the vision tower.
+    model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
+) -> VideoEmbeds:
+    """Encode one video (or a run of its temporal patches) with the model's vision tower.
 
     Args:
-        visual: The Qwen2.5-VL vision tower.
-        pixels: `[t * h * w, C * 2 * p * p]` patch rows.
+        model: The VLM.
+        pixels: `[t * h * w, C * T_patch * p * p]` patch rows.
         grid_thw: `[3]` grid of these rows.
 
     Returns:
-        `[t * h * w / merge^2, D]` merged embeddings.
+        `VideoEmbeds`: `[t * h * w / merge^2, D]` tokens (+ DeepStack features).
     """
-    merge = visual.spatial_merge_size
-    if int(grid_thw[0]) == 0:
-        return pixels.new_zeros((0, visual.config.out_hidden_size), dtype=visual.dtype)
-    out = visual(pixels.to(visual.dtype), grid_thw=grid_thw.reshape(1, 3))
-    emb = out.pooler_output  # [t*h*w / merge^2, D]
-    if emb.shape[0] * merge * merge != pixels.shape[0]:
-        raise MrspError(f"vision tower returned {emb.shape[0]} rows for grid {grid_thw.tolist()}")
-    return emb
+    try:
+        return family.encode_video(model, pixels, grid_thw)
+    except FamilyError as exc:
+        raise MrspError(str(exc)) from None
 
 
 def encode_video_sp(
-    visual: torch.nn.Module,
+    model: torch.nn.Module,
     pixels: torch.Tensor,
     grid_thw: torch.Tensor,
     group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
+) -> VideoEmbeds:
     """Encode one video with its temporal patches split over the SP group, then all-gather.
 
     Every rank passes the whole video's pixels (cheap) and encodes only its run.
 
     Args:
-        visual: The vision tower (replicated on every rank).
-        pixels: `[t * h * w, C * 2 * p * p]`.
+        model: The VLM (replicated on every rank).
+        pixels: `[t * h * w, C * T_patch * p * p]`.
         grid_thw: `[3]`.
         group: SP group (None = encode everything here).
 
     Returns:
-        `[t * h * w / merge^2, D]` on every rank; differentiable when grad is enabled.
+        The `VideoEmbeds` on every rank; differentiable when grad is enabled.
 
     Raises:
         MrspError: When pixels and grid disagree.
@@ -104,18 +106,35 @@ def encode_video_sp(
         raise MrspError(f"{pixels.shape[0]} pixel rows do not match grid {[t, h, w]}")
     sp, rank = sp_size(group), sp_rank(group)
     if sp == 1:
-        return encode_video(visual, pixels, grid_thw)
+        return encode_video(model, pixels, grid_thw)
     runs = split_counts(t, sp)
     start = sum(runs[:rank])
     rows = pixels[start * h * w : (start + runs[rank]) * h * w]
     local_grid = torch.tensor([runs[rank], h, w], device=grid_thw.device)
-    local = encode_video(visual, rows, local_grid)  # [n_r, D]
+    local = encode_video(model, rows, local_grid).packed()  # [n_r, (1 + k) * D]
+    visual = vision_tower(model)
     trained = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
     if trained and not local.requires_grad:
         # A rank with no frames must still join the gather's backward (an all-reduce).
         local = local.detach().requires_grad_()
     per_patch = h * w // visual.spatial_merge_size**2
-    return gather_rows(local, group, grad="sum", counts=[n * per_patch for n in runs])
+    gathered = gather_rows(local, group, grad="sum", counts=[n * per_patch for n in runs])
+    return VideoEmbeds.unpack(gathered, family.deepstack_layers(model))
+
+
+def tower_fingerprint(model: torch.nn.Module) -> str:
+    """An id of the vision tower's architecture and weights (names a disk cache entry).
+
+    Sums of each parameter and of its absolute values, in float64, with the tower's config: a
+    different model or a retrained tower gives another id.
+    """
+    visual = vision_tower(model)
+    with torch.no_grad():
+        sums = [
+            (name, round(float(p.double().sum()), 6), round(float(p.double().abs().sum()), 6))
+            for name, p in visual.named_parameters()
+        ]
+    return content_id(visual.config.to_json_string(use_diff=False), sums)[:16]
 
 
 @dataclass(frozen=True)
@@ -159,7 +178,7 @@ class EmbeddingCache:
         """Create an empty cache.
 
         Args:
-            model: A Qwen2.5-VL model (its vision tower is used).
+            model: The VLM (its vision tower is used).
             group: SP group for paralleled encoding (None = single process).
             cache_dir: Folder for on-disk entries (frozen vision only).
             trainable: Keep the autograd graph (vision tower being trained).
@@ -171,13 +190,16 @@ class EmbeddingCache:
             raise MrspError(
                 "the on-disk embedding cache needs a frozen vision tower (trainable=False)"
             )
+        self.model = model
         self.visual = vision_tower(model)
+        self.deepstack = family.deepstack_layers(model)
         self.group = group
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.trainable = trainable
         self.encodes = 0
         self.disk_hits = 0
-        self._entries: dict[VideoKey, torch.Tensor] = {}
+        self._entries: dict[VideoKey, VideoEmbeds] = {}
+        self._tower: str | None = None  # fingerprint of the tower, computed on first disk use
 
     def new_step(self) -> None:
         """Forget in-memory entries (call once per RL step; disk entries stay)."""
@@ -187,7 +209,11 @@ class EmbeddingCache:
         return len(self._entries)
 
     def _path(self, key: VideoKey) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"{key.digest()}.pt"
+        if self.cache_dir is None:
+            return None
+        if self._tower is None:
+            self._tower = tower_fingerprint(self.model)
+        return self.cache_dir / f"{key.digest()}-{self._tower}.pt"
 
     def _all_ranks_have(self, path: Path | None, device: torch.device) -> bool:
         """Agree over the group on a disk hit, so that all ranks encode (a collective) or none."""
@@ -196,16 +222,16 @@ class EmbeddingCache:
             dist.all_reduce(hit, op=dist.ReduceOp.MIN, group=self.group)
         return bool(hit.item())
 
-    def _save(self, path: Path, emb: torch.Tensor) -> None:
+    def _save(self, path: Path, emb: VideoEmbeds) -> None:
         if sp_rank(self.group) != 0:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(emb.detach().cpu(), tmp)
+        torch.save(emb.detach().packed().cpu(), tmp)  # [N, (1 + k) * D]
         os.replace(tmp, path)  # atomic: readers never see a half-written file
 
-    def get(self, key: VideoKey, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Return the video's `[N_video_tokens, D]` embeddings, encoding at most once per key.
+    def get(self, key: VideoKey, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VideoEmbeds:
+        """Return the video's embeddings, encoding at most once per key.
 
         All ranks of the group must call this in the same order with the same key.
 
@@ -221,11 +247,12 @@ class EmbeddingCache:
             return self._entries[key]
         path = self._path(key)
         if self._all_ranks_have(path, pixels.device):
-            emb = torch.load(path, map_location=pixels.device, weights_only=True)
+            packed = torch.load(path, map_location=pixels.device, weights_only=True)
+            emb = VideoEmbeds.unpack(packed, self.deepstack)
             self.disk_hits += 1
         else:
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                emb = encode_video_sp(self.visual, pixels, grid_thw, self.group)
+                emb = encode_video_sp(self.model, pixels, grid_thw, self.group)
             self.encodes += 1
             if path is not None:
                 self._save(path, emb)
@@ -234,6 +261,6 @@ class EmbeddingCache:
 
     def get_many(
         self, items: Sequence[tuple[VideoKey, torch.Tensor, torch.Tensor]]
-    ) -> list[torch.Tensor]:
+    ) -> list[VideoEmbeds]:
         """`get` for several (key, pixels, grid) triples, in order."""
         return [self.get(k, p, g) for k, p, g in items]

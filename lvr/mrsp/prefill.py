@@ -1,4 +1,4 @@
-"""Sequence-parallel prefill: per-token response log-probs and entropies of a Qwen2.5-VL decoder.
+"""Sequence-parallel prefill: per-token response log-probs and entropies of a VLM's decoder.
 
 Every rank of the SP group receives the same `PrefillBatch` (token ids, masks, 3-D positions, the
 gathered video embeddings: a few MB) and builds only the embeddings of the tokens it owns
@@ -6,6 +6,11 @@ gathered video embeddings: a few MB) and builds only the embeddings of the token
 response). The decoder layers run on the local shard with Ulysses attention; rotary uses each
 token's true 3-D position. Logits are computed only where the next token is a response token (on
 each rank its own share): no full-vocabulary logits over the prompt or the video.
+
+What the families add, each at its own place: Qwen3-VL's DeepStack features are added to the
+hidden states of the first decoder layers at the video positions (each rank adds the rows of
+the positions it owns, as the model's `_deepstack_process` does for the whole sequence); Qwen3.5's
+gated delta-net layers run through `lvr.mrsp.linear_attention` (Ulysses over their heads).
 
 Output layout: `[B, R]` (R = longest response; row b's response tokens in order, zero-padded, with
 `mask`), identical on every rank and identical to the SP=1 result. The cross-rank gather is
@@ -23,8 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lvr.mrsp.batch import VIDEO_TYPE, PrefillBatch, inner_model
+from lvr.models import family
+from lvr.mrsp.batch import VIDEO_TYPE, PrefillBatch
 from lvr.mrsp.comm import MrspError, gather_rows, sp_rank, sp_size
+from lvr.mrsp.linear_attention import linear_decoder_layer
 from lvr.mrsp.ulysses import StridedLayout, ulysses_attention_enabled
 
 
@@ -59,58 +66,72 @@ def _local_embeds(
     ids: torch.Tensor,
     types: torch.Tensor,
     own: torch.Tensor,
-) -> torch.Tensor:
-    """Embeddings of the owned positions only: token embeddings with video rows scattered in.
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Embeddings of the owned positions only: token embeddings with video rows scattered in,
+    and the DeepStack addends of the same positions.
 
     Args:
-        model: The Qwen2.5-VL model.
+        model: The VLM.
         batch: The batch (its `video_embeds` are per-row).
         ids: `[B, Lp]` padded token ids.
         types: `[B, Lp]` padded mm_token_type_ids (2 = video).
         own: `[Lp/sp]` positions owned by this rank.
 
     Returns:
-        `[B, Lp/sp, D]`.
+        `[B, Lp/sp, D]` input embeddings, and one `[B, Lp/sp, D]` addend per DeepStack layer
+        (zero off the video positions; none for families without DeepStack).
     """
-    emb_layer = inner_model(model).get_input_embeddings()
+    emb_layer = family.language_model(model).get_input_embeddings()
     local = emb_layer(ids[:, own])  # [B, n, D]
     is_video = types == VIDEO_TYPE  # [B, Lp]
     video_row = is_video.long().cumsum(-1) - 1  # index into the row's video embeddings
-    rows = []
+    layers = len(batch.video_embeds[0].deepstack) if batch.video_embeds else 0
+    rows, deep = [], [[] for _ in range(layers)]
     for b, ve in enumerate(batch.video_embeds):
-        if int(is_video[b].sum()) != ve.shape[0]:
+        if int(is_video[b].sum()) != ve.rows or len(ve.deepstack) != layers:
             raise MrspError(
-                f"row {b}: {int(is_video[b].sum())} video tokens but {ve.shape[0]} embedding rows"
+                f"row {b}: {int(is_video[b].sum())} video tokens but {ve.rows} embedding rows"
             )
         sel = is_video[b, own]  # [n]
+        which = video_row[b, own][sel]  # [n_video_owned]
         row = local[b].clone()
-        row[sel] = ve[video_row[b, own][sel]].to(row.dtype)
+        row[sel] = ve.tokens[which].to(row.dtype)
         rows.append(row)
-    return torch.stack(rows)
+        for k, feat in enumerate(ve.deepstack):
+            add = torch.zeros_like(local[b])  # [n, D]
+            add[sel] = feat[which].to(add.dtype)
+            deep[k].append(add)
+    return torch.stack(rows), [torch.stack(d) for d in deep]
 
 
 def _run_decoder(
     model: torch.nn.Module,
     hidden: torch.Tensor,
+    deepstack: list[torch.Tensor],
     positions: torch.Tensor,
     group: dist.ProcessGroup | None,
     layout: StridedLayout,
 ) -> torch.Tensor:
-    """Decoder layers + final norm on the local shard. hidden [B, n, D], positions [3, B, n]."""
-    lm = inner_model(model).language_model
+    """Decoder layers + final norm on the local shard. hidden [B, n, D], positions [3, B, n];
+    `deepstack[k]` [B, n, D] is added after layer k (Qwen3-VL)."""
+    lm = family.language_model(model)
     cos_sin = lm.rotary_emb(hidden, positions)  # each token's true 3-D position
     with ulysses_attention_enabled(lm.config):
-        for layer in lm.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=None,
-                position_embeddings=cos_sin,
-                position_ids=None,
-                past_key_values=None,
-                use_cache=False,
-                sp_group=group,
-                sp_layout=layout,
-            )
+        for i, layer in enumerate(lm.layers):
+            if getattr(layer, "linear_attn", None) is not None:  # Qwen3.5's gated delta-net
+                hidden = linear_decoder_layer(layer, hidden, group, layout)
+            else:
+                hidden = layer(
+                    hidden,
+                    attention_mask=None,
+                    position_embeddings=cos_sin,
+                    position_ids=None,
+                    use_cache=False,
+                    sp_group=group,
+                    sp_layout=layout,
+                )
+            if i < len(deepstack):
+                hidden = hidden + deepstack[i]  # zero off the video positions
     return lm.norm(hidden)
 
 
@@ -151,7 +172,7 @@ def sp_prefill_logprobs(
     single-process computation (same code, no communication).
 
     Args:
-        model: A Qwen2.5-VL `...ForConditionalGeneration` (sdpa/eager decoder).
+        model: A VLM `...ForConditionalGeneration` of a family lvr knows (sdpa/eager decoder).
         batch: From `pack_batch` (right-padded; positions from `get_rope_index`).
         group: The SP process group, or None.
         temperature: Logits are divided by it before the softmax.
@@ -179,8 +200,8 @@ def sp_prefill_logprobs(
     ids_p = _pad_to(ids, layout.padded, 1)  # [B, Lp]
     pos_p = _pad_to(batch.position_ids, layout.padded, 2)  # [3, B, Lp]
     types_p = _pad_to(batch.mm_token_type_ids, layout.padded, 1)  # [B, Lp]
-    hidden = _local_embeds(model, batch, ids_p, types_p, own)  # [B, n, D]
-    hidden = _run_decoder(model, hidden, pos_p[:, :, own], group, layout)  # [B, n, D]
+    hidden, deepstack = _local_embeds(model, batch, ids_p, types_p, own)  # [B, n, D] (+ k x)
+    hidden = _run_decoder(model, hidden, deepstack, pos_p[:, :, own], group, layout)  # [B, n, D]
     # Position q predicts token q+1: score q when q+1 is a response token.
     next_ids = _pad_to(ids_p[:, 1:], layout.padded, 1)  # [B, Lp]
     scored = _pad_to(_pad_to(resp, layout.padded, 1)[:, 1:], layout.padded, 1).bool()

@@ -3,12 +3,15 @@
 One interface (`RolloutEngine.generate`) and two engines:
 
 - `HFRolloutEngine` (CPU and GPU, used by the tests): transformers `generate` with the KV cache. The
-  cached embeddings go in through `mm_encoder_outputs` (transformers' own pre-encoded path), so the
-  vision tower does not run, and `generate` computes the 3-D positions with the same
-  `get_rope_index` as `pack_batch`; generated tokens get `text position + rope_delta`, which equals
-  what `get_rope_index` gives the full prompt+response sequence (tested). The prompt is prefilled
-  once and its KV cache copied to the n samples (prefix sharing). Prompts are generated one at a
-  time (no padding), which keeps positions exact; batch prompts with a GPU engine for throughput.
+  cached embeddings (merged tokens and, for Qwen3-VL, DeepStack features) go in through
+  `mm_encoder_outputs` (transformers' own pre-encoded path), so the vision tower does not run, and
+  `generate` computes the 3-D positions with the same `get_rope_index` as `pack_batch`; generated
+  tokens get `text position + rope_delta`, which equals what `get_rope_index` gives the full
+  prompt+response sequence (tested). The prompt is prefilled once and its cache (KV, and the
+  recurrent states of Qwen3.5's linear layers) copied to the n samples (prefix sharing). Prompts
+  are generated one at a time (no padding), which keeps positions exact; batch prompts with a GPU
+  engine for throughput. Vision placeholder tokens (image/video pads, vision start/end) are never
+  sampled (`suppress_tokens`): one in a response would break `get_rope_index` and mean nothing.
 - `VLLMRolloutEngine` (`lvr.mrsp.vllm_engine`, the `gpu` extra / the separate vLLM env).
 
 Log-probs returned are the model's raw distribution (log_softmax of the logits, before temperature
@@ -20,11 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from lvr.models import family
 from lvr.mrsp.batch import PromptInput, check_prompt
 from lvr.mrsp.comm import MrspError
 
@@ -80,47 +83,59 @@ class HFRolloutEngine:
     def __init__(
         self, model: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int
     ) -> None:
-        """Wrap a Qwen2.5-VL model (shared with the policy: weight updates are seen at once).
+        """Wrap a VLM (shared with the policy: weight updates are seen at once).
 
         Args:
-            model: A Qwen2.5-VL `...ForConditionalGeneration`.
+            model: A VLM `...ForConditionalGeneration` of a family lvr knows.
             eos_token_ids: Ids that end a response.
             pad_token_id: Padding id `generate` writes after an eos.
         """
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
+        self.suppressed = family.placeholder_ids(model)  # vision placeholders: never sampled
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s weights in (no-op when it is the engine's own model)."""
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
 
-    def _prefix_cache(self, p: PromptInput, n: int) -> object:
-        """Prefill all prompt tokens but the last once, then copy the KV cache to n rows.
+    def _prefix_cache(self, p: PromptInput, n: int) -> dict[str, Any]:
+        """Prefill all prompt tokens but the last once, then copy the cache to n rows.
 
         Sharing the prompt's prefill across the n samples is what a prefix-caching engine does;
-        `generate` alone would prefill the (long, video) prompt n times. The forward also sets the
-        model's `rope_deltas`, which `generate` uses for the positions of every later token.
+        `generate` alone would prefill the (long, video) prompt n times. A cache whose layers
+        cannot be copied across the batch (transformers' linear-attention states, Qwen3.5) is
+        built by prefilling the n rows instead. The forward also sets the model's `rope_deltas`,
+        which `generate` uses for the positions of every later token.
         """
+        ((name, cache),) = self._prefill_prefix(p, 1).items()
+        if all(callable(getattr(layer, "batch_repeat_interleave", None)) for layer in cache.layers):
+            cache.batch_repeat_interleave(n)
+            return {name: cache}
+        return self._prefill_prefix(p, n)
+
+    def _prefill_prefix(self, p: PromptInput, rows: int) -> dict[str, Any]:
+        """The cache of the prompt without its last token, for `rows` identical rows, under the
+        name `generate` takes it by (`cache`; `past_key_values` before transformers 5.2x, which
+        the vLLM CPU venv pins)."""
         dev = self.model.device
-        video = BaseModelOutputWithPooling(
-            pooler_output=(p.video_embeds.to(dev, self.model.dtype),)
-        )
-        ids = p.input_ids[None, :-1].to(dev)  # [1, P-1]
+        ids = p.input_ids[None, :-1].expand(rows, -1).to(dev)  # [rows, P-1]
+        secs = None if p.second_per_grid_ts is None else torch.tensor([p.second_per_grid_ts])
+        video = family.video_kwargs(self.model, p.video_grid_thw.reshape(1, 3), secs)
         out = self.model(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=p.mm_token_type_ids[None, :-1].to(dev),
-            video_grid_thw=p.video_grid_thw.reshape(1, 3).to(dev),
-            second_per_grid_ts=torch.tensor([float(p.second_per_grid_ts)], device=dev),
-            mm_encoder_outputs={"video": video},
+            mm_token_type_ids=p.mm_token_type_ids[None, :-1].expand(rows, -1).to(dev),
+            mm_encoder_outputs=family.encoder_outputs(
+                [p.video_embeds] * rows, dev, self.model.dtype
+            ),
             use_cache=True,
             logits_to_keep=1,
+            **{k: v.repeat_interleave(rows, 0).to(dev) for k, v in video.items()},
         )
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        return cache
+        name = "cache" if "cache" in out else "past_key_values"
+        return {name: out[name]}
 
     def _generate_one(
         self, p: PromptInput, n: int, temperature: float, top_p: float, max_new_tokens: int
@@ -130,13 +145,13 @@ class HFRolloutEngine:
         if p.mm_token_type_ids[-1] != 0:
             raise MrspError(f"prompt {p.key!r} must end with a text token (the generation prompt)")
         ids = p.input_ids[None].expand(n, -1).to(dev)  # [n, P]
-        cache = self._prefix_cache(p, n)
+        cache = self._prefix_cache(p, n)  # {"cache": ...}
         sample = temperature > 0
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             mm_token_type_ids=p.mm_token_type_ids[None].expand(n, -1).to(dev),
-            past_key_values=cache,
+            **cache,
             do_sample=sample,
             temperature=temperature if sample else None,
             top_p=top_p if sample else None,
@@ -144,6 +159,7 @@ class HFRolloutEngine:
             max_new_tokens=max_new_tokens,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
+            suppress_tokens=self.suppressed,
             return_dict_in_generate=True,
             output_logits=True,
         )
@@ -183,7 +199,7 @@ class HFRolloutEngine:
         result = Rollouts()
         eos = set(self.eos_token_ids)
         for i, p in enumerate(prompts):
-            check_prompt(p, self.model.config.video_token_id)
+            check_prompt(p, family.video_token_id(self.model))
             torch.manual_seed(seed + i)
             new, logp = self._generate_one(p, n, temperature, top_p, max_new_tokens)
             for k in range(n):

@@ -6,6 +6,10 @@ alone (group=None), and reports the largest absolute difference. `run_sp_checks`
 dict; `spawn_sp_checks` starts `world` local gloo processes and returns rank 0's dict.
 
     torchrun --nproc_per_node 2 -m lvr.mrsp.selftest     # prints the JSON dict on rank 0
+
+Besides synthetic Qwen2.5-VL inputs at two head layouts, every tiny model family (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL with DeepStack, Qwen3-VL-MoE, Qwen3.5 with gated delta-net layers) is checked
+on real prompts from its own processor (`families`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lvr.models import family
+from lvr.models.family import VideoEmbeds
+from lvr.models.inputs import build_sample
+from lvr.models.tiny import TINY_FAMILIES, tiny_vlm
 from lvr.mrsp.batch import PromptInput, pack_batch
 from lvr.mrsp.comm import sync_sp_grads
 from lvr.mrsp.encode import EmbeddingCache, VideoKey, encode_video, encode_video_sp
@@ -29,16 +40,48 @@ from lvr.mrsp.synthetic import PAD, random_response, synthetic_prompt, synthetic
 CHECK_FRAMES = (6, 4, 2)
 
 
-def _videos() -> list:
-    return [synthetic_video(f, seed=i) for i, f in enumerate(CHECK_FRAMES)]
+@dataclass
+class Case:
+    """One video prompt to check: its patch rows, grid, prompt ids/types and timing."""
+
+    pixels: torch.Tensor  # [t*h*w, C*T_patch*p*p]
+    grid: torch.Tensor  # [3]
+    ids: torch.Tensor  # [P]
+    types: torch.Tensor  # [P]
+    secs: float | None
+    key: str
 
 
-def _prompts(model: torch.nn.Module, embeds: list[torch.Tensor]) -> list[PromptInput]:
+def _synthetic_cases() -> list[Case]:
+    """Random patch rows and random text around one video block (Qwen2.5-VL layout)."""
     out = []
-    for i, (v, e) in enumerate(zip(_videos(), embeds, strict=True)):
+    for i, frames in enumerate(CHECK_FRAMES):
+        v = synthetic_video(frames, seed=i)
         ids, types = synthetic_prompt(v.grid_thw, n_before=3 + i, seed=i)
-        out.append(PromptInput(ids, types, v.grid_thw, 0.5 + i, e, key=v.video_id))
+        out.append(Case(v.pixel_values_videos, v.grid_thw, ids, types, 0.5 + i, v.video_id))
     return out
+
+
+def _family_cases(processor: object) -> list[Case]:
+    """Real prompts of a family: the model's own chat template and processor over random frames
+    (Qwen3-VL / Qwen3.5: one placeholder run per temporal patch between timestamp texts)."""
+    out = []
+    for i, frames in enumerate(CHECK_FRAMES):
+        pixels = np.random.default_rng(i).integers(0, 256, (frames, 112, 112, 3), dtype=np.uint8)
+        s = build_sample(processor, f"Question {i}?", ["red", "blue"], frames=pixels, fps=2.0 + i)
+        secs = s.get("second_per_grid_ts")
+        out.append(Case(
+            s["pixel_values_videos"], s["video_grid_thw"][0], s["input_ids"][0],
+            s["mm_token_type_ids"][0], None if secs is None else float(secs[0]), f"video-{i}",
+        ))  # fmt: skip
+    return out
+
+
+def _prompts(cases: Sequence[Case], embeds: Sequence[VideoEmbeds]) -> list[PromptInput]:
+    return [
+        PromptInput(c.ids, c.types, c.grid, c.secs, e, key=c.key)
+        for c, e in zip(cases, embeds, strict=True)
+    ]
 
 
 def _rows(prompts: list[PromptInput]) -> tuple[list[PromptInput], list[torch.Tensor]]:
@@ -59,30 +102,37 @@ def _policy_loss(out: PrefillOutput) -> torch.Tensor:
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def _encode_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
-    visual = model.model.visual
+def _embeds_diff(a: VideoEmbeds, b: VideoEmbeds) -> float:
+    parts = [_max_diff(a.tokens, b.tokens)]
+    parts += [_max_diff(x, y) for x, y in zip(a.deepstack, b.deepstack, strict=True)]
+    return max(parts) + float(len(a.deepstack) != len(b.deepstack))
+
+
+def _encode_checks(
+    model: torch.nn.Module, cases: Sequence[Case], group: dist.ProcessGroup
+) -> dict[str, float]:
     res: dict[str, float] = {}
     cache = EmbeddingCache(model, group)
-    for v in _videos():
+    for c in cases:
         with torch.no_grad():
-            ref = encode_video(visual, v.pixel_values_videos, v.grid_thw)
-        key = VideoKey(v.video_id, tuple(range(int(v.grid_thw[0]) * 2)), (112, 112))
+            ref = encode_video(model, c.pixels, c.grid)
+        key = VideoKey(c.key, tuple(range(int(c.grid[0]) * 2)), (112, 112))
         for _ in range(3):  # rollouts + old/ref/policy prefills ask again: served from the cache
-            got = cache.get(key, v.pixel_values_videos, v.grid_thw)
-        res[f"encode_t{int(v.grid_thw[0])}"] = _max_diff(got, ref)
+            got = cache.get(key, c.pixels, c.grid)
+        res[f"encode_t{int(c.grid[0])}"] = _embeds_diff(got, ref)
     res["encode_count"] = float(cache.encodes)
     return res
 
 
-def _prefill_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
+def _prefill_checks(
+    model: torch.nn.Module, cases: Sequence[Case], group: dist.ProcessGroup
+) -> dict[str, float]:
     with torch.no_grad():
-        embeds = [
-            encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw) for v in _videos()
-        ]
-    rows, resps = _rows(_prompts(model, embeds))
+        embeds = [encode_video(model, c.pixels, c.grid) for c in cases]
+    rows, resps = _rows(_prompts(cases, embeds))
     batch = pack_batch(model, rows, resps, PAD)
     res: dict[str, float] = {}
     with torch.no_grad():
@@ -105,22 +155,24 @@ def _pad_cols(x: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], r - x.shape[1])], 1) if x.shape[1] < r else x
 
 
-def _grads(model: torch.nn.Module, group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+def _grads(
+    model: torch.nn.Module, cases: Sequence[Case], group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
     """Gradients of the policy loss w.r.t. all parameters, vision tower trained (SP encode too)."""
     model.zero_grad(set_to_none=True)
-    embeds = [
-        encode_video_sp(model.model.visual, v.pixel_values_videos, v.grid_thw, group)
-        for v in _videos()
-    ]
-    rows, resps = _rows(_prompts(model, embeds))
+    embeds = [encode_video_sp(model, c.pixels, c.grid, group) for c in cases]
+    rows, resps = _rows(_prompts(cases, embeds))
     _policy_loss(sp_prefill_logprobs(model, pack_batch(model, rows, resps, PAD), group)).backward()
     sync_sp_grads(model.parameters(), group)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _grad_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
-    one, two = _grads(model, None), _grads(model, group)
-    lm = [n for n in one if ".visual." not in n and not n.startswith("model.visual")]
+def _grad_checks(
+    model: torch.nn.Module, cases: Sequence[Case], group: dist.ProcessGroup
+) -> dict[str, float]:
+    one, two = _grads(model, cases, None), _grads(model, cases, group)
+    fam = family.family_of(model)
+    lm = [n for n in one if not family.is_vision_param(fam, n)]
     vis = [n for n in one if n not in lm]
     return {
         "grad_names_match": float(set(one) != set(two)),
@@ -131,50 +183,66 @@ def _grad_checks(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, 
     }
 
 
-def run_sp_checks(group: dist.ProcessGroup | None = None) -> dict[str, float]:
+def _model_checks(
+    model: torch.nn.Module, cases: Sequence[Case], group: dist.ProcessGroup
+) -> dict[str, float]:
+    return {**_prefill_checks(model, cases, group), **_grad_checks(model, cases, group)}
+
+
+def run_sp_checks(
+    group: dist.ProcessGroup | None = None, families: Sequence[str] = ()
+) -> dict[str, float]:
     """Run every check on the current process group (all ranks must call it).
 
     Args:
         group: The SP group (default: the world).
+        families: Also check the tiny model of each of these families (`lvr.models.tiny`) on
+            real prompts from its processor: keys `<family>/...`.
 
     Returns:
         Check name -> max abs difference (or a count / norm for the `encode_count`, `*_norm` keys).
     """
     group = group if group is not None else dist.group.WORLD
     res: dict[str, float] = {}
+    synthetic = _synthetic_cases()
     for heads, kv in ((2, 1), (4, 2)):
         model = tiny_model(seed=0, heads=heads, kv_heads=kv, hidden=64 * heads)
-        tag = f"h{heads}kv{kv}"
-        for name, value in {**_prefill_checks(model, group), **_grad_checks(model, group)}.items():
-            res[f"{tag}/{name}"] = value
-    res.update(_encode_checks(tiny_model(seed=0), group))
+        for name, value in _model_checks(model, synthetic, group).items():
+            res[f"h{heads}kv{kv}/{name}"] = value
+    res.update(_encode_checks(tiny_model(seed=0), synthetic, group))
+    for name in families:
+        model, processor = tiny_vlm(name, seed=0)
+        cases = _family_cases(processor)
+        checks = {**_model_checks(model, cases, group), **_encode_checks(model, cases, group)}
+        res.update({f"{name}/{k}": v for k, v in checks.items()})
     res["world"] = float(dist.get_world_size(group))
     return res
 
 
-def _worker(rank: int, world: int, init_file: str, out_path: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_path: str, families: Sequence[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        res = run_sp_checks()
+        res = run_sp_checks(families=families)
         if rank == 0:
             Path(out_path).write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
 
 
-def spawn_sp_checks(world: int = 2) -> dict[str, float]:
+def spawn_sp_checks(world: int = 2, families: Sequence[str] = ()) -> dict[str, float]:
     """Start `world` gloo processes on this machine, run the checks, return rank 0's results."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), out), nprocs=world, join=True)
+        args = (world, os.path.join(tmp, "init"), out, tuple(families))
+        mp.spawn(_worker, args=args, nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
 
 def main() -> None:
     """torchrun entry point: run the checks on the launched world, print the dict on rank 0."""
     dist.init_process_group("gloo")  # the tiny check models run on CPU
-    res = run_sp_checks()
+    res = run_sp_checks(families=TINY_FAMILIES)
     if dist.get_rank() == 0:
         print(json.dumps(res, indent=1))
     dist.destroy_process_group()

@@ -179,5 +179,5 @@ def model_prompt(
     special = (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id)
     ids, types = synthetic_prompt(v.grid_thw, vocab=cfg.text_config.vocab_size, special=special)
     with torch.no_grad():
-        emb = encode_video(model.model.visual, v.pixel_values_videos, v.grid_thw)
+        emb = encode_video(model, v.pixel_values_videos, v.grid_thw)
     return PromptInput(ids, types, v.grid_thw, 1.0, emb, key=v.video_id)

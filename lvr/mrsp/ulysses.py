@@ -96,7 +96,7 @@ class StridedLayout:
         return x.reshape(self.sp, *shape[:seq_dim], self.local, *shape[seq_dim + 1 :])
 
 
-def _heads_to_seq(x: torch.Tensor, layout: StridedLayout, group: dist.ProcessGroup) -> torch.Tensor:
+def heads_to_seq(x: torch.Tensor, layout: StridedLayout, group: dist.ProcessGroup) -> torch.Tensor:
     """[B, h, Lp/sp, d] (all heads, local tokens) -> [B, h/sp, Lp, d] (some heads, all tokens)."""
     b, h, n, d = x.shape
     x = x.reshape(b, layout.sp, h // layout.sp, n, d).transpose(0, 1)  # [sp, B, h/sp, n, d]
@@ -104,7 +104,7 @@ def _heads_to_seq(x: torch.Tensor, layout: StridedLayout, group: dist.ProcessGro
     return layout.to_global(y, seq_dim=2)  # [B, h/sp, Lp, d]
 
 
-def _seq_to_heads(o: torch.Tensor, layout: StridedLayout, group: dist.ProcessGroup) -> torch.Tensor:
+def seq_to_heads(o: torch.Tensor, layout: StridedLayout, group: dist.ProcessGroup) -> torch.Tensor:
     """[B, h/sp, Lp, d] -> [B, Lp/sp, h, d] (the layout attention functions return)."""
     y = layout.to_blocks(o, seq_dim=2)  # [sp(dest rank), B, h/sp, n, d]
     x = all_to_all(y, group)  # [sp(head chunk), B, h/sp, n, d]
@@ -186,9 +186,9 @@ def ulysses_attention(
     if n_kv % sp:
         # Fewer KV heads than ranks: give every query head its own KV copy before the exchange.
         key, value = _repeat_heads(key, n_heads // n_kv), _repeat_heads(value, n_heads // n_kv)
-    q, k, v = (_heads_to_seq(t, sp_layout, sp_group) for t in (query, key, value))
+    q, k, v = (heads_to_seq(t, sp_layout, sp_group) for t in (query, key, value))
     out = _causal_attention(q, k, v, scale)  # [B, H/sp, Lp, d]
-    return _seq_to_heads(out, sp_layout, sp_group), None
+    return seq_to_heads(out, sp_layout, sp_group), None
 
 
 AttentionInterface.register(ATTN_NAME, ulysses_attention)

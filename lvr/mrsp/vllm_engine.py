@@ -5,7 +5,9 @@ Same interface as `HFRolloutEngine`. Cached video embeddings go in as precompute
 never runs the vision tower; vLLM computes the M-RoPE positions from `video_grid_thw` itself (and
 `second_per_grid_ts`). Our prompts arrive with the `<|video_pad|>` run already expanded; vLLM expands
 the placeholder from the grid, so the run is collapsed back to one token before sending.
-Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`).
+Log-probs are vLLM's default raw log-probs of the sampled tokens (`logprobs=0`). The vision
+placeholder tokens are banned from sampling (`bad_words`: each is one token, so always banned),
+as `HFRolloutEngine` suppresses them.
 
 Weights are reloaded in place after each optimizer step with the workers' `reload_weights` through
 `collective_rpc`: the tensors travel as one `torch.save` blob and a small function unpacks them in
@@ -22,15 +24,19 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lvr.models import family
 from lvr.mrsp.batch import VIDEO_TYPE, PromptInput, check_prompt
 from lvr.mrsp.comm import MrspError
 from lvr.mrsp.rollout import Rollouts
+
+TIME_TEXT = re.compile(r"<(\d+\.\d) seconds>$")
 
 
 def collapse_video_run(p: PromptInput) -> list[int]:
@@ -42,6 +48,43 @@ def collapse_video_run(p: PromptInput) -> list[int]:
             continue
         out.append(tok)
     return out
+
+
+def _runs(types: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of every run of video-typed positions."""
+    starts = [i for i, t in enumerate(types) if t == VIDEO_TYPE and (i == 0 or types[i - 1] != t)]
+    return [(s, next((j for j in range(s, len(types)) if types[j] != VIDEO_TYPE), len(types)))
+            for s in starts]  # fmt: skip
+
+
+def collapse_timed_video(p: PromptInput, tokenizer: Any) -> tuple[list[int], list[float]]:
+    """A timestamp-text prompt (Qwen3-VL, Qwen3.5) as vLLM takes it with precomputed embeddings.
+
+    Our prompt holds, per temporal patch, `<t seconds><|vision_start|><|video_pad|>*n
+    <|vision_end|>`; vLLM rebuilds exactly that from ONE bare `<|video_pad|>` and the patch times
+    (`timestamps`). The times are read back from the prompt's own text, and the token ids of each
+    time text are checked, so the prompt vLLM rebuilds is ours token for token.
+
+    Returns:
+        (prompt ids with the video span collapsed to one `<|video_pad|>`, time of every patch).
+
+    Raises:
+        MrspError: A video span that is not the processor's timestamp layout.
+    """
+    ids, types = p.input_ids.tolist(), p.mm_token_type_ids.tolist()
+    runs = _runs(types)
+    times, begin = [], None
+    for k, (start, _) in enumerate(runs):
+        lo = runs[k - 1][1] + 1 if k else max(0, start - 1 - 16)  # after the previous vision_end
+        text = tokenizer.decode(ids[lo : start - 1])
+        found = TIME_TEXT.search(text)
+        encoded = tokenizer.encode(found.group(0), add_special_tokens=False) if found else []
+        if not found or ids[start - 1 - len(encoded) : start - 1] != encoded:
+            raise MrspError(f"prompt {p.key!r}: no `<t seconds>` text before video patch {k}")
+        times.append(float(found.group(1)))
+        begin = start - 1 - len(encoded) if k == 0 else begin
+    end = runs[-1][1] + 1  # past the last vision_end
+    return ids[:begin] + [ids[runs[0][0]]] + ids[end:], times
 
 
 class VLLMRolloutEngine:
@@ -64,8 +107,13 @@ class VLLMRolloutEngine:
             **llm_kwargs: Passed to `vllm.LLM` (dtype, gpu_memory_utilization, max_model_len...).
 
         Raises:
-            MrspError: When vLLM is not installed in this environment.
+            MrspError: When vLLM is not installed in this environment, or the model's family is
+                one vLLM cannot serve here (`Family.vllm_refusal`).
         """
+        try:
+            family.check_vllm_family(model_path)
+        except family.FamilyError as exc:
+            raise MrspError(f"rollout.engine=vllm: {exc}; use rollout.engine=hf") from None
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         try:
             from vllm import LLM
@@ -79,15 +127,26 @@ class VLLMRolloutEngine:
         self.llm = LLM(model=str(model_path), **kwargs)
         self.video_token_id = video_token_id
         self.stop_token_ids = [int(i) for i in stop_token_ids]
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.family = family.family_of(hf_config)
+        tok = self.llm.get_tokenizer()  # vision placeholders: never sampled
+        self.bad_words = [tok.convert_ids_to_tokens(i) for i in family.placeholder_ids(hf_config)]
 
     def _request(self, p: PromptInput) -> dict[str, Any]:
         check_prompt(p, self.video_token_id)
+        # vLLM takes DeepStack features side by side with the tokens: [N, (1 + k) * D].
         video = {
-            "video_embeds": p.video_embeds.detach().cpu(),
+            "video_embeds": p.video_embeds.detach().packed().cpu(),
             "video_grid_thw": p.video_grid_thw.reshape(1, 3).cpu(),
-            "second_per_grid_ts": torch.tensor([float(p.second_per_grid_ts)]),
         }
-        return {"prompt_token_ids": collapse_video_run(p), "multi_modal_data": {"video": video}}
+        if p.second_per_grid_ts is not None:
+            video["second_per_grid_ts"] = torch.tensor([float(p.second_per_grid_ts)])
+        if self.family.frame_times == "timestamp_text":
+            ids, times = collapse_timed_video(p, self.llm.get_tokenizer())
+            video["timestamps"] = torch.tensor([times])  # [1 video, t patches]
+        else:
+            ids = collapse_video_run(p)
+        return {"prompt_token_ids": ids, "multi_modal_data": {"video": video}}
 
     def generate(
         self,
@@ -110,6 +169,7 @@ class VLLMRolloutEngine:
                 seed=seed + i,
                 logprobs=0,
                 stop_token_ids=self.stop_token_ids or None,
+                bad_words=self.bad_words or None,
             )
             for i in range(len(prompts))
         ]
@@ -143,7 +203,7 @@ class VLLMRolloutEngine:
         weights = [
             (k, v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).cpu())
             for k, v in state.items()
-            if ".visual." not in f".{k}"
+            if not family.is_vision_param(self.family, k)
         ]
         buf = io.BytesIO()
         torch.save(weights, buf)  # bytes cross vLLM's RPC intact (see the module docstring)

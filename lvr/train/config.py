@@ -21,8 +21,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class ModelSection:
     """Which model, and what of it trains."""
 
-    # "tiny" builds lvr's tiny Qwen2.5-VL in <run>/models/; "sft" = the latest checkpoint of
-    # <run>/sft/; else a hub id or an HF folder (e.g. runs/exp1/sft/checkpoint-000500).
+    # "tiny" builds lvr's tiny Qwen2.5-VL in <run>/models/, "tiny:<family>" another family's
+    # (tiny:qwen3_vl, tiny:qwen3_5, ...); "sft" = the latest checkpoint of <run>/sft/; else a hub
+    # id or an HF folder (e.g. runs/exp1/sft/checkpoint-000500).
     path: str = "tiny"
     train_vision: bool = False  # the vision tower (ViT blocks); RL keeps it frozen
     train_projector: bool = True  # the vision-language merger; RL keeps it frozen

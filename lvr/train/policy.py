@@ -1,7 +1,8 @@
 """The policy both recipes train: where it comes from, what of it trains, and its optimizer.
 
-- `resolve_model_path`: `model.path` -> a folder or hub id ("tiny" builds lvr's tiny VLM in the
-  run, "sft" is the run's latest SFT checkpoint).
+- `resolve_model_path`: `model.path` -> a folder or hub id ("tiny" builds lvr's tiny Qwen2.5-VL in
+  the run, "tiny:<family>" the tiny model of another family, e.g. "tiny:qwen3_vl"; "sft" is the
+  run's latest SFT checkpoint).
 - `load_policy`: the VLM and its processor in the recipe's master dtype.
 - `set_trainable`: freeze or train the vision tower and projector, LoRA or full language model.
 - `make_optimizer`: AdamW over the trainable parameters and the warm-up + decay schedule.
@@ -15,33 +16,41 @@ from typing import Any
 import torch
 
 from lvr.layout import RunLayout
+from lvr.models import family
+from lvr.models.family import QWEN2_5_VL, Family
 from lvr.models.loading import load_vlm
-from lvr.models.tiny import build_tiny_vlm
+from lvr.models.tiny import DEFAULT_FAMILY, TINY_FAMILIES, build_tiny_vlm
 from lvr.train.checkpoint import latest_checkpoint
 from lvr.train.common import DistInfo, TrainError, barrier, build_scheduler
 from lvr.train.config import ModelSection, OptimSection
 
 
-def is_vision(name: str) -> bool:
-    """A parameter of the vision tower or projector (Qwen-VL names: `visual.` / `.visual.`)."""
-    return ".visual." in name or name.startswith("visual.")
+def is_vision(name: str, fam: Family = QWEN2_5_VL) -> bool:
+    """A parameter of the vision tower or projector (where the model's family keeps them)."""
+    return family.is_vision_param(fam, name)
 
 
-def is_projector(name: str) -> bool:
-    """A parameter of the vision-language merger."""
-    return ".visual.merger." in name or name.startswith("visual.merger.")
+def is_projector(name: str, fam: Family = QWEN2_5_VL) -> bool:
+    """A parameter of the vision-to-language projectors (Qwen3-VL: also the DeepStack mergers)."""
+    return family.is_projector_param(fam, name)
 
 
 def resolve_model_path(path: str, layout: RunLayout, info: DistInfo) -> str | Path:
-    """The folder or hub id `model.path` names; "tiny" is built once, on rank 0.
+    """The folder or hub id `model.path` names; "tiny[:family]" is built once, on rank 0.
 
     Raises:
         TrainError: `model.path=sft` but the run has no finished SFT checkpoint.
     """
-    if path == "tiny":
-        folder = layout.tiny_model()
+    if path == "tiny" or path.startswith("tiny:"):
+        name = path.partition(":")[2] or DEFAULT_FAMILY
+        if name not in TINY_FAMILIES:
+            raise TrainError(
+                f"model.path={path}: no tiny model of {name!r}; use tiny:<family> with one of "
+                f"{', '.join(TINY_FAMILIES)}"
+            )
+        folder = layout.tiny_model(name)
         if info.is_main:
-            build_tiny_vlm(folder)
+            build_tiny_vlm(folder, family=name)
         barrier(info)
         return folder
     if path == "sft":
@@ -73,12 +82,14 @@ def set_trainable(model: torch.nn.Module, section: ModelSection) -> torch.nn.Mod
     """Freeze or train the vision tower and projector; wrap the language model with LoRA.
 
     With LoRA the base language model is frozen and only the adapters train (PEFT); the vision
-    choices are applied again after wrapping, because PEFT freezes everything else.
+    choices are applied again after wrapping, because PEFT freezes everything else. Which
+    parameters are vision, projector and decoder is the model family's answer.
     """
+    fam = family.family_of(model)
     for name, p in model.named_parameters():
-        if is_projector(name):
+        if is_projector(name, fam):
             p.requires_grad_(section.train_projector)
-        elif is_vision(name):
+        elif is_vision(name, fam):
             p.requires_grad_(section.train_vision)
         else:
             p.requires_grad_(not section.lora)
@@ -86,16 +97,15 @@ def set_trainable(model: torch.nn.Module, section: ModelSection) -> torch.nn.Mod
         from peft import LoraConfig, get_peft_model
 
         # Only the language model's linear layers: the regex keeps LoRA out of the ViT.
-        targets = "|".join(section.lora_targets)
         lora = LoraConfig(
             r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
-            target_modules=rf".*language_model.*\.({targets})",
+            target_modules=family.lora_target_regex(fam, section.lora_targets),
         )  # fmt: skip
         model = get_peft_model(model, lora)
         for name, p in model.named_parameters():
-            if is_projector(name):
+            if is_projector(name, fam):
                 p.requires_grad_(section.train_projector)
-            elif is_vision(name) and "lora_" not in name:
+            elif is_vision(name, fam) and "lora_" not in name:
                 p.requires_grad_(section.train_vision)
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

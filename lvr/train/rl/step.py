@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lvr.artifacts import content_id
-from lvr.mrsp.batch import PromptInput, pack_batch
+from lvr.mrsp.batch import PromptInput, pack_batch, prompt_from_sample
 from lvr.mrsp.comm import sp_rank, sp_size, sync_sp_grads
 from lvr.mrsp.encode import VideoKey
 from lvr.mrsp.engines import needs_sync, sync_weights
@@ -210,11 +210,10 @@ def encode(run: RLRun, sample: LoadedSample) -> Prompt:
     grid_on_device = grid.to(run.info.device)
     key = VideoKey(content_id(sample.row.video_path), tuple(sample.frame_indices),
                    tuple(sample.frame_shape))  # fmt: skip
-    embeds = run.cache.get(key, pixels, grid_on_device)  # [N_video_tokens, D], once per step
-    prompt = PromptInput(
-        inputs["input_ids"][0], inputs["mm_token_type_ids"][0], grid,
-        float(inputs["second_per_grid_ts"][0]), embeds, key=sample.row.qa_id,
-    )  # fmt: skip
+    embeds = run.cache.get(
+        key, pixels, grid_on_device
+    )  # [N_video_tokens, D] (+ DeepStack), once per step
+    prompt = prompt_from_sample(inputs, embeds, key=sample.row.qa_id)
     return Prompt(sample.row, prompt, pixels, key)
 
 

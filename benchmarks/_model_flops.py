@@ -1,0 +1,144 @@
+"""How much a video token costs in the vision tower vs the decoder of the real models, by FLOPs.
+
+Used by `benchmarks/mrsp_reuse.py` to give its tiny models the proportions of real ones. Parameter
+counts come from the real configurations instantiated on the `meta` device (no memory, no
+download); FLOPs per token are 2 x the parameters a token goes through (the matmuls), plus
+attention: 2 x context x attention width per layer for the decoder (causal: half the context on
+average, QK and AV), and the same over the attended patches for the vision tower.
+
+Sizes are those of the published `config.json` files (Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B- and
+3B-Instruct, Qwen3-VL-8B-Instruct, Qwen3-VL-30B-A3B-Instruct), written here from the model cards;
+for Qwen3.5, transformers' own default `Qwen3_5Config` (its docstring names Qwen/Qwen3.5-27B; its
+sizes were not checked against the hub).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    Qwen3_5Config,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
+)
+
+_QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064}  # fmt: skip
+_QWEN25_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                  "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}  # fmt: skip
+_QWEN3_VISION = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                 "patch_size": 16, "deepstack_visual_indexes": [8, 16, 24]}  # fmt: skip
+
+
+def real_configs() -> dict[str, tuple[str, Any]]:
+    """family -> (checkpoint name, its config)."""
+    return {
+        "qwen2_vl": (
+            "Qwen2-VL-7B-Instruct",
+            Qwen2VLConfig(
+                text_config=_QWEN2_7B,
+                vision_config={
+                    "depth": 32,
+                    "embed_dim": 1280,
+                    "hidden_size": 3584,
+                    "num_heads": 16,
+                    "mlp_ratio": 4,
+                    "patch_size": 14,
+                },
+            ),
+        ),  # fmt: skip
+        "qwen2_5_vl": (
+            "Qwen2.5-VL-7B-Instruct",
+            Qwen2_5_VLConfig(
+                text_config=_QWEN2_7B,
+                vision_config={**_QWEN25_VISION, "out_hidden_size": 3584},
+            ),
+        ),  # fmt: skip
+        "qwen2_5_vl_3b": (
+            "Qwen2.5-VL-3B-Instruct",
+            Qwen2_5_VLConfig(
+                text_config={
+                    "hidden_size": 2048,
+                    "intermediate_size": 11008,
+                    "num_hidden_layers": 36,
+                    "num_attention_heads": 16,
+                    "num_key_value_heads": 2,
+                },
+                vision_config={**_QWEN25_VISION, "out_hidden_size": 2048},
+            ),
+        ),  # fmt: skip
+        "qwen3_vl": (
+            "Qwen3-VL-8B-Instruct",
+            Qwen3VLConfig(
+                text_config={
+                    "hidden_size": 4096,
+                    "intermediate_size": 12288,
+                    "num_hidden_layers": 36,
+                    "num_attention_heads": 32,
+                    "num_key_value_heads": 8,
+                    "head_dim": 128,
+                },
+                vision_config={**_QWEN3_VISION, "out_hidden_size": 4096},
+            ),
+        ),  # fmt: skip
+        "qwen3_vl_moe": (
+            "Qwen3-VL-30B-A3B-Instruct",
+            Qwen3VLMoeConfig(
+                text_config={
+                    "hidden_size": 2048,
+                    "num_hidden_layers": 48,
+                    "num_attention_heads": 32,
+                    "num_key_value_heads": 4,
+                    "head_dim": 128,
+                    "num_experts": 128,
+                    "num_experts_per_tok": 8,
+                    "moe_intermediate_size": 768,
+                },
+                vision_config={**_QWEN3_VISION, "out_hidden_size": 2048},
+            ),
+        ),  # fmt: skip
+        "qwen3_5": ("transformers' default Qwen3_5Config", Qwen3_5Config()),
+    }
+
+
+def _params(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if not any(s in n for s in skip))
+
+
+def per_token_flops(config: Any, frame_px: int = 224, context: int = 4096) -> dict[str, float]:
+    """Forward FLOPs per merged video token in the vision tower and per token in the decoder.
+
+    Args:
+        config: A full VLM config.
+        frame_px: Frame side in pixels (224: 64 tokens per temporal patch for Qwen2.5-VL).
+        context: Decoder context length the token attends within (prompt + video).
+
+    Returns:
+        {"vision": FLOPs per merged token, "decoder": FLOPs per decoder token, "ratio": their
+        quotient, "vision_params", "decoder_active_params"}.
+    """
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    visual, lm = model.model.visual, model.model.language_model
+    vc, tc = config.vision_config, config.text_config
+    merge = vc.spatial_merge_size**2
+    width = getattr(vc, "embed_dim", None) or vc.hidden_size
+    patches = (frame_px // vc.patch_size) ** 2  # attended per temporal patch (full attention)
+    vision = 2 * _params(visual) * merge + 2 * vc.depth * patches * width * merge
+    experts = _params(lm, ("embed_tokens",))
+    active = experts
+    if getattr(tc, "num_experts", None):  # a token runs top-k of the experts
+        expert = _params(lm, ("embed_tokens", "self_attn", "norm", "gate.weight", "router"))
+        active = experts - expert + expert * tc.num_experts_per_tok / tc.num_experts
+    kinds = getattr(tc, "layer_types", None) or ["full_attention"] * tc.num_hidden_layers
+    heads_dim = tc.num_attention_heads * (
+        getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    )
+    attention = 2 * context * heads_dim * sum(k == "full_attention" for k in kinds)
+    decoder = 2 * active + attention
+    return {"vision": float(vision), "decoder": float(decoder), "ratio": vision / decoder,
+            "vision_params": float(_params(visual)), "decoder_active_params": float(active)}  # fmt: skip
