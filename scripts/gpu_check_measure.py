@@ -17,6 +17,7 @@ import gpu_check_models as gm
 import gpu_check_steps as gs
 import torch
 
+from lvr.models.family import VideoEmbeds
 from lvr.mrsp import EmbeddingCache, VideoKey, pack_batch, sp_prefill_logprobs
 
 GIB = gs.GIB
@@ -114,18 +115,15 @@ def model_dtype(device: torch.device) -> torch.dtype:
 
 
 def encode(models: Models, plan: Plan, name: str) -> dict[str, Any]:
-    """Vision-tower seconds and visual tokens per frame count (lvr's `EmbeddingCache` for
-    Qwen2.5-VL; transformers' own `get_video_features` for Qwen3-VL, which lvr.mrsp lacks yet)."""
+    """Vision-tower seconds and visual tokens per frame count, through lvr's `EmbeddingCache`
+    (the family's own `get_video_features`; Qwen3-VL's DeepStack features included)."""
     dev, arch = models.device, models.arch(name)
     model = models.get(name, model_dtype(dev))
     size = fit_size(arch, plan.encode_size)
 
-    def run(pixels: torch.Tensor, grid: torch.Tensor, frames: int) -> torch.Tensor:
-        if arch["family"] == "qwen3_vl":
-            with torch.no_grad():
-                return gm.inner(model).get_video_features(pixels, grid[None]).pooler_output[0]
+    def run(pixels: torch.Tensor, grid: torch.Tensor, frames: int) -> VideoEmbeds:
         key = VideoKey("gpu-check", tuple(range(frames)), (size, size))
-        return EmbeddingCache(model).get(key, pixels, grid)  # [N_video_tokens, D]
+        return EmbeddingCache(model).get(key, pixels, grid)  # tokens [N_video_tokens, D]
 
     run(*gm.video_pixels(arch, 4, size, dev, model.dtype), 4)  # warm-up
     rows = []
@@ -137,7 +135,7 @@ def encode(models: Models, plan: Plan, name: str) -> dict[str, Any]:
             emb = run(pixels, grid, frames)
         flops = gm.vision_flops(model, arch, tuple(int(x) for x in grid))
         rows.append({"frames": frames, "size": size, "grid_thw": grid.tolist(),
-                     "patches": int(grid.prod()), "visual_tokens": int(emb.shape[0]),
+                     "patches": int(grid.prod()), "visual_tokens": emb.rows,
                      "expected_tokens": gm.video_tokens(arch, frames, size),
                      "seconds": round(t["s"], 4), "tflops": round(flops / t["s"] / 1e12, 2),
                      "peak_gib": gs.peak_gib(dev)})  # fmt: skip

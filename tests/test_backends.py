@@ -497,7 +497,8 @@ def test_doctests() -> None:
     import doctest
 
     from lvr import secrets
-    from lvr.testing import fake_content, json_grammar, limits, openai_backend, schema, usage
+    from lvr.backends import json_grammar, limits, openai_backend, schema, usage
+    from lvr.testing import fake_content
 
     for module in (
         json_grammar,

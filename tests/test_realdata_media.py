@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from lvr.datagen.shots import detect_shots
+from lvr.layout import RunLayout
 from lvr.media import VideoDecodeError, load_index, plan_indices, probe, sample_frames
 
 ROOT = Path(
@@ -162,8 +163,9 @@ def test_segment_stage_over_the_whole_folder(tmp_path: Path) -> None:
 
     cfg = load_config(DatagenConfig, None, [f"input.source={VIDEO}", "segment.stride_s=5"])
     run_segment(cfg, tmp_path, progress=False)
-    videos = {r["path"]: r for r in read_table(tmp_path / "segment" / "videos").to_pylist()}
-    clips = read_table(tmp_path / "segment" / "clips").to_pylist()
+    layout = RunLayout(tmp_path)
+    videos = {r["path"]: r for r in read_table(layout.videos).to_pylist()}
+    clips = read_table(layout.clips).to_pylist()
     assert {Path(p).relative_to(VIDEO).as_posix() for p in videos} >= set(CLIPS)
     for name in CLIPS:
         row, info = videos[str(VIDEO / name)], probe(VIDEO / name)

@@ -13,13 +13,15 @@ starts over). Steps live in :mod:`lvr.demo.run`:
    D yellow (``qa_raw``), and the filter keeps them with the split their folder names (``qa``).
 3. ``eval base`` -> ``sft`` -> ``eval sft`` -> ``rl`` -> ``eval rl``: a tiny Qwen2.5-VL (random
    weights, built offline) is evaluated on the held-out split untrained, after CoT-SFT on the
-   ``sft`` split (which learns the task, and the annotator's mistake), and after GRPO with
+   ``sft`` split (which learns the task, and the annotator's mistake; the vision tower stays
+   frozen), and after GRPO with
    embedding reuse on the ``rl`` split (whose reward checks the true annotations), then
    ``lvr eval report`` writes the report. SFT and RL read the run's own ``qa`` table.
 4. ``llm_qa`` (only with ``--llm``): SmolLM2-135M-Instruct (a real instruct LLM shipped on PyPI,
    loaded offline) writes questions for one video through the ``hf`` backend with JSON-schema
-   constrained decoding, in a second run folder (``<run>-llm``). Off by default: it costs about a
-   minute and a half of the demo's budget.
+   constrained decoding, in a second run folder (``<run>-llm``). Off by default: it costs about
+   45 s, and in the run measured its one question was rejected (the 135M model echoes the schema
+   and repeats letters; the rejection is a ``qa_rejected`` row with the reason).
 
 The numbers are float computations on a CPU: another machine, another thread count
 (``--set threads=1``) or another seed (``--set seed=1``) gives other, close numbers; the README
@@ -66,7 +68,7 @@ def demo(
     run: Path = typer.Option(Path("runs/demo"), "--run", "-r", help="Run folder of the demo."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
     llm: bool = typer.Option(
-        False, "--llm", help="Also let SmolLM2-135M (offline) write questions (+~1.5 min)."
+        False, "--llm", help="Also let SmolLM2-135M (offline) write questions (+~45 s)."
     ),
     sets: list[str] | None = SetOpt,
     show_config: bool = ShowOpt,

@@ -234,10 +234,10 @@ class VideoEmbeds:
         parts = packed.chunk(deepstack + 1, dim=-1)
         return cls(parts[0], tuple(parts[1:]))
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VideoEmbeds:
-        """A copy on `device` (and `dtype`)."""
+    def to(self, *args: Any, **kwargs: Any) -> VideoEmbeds:
+        """A copy moved or cast as `torch.Tensor.to(*args, **kwargs)` would (device, dtype or both)."""
         return VideoEmbeds(
-            self.tokens.to(device, dtype), tuple(d.to(device, dtype) for d in self.deepstack)
+            self.tokens.to(*args, **kwargs), tuple(d.to(*args, **kwargs) for d in self.deepstack)
         )
 
     def detach(self) -> VideoEmbeds:
