@@ -288,5 +288,5 @@ def print_summary(results: list[StepResult], run: Path) -> None:
     if not any(r.name == "llm_qa" for r in results):
         console.print(
             "lvr demo --llm also lets SmolLM2-135M-Instruct (offline) write a question "
-            "(+~45 s; at 135M its question rarely passes validation)"
+            "(+~45 s; README: what it wrote when measured)"
         )
