@@ -82,8 +82,9 @@ def test_sp2_step_matches_single_process(tmp_path: Path) -> None:
 
 
 def _run(
-    tmp_path: Path, name: str, sets: list[str], nproc: int, resume: bool = False
-) -> subprocess.CompletedProcess:
+    tmp_path: Path, name: str, sets: list[str], nproc: int, resume: bool = False,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:  # fmt: skip
     """`run_rl` in `nproc` processes (torchrun with gloo when > 1) into `tmp_path/name`."""
     (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER))
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
@@ -93,7 +94,7 @@ def _run(
         launch = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
     cmd = [*launch, str(tmp_path / "worker.py"), str(tmp_path / name), json.dumps(sets)]
     cmd += ["--resume"] if resume else []
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _dp_sets(qa: Path, reward: str) -> list[str]:
@@ -192,3 +193,46 @@ def test_dp_sp_config_errors(sets: list[str], world: int, match: str) -> None:
     with pytest.raises(LvrError, match=match):
         check_config(load_config(RLConfig, None, base + sets), world)
     check_config(load_config(RLConfig, None, base + ["sp_size=2"]), 4)  # dp 2 x sp 2 is fine
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed")  # fmt: skip
+def test_dp2_no_signal_decision_is_global(tmp_path: Path) -> None:
+    """dp 2 with one prompt per DP group: a step where one group's prompt scores flat and the
+    other's does not must update on both ranks (a rank-local skip would leave the other rank
+    alone in the gradient all-reduce), exactly as one process does; an all-flat run skips every
+    step on both ranks and leaves the weights untouched."""
+    qa = make_color_qa(tmp_path / "data", 4, 0, seed=0, size=56)
+    (tmp_path / "dp_signal_rewards.py").write_text(textwrap.dedent("""
+        def one_flat(completions, qa_id, **kwargs):
+            # q0000000 always scores 1; the others differ inside every (contiguous) group
+            return [1.0 if q == "q0000000" else float(len(c) % 3) + 0.5 * (i % 2)
+                    for i, (c, q) in enumerate(zip(completions, qa_id))]
+
+        def constant(completions, **kwargs):
+            return [1.0] * len(completions)
+    """))  # fmt: skip
+    sets = [*_dp_sets(qa, "unused"), "rollout_batch=2", "update_batch=2", "steps=4"]
+    mixed = [*sets, 'rewards=[{"fn": "dp_signal_rewards:one_flat", "weight": 1.0}]']
+    one = _run(tmp_path, "one", mixed, 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # ranks that disagreed would wait for each other in a collective: a hang, cut short here
+    two = _run(tmp_path, "two", [*mixed, "sp_size=1"], 2, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = [json.loads(x) for x in (tmp_path / "one/rl/metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two/rl/metrics.jsonl").read_text().splitlines()]
+    assert any(r["identical_groups"] == 1 for r in m1), m1  # the mixed case did occur
+    for r1, r2 in zip(m1, m2, strict=True):
+        for key in ("identical_groups", "opt_steps", "no_signal_steps", "no_signal_updates"):
+            assert r2[key] == r1[key], key
+    assert m2[-1]["opt_steps"] == 4  # every step had one informative group: every step updated
+
+    flat = _run(tmp_path, "flat", [*sets, "sp_size=1",
+                                   'rewards=[{"fn": "dp_signal_rewards:constant", "weight": 1.0}]'],
+                2, timeout=180)  # fmt: skip
+    assert flat.returncode == 0, flat.stderr[-3000:]
+    manifest = json.loads((tmp_path / "flat/rl/manifest.json").read_text())
+    assert manifest["counts"]["no_signal_steps"] == 4 and manifest["optimizer_steps"] == 0
+    w0 = load_file(tmp_path / "flat/models/tiny-vlm/model.safetensors")
+    w4 = load_file(tmp_path / "flat/rl/checkpoint-000004/model.safetensors")
+    assert all(torch.equal(w0[k], w4[k]) for k in w0)
