@@ -202,6 +202,20 @@ def test_preflight_rejects_bad_key_and_unknown_model() -> None:
         make_backend("openai", "other", base_url=server.url).run([caption_request(0)], False)
 
 
+def test_preflight_once_per_backend_not_per_run() -> None:
+    """A stage calls `run` once per shard: the endpoint check costs a round trip with nothing in
+    flight, so a backend checks once; a failed check is not remembered."""
+    with fake_server(api_key="secret") as server:
+        wrong = openai_backend(server.url, api_key="wrong")
+        for _ in range(2):
+            with pytest.raises(BackendError, match="rejected the API key"):
+                wrong.run([caption_request(0)], progress=False)
+        backend = openai_backend(server.url, api_key="secret")
+        for i in range(3):
+            assert backend.run([caption_request(i)], progress=False)[0].ok
+        assert server.model_lists == 1  # one check for three runs (refused keys end at auth)
+
+
 def test_proxy_from_the_environment_is_resolved_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from lvr.backends.http import env_proxy
 

@@ -74,7 +74,8 @@ class OpenAIOptions:
             "json_object" (JSON mode + schema in the system prompt) or "prompt" (schema in the
             system prompt only), for servers that lack structured output.
         jpeg_quality: Quality of the base64 JPEG images.
-        preflight: GET /models before the first row, to fail fast on a dead endpoint or bad key.
+        preflight: GET /models before the backend's first row (once, not per `run`), to fail fast
+            on a dead endpoint or bad key.
         check_model: In the preflight, fail when the model is not among the served models.
         unreachable_after: Stop sending after this many consecutive rows ended in connection
             failures with no success in between (0 = never).
@@ -312,6 +313,7 @@ class OpenAIBackend:
         self._url = self.opts.base_url.rstrip("/") + "/chat/completions"
         self.last_stats = RunStats()
         self._rng = random.Random(self.opts.jitter_seed)
+        self._checked = False  # the endpoint passed the preflight
 
     def run(
         self,
@@ -340,12 +342,15 @@ class OpenAIBackend:
             self.opts.base_url, self._api_key, self.opts.concurrency, self.opts.timeout_s
         )
         try:
-            if self.opts.preflight and requests:
+            # Once per backend: a stage calls `run` once per shard, and each check is a round
+            # trip during which no request is in flight (one latency per shard).
+            if self.opts.preflight and requests and not self._checked:
                 try:
                     await preflight(session, self.opts.base_url, self.model,
                                     self.opts.check_model, self.opts.timeout_s)  # fmt: skip
                 except BackendError as exc:
                     raise BackendError(self.scrub(str(exc))) from None
+                self._checked = True
             todo = iter(range(len(requests)))
             with progress_bar(f"{self.name}:{self.model}", len(requests), progress) as advance:
                 state = _Breaker(self.opts.unreachable_after)

@@ -265,6 +265,10 @@ class ShardWorker:
             # One CPU per worker: the stage must not start its own process pool on top.
             ctx = StageContext(self.target.layout, index, 1, False, self.models, parallel=False)
             self.worker = stage.open_worker(cfg, ctx)
+            # pyarrow's first Table.from_pylist imports pandas (~0.2 s): paid while the worker
+            # starts, not in its first shard, where every request slot would wait for it.
+            for table in stage.tables:
+                rows_to_table([], table)
         except Exception as exc:  # raised by `ready`, in the driver's terms
             self.failed = exc
 

@@ -125,6 +125,7 @@ class FakeOpenAIServer:
         self.port = port
         self.echo_auth = echo_auth
         self.log: list[Arrival] = []
+        self.model_lists = 0  # GET /v1/models answered (the clients' preflights)
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,6 +240,8 @@ class FakeOpenAIServer:
             return True
         path = path.split("?", 1)[0].rstrip("/")
         if method == "GET" and path == "/v1/models":
+            with self._lock:
+                self.model_lists += 1
             data = [{"id": self.model, "object": "model", "created": 0, "owned_by": "lvr"}]
             await self._send(writer, 200, json.dumps({"object": "list", "data": data}).encode())
             return True
