@@ -9,7 +9,7 @@ a running cluster). A run folder of an older lvr is refused with the one line na
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,16 +113,19 @@ def _run(
 
 
 def _stage_command(
-    stage: DatagenStage[Any], config: Path | None, sets: list[str] | None, show: bool, run: Path,
-    shard: int, num_shards: int, quiet: bool, retry: bool, executor: str, address: str | None,
-    workers: int,
-) -> None:  # fmt: skip
+    stages: Sequence[DatagenStage[Any]], config: Path | None, sets: list[str] | None, show: bool,
+    run: Path, shard: int, num_shards: int, quiet: bool, retry: bool, executor: str,
+    address: str | None, workers: int,
+) -> tuple[DatagenConfig, RunLayout] | None:  # fmt: skip
+    """Run ``stages`` in order on one executor; None when only the config was shown."""
     cfg = _config(config, sets, show)
     if cfg is None:
-        return
+        return None
     layout = check_layout(run)
     with _executor(executor, address, workers, shard, num_shards) as ex:
-        _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
+        for stage in stages:
+            _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
+    return cfg, layout
 
 
 def _filter(cfg: DatagenConfig, layout: RunLayout, pass_rates: Path | None) -> None:
@@ -141,7 +144,7 @@ def segment_cmd(
     executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Probe every input video into `videos` and cut it into `clips` (fixed stride or shots)."""
-    _stage_command(segment.STAGE, config, sets, show, run, shard, num_shards, quiet, True,
+    _stage_command([segment.STAGE], config, sets, show, run, shard, num_shards, quiet, True,
                    executor, address, workers)  # fmt: skip
 
 
@@ -152,7 +155,7 @@ def caption_cmd(
     executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Caption every clip with a VLM (openai / hf) or import annotations."""
-    _stage_command(caption.STAGE, config, sets, show, run, shard, num_shards, quiet, retry,
+    _stage_command([caption.STAGE], config, sets, show, run, shard, num_shards, quiet, retry,
                    executor, address, workers)  # fmt: skip
 
 
@@ -163,7 +166,7 @@ def qa_cmd(
     executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Write reasoning questions per video from its timestamped captions (LLM or template)."""
-    _stage_command(qa.STAGE, config, sets, show, run, shard, num_shards, quiet, retry,
+    _stage_command([qa.STAGE], config, sets, show, run, shard, num_shards, quiet, retry,
                    executor, address, workers)  # fmt: skip
 
 
@@ -208,13 +211,11 @@ def run_all(
     address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Run segment, caption, qa and filter in order (filter only when this machine holds every shard)."""
-    cfg = _config(config, sets, show)
-    if cfg is None:
+    done = _stage_command([segment.STAGE, caption.STAGE, qa.STAGE], config, sets, show, run,
+                          shard, num_shards, quiet, retry, executor, address, workers)  # fmt: skip
+    if done is None:
         return
-    layout = check_layout(run)
-    with _executor(executor, address, workers, shard, num_shards) as ex:
-        for stage in (segment.STAGE, caption.STAGE, qa.STAGE):
-            _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
+    cfg, layout = done
     if num_shards == 1:
         _filter(cfg, layout, pass_rates)
     else:
