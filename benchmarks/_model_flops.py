@@ -9,7 +9,10 @@ average, QK and AV), and the same over the attended patches for the vision tower
 Sizes are those of the published `config.json` files (Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B- and
 3B-Instruct, Qwen3-VL-8B-Instruct, Qwen3-VL-30B-A3B-Instruct), written here from the model cards;
 for Qwen3.5, transformers' own default `Qwen3_5Config` (its docstring names Qwen/Qwen3.5-27B; its
-sizes were not checked against the hub).
+sizes were not checked against the hub); for LLaVA-OneVision-7B, transformers' default SigLIP
+tower of `LlavaOnevisionConfig` (whose docstring names llava-onevision-qwen2-7b-ov-hf) with the
+Qwen2-7B decoder above. A LLaVA-OneVision frame is always 384 px (729 patches, projected, then
+pooled to 196 tokens), whatever `frame_px` says.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForImageTextToText,
+    LlavaOnevisionConfig,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
     Qwen3_5Config,
@@ -102,6 +106,11 @@ def real_configs() -> dict[str, tuple[str, Any]]:
             ),
         ),  # fmt: skip
         "qwen3_5": ("transformers' default Qwen3_5Config", Qwen3_5Config()),
+        # SigLIP-so400m at 384 px (the config's defaults) before a Qwen2-7B decoder.
+        "llava_onevision": (
+            "llava-onevision-qwen2-7b-ov-hf",
+            LlavaOnevisionConfig(text_config={**_QWEN2_7B, "model_type": "qwen2"}),
+        ),
     }
 
 
@@ -123,12 +132,21 @@ def per_token_flops(config: Any, frame_px: int = 224, context: int = 4096) -> di
     """
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    visual, lm = model.model.visual, model.model.language_model
+    lm = model.model.language_model
     vc, tc = config.vision_config, config.text_config
-    merge = vc.spatial_merge_size**2
-    width = getattr(vc, "embed_dim", None) or vc.hidden_size
-    patches = (frame_px // vc.patch_size) ** 2  # attended per temporal patch (full attention)
-    vision = 2 * _params(visual) * merge + 2 * vc.depth * patches * width * merge
+    if config.model_type == "llava_onevision":
+        visual = model.model.vision_tower
+        patches = (vc.image_size // vc.patch_size) ** 2  # 729 a frame, all projected
+        side = vc.image_size // vc.patch_size  # 27
+        pooled = ((side + 1) // 2) ** 2  # 196 tokens a frame after the 2x2 pooling (ceil)
+        tower = 2 * (_params(visual) + _params(model.model.multi_modal_projector)) * patches
+        vision = (tower + 2 * vc.num_hidden_layers * patches * patches * vc.hidden_size) / pooled
+    else:
+        visual = model.model.visual
+        merge = vc.spatial_merge_size**2
+        width = getattr(vc, "embed_dim", None) or vc.hidden_size
+        patches = (frame_px // vc.patch_size) ** 2  # attended per temporal patch (full attention)
+        vision = 2 * _params(visual) * merge + 2 * vc.depth * patches * width * merge
     experts = _params(lm, ("embed_tokens",))
     active = experts
     if getattr(tc, "num_experts", None):  # a token runs top-k of the experts

@@ -21,8 +21,9 @@ tests (a 2-block ViT of width 64 next to a 2-layer decoder of width 128) measure
 this machine from run to run, i.e. tiny ratios of 1.7-2.5x: the tiny figure sits on the knife's
 edge of 2.1x, and which kernels a CPU runs faster decides the side (1.95x on one machine, 2.1x on
 another). Encoding is then ~40-60% of the baseline step and ~2-5% of ours. Real models have
-r = 0.26-0.88 (`_model_flops.py`, 224 x 224 frames, 4K context: Qwen2.5-VL-7B 0.40, 3B 0.88,
-Qwen3-VL-8B 0.31, Qwen3-VL-30B-A3B 0.62, Qwen3.5 at transformers' default sizes 0.26), so
+r = 0.23-0.88 (`_model_flops.py`, 224 x 224 frames, 4K context: Qwen2.5-VL-7B 0.40, 3B 0.88,
+Qwen3-VL-8B 0.31, Qwen3-VL-30B-A3B 0.62, Qwen3.5 at transformers' default sizes 0.26;
+LLaVA-OneVision-7B 0.23, its 384 px frames pooled to 196 tokens), so
 "realistic" gives each family's tiny model as many decoder layers as make its measured r that of
 its real model. There encoding is ~12-30% of the baseline step and about 1% of ours, and reuse
 alone gives 1.1-1.4x at 128 frames; less with real response lengths (512-1024 tokens instead of 16
@@ -54,7 +55,7 @@ import numpy as np
 import torch
 from _model_flops import per_token_flops, real_configs
 
-from lvr.models.family import VideoEmbeds
+from lvr.models.family import VideoEmbeds, video_grid
 from lvr.models.inputs import build_sample
 from lvr.models.tiny import TINY_FAMILIES, tiny_vlm
 from lvr.mrsp.batch import PromptInput, pack_batch, prompt_from_sample
@@ -117,7 +118,7 @@ def _setup(name: str, layers: int, frames: int) -> tuple[torch.nn.Module, Any, d
 def token_cost_ratio(model: torch.nn.Module, sample: dict, pad: int) -> dict[str, float]:
     """Measured CPU cost of one video token in the tower over one decoder token (no grad; the
     faster of two runs each, so one-off first-call costs do not count)."""
-    pixels, grid = sample["pixel_values_videos"], sample["video_grid_thw"][0]
+    pixels, grid = sample["pixel_values_videos"], video_grid(sample)
     encode_s, prefill_s = float("inf"), float("inf")
     with torch.no_grad():
         for _ in range(2):
@@ -138,7 +139,7 @@ def measure(name: str, frames: int, layers: int, repeats: int) -> dict[str, Any]
     model, proc, sample = _setup(name, layers, frames)
     tok = proc.tokenizer
     eos, pad = [tok.convert_tokens_to_ids("<|im_end|>")], int(tok.pad_token_id)
-    pixels, grid = sample["pixel_values_videos"], sample["video_grid_thw"][0]
+    pixels, grid = sample["pixel_values_videos"], video_grid(sample)
     key = VideoKey("video", tuple(range(frames)), (112, 112))
 
     def fresh() -> VideoEmbeds:

@@ -51,7 +51,7 @@ def _prompt(name: str, frames: int = 6, seed: int = 0) -> tuple[Any, dict]:
     sample = build_sample(proc, "What color is the ball?", ["red", "blue"], _frames(frames, seed),
                           timestamps=times)  # fmt: skip
     with torch.no_grad():
-        emb = encode_video(model, sample["pixel_values_videos"], sample["video_grid_thw"][0])
+        emb = encode_video(model, sample["pixel_values_videos"], family.video_grid(sample))
     return prompt_from_sample(sample, emb, key=f"{name}-{seed}"), sample
 
 
@@ -68,18 +68,22 @@ def test_family_description_finds_the_parts(name: str) -> None:
     model, _ = _tiny(name)
     fam = family.family_of(model)
     assert fam.name == model.config.model_type == name
-    assert family.vision_tower(model) is model.model.visual
+    assert family.vision_tower(model) is getattr(model.model, fam.vision_module)
     assert family.language_model(model) is model.model.language_model
     cfg = model.config
-    assert family.placeholder_ids(model) == sorted(
-        {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
-    )
+    wanted = {cfg.image_token_id, cfg.video_token_id}
+    if fam.positions == "mrope":  # Qwen also bans its vision start/end markers
+        wanted |= {cfg.vision_start_token_id, cfg.vision_end_token_id}
+    assert family.placeholder_ids(model) == sorted(wanted)
     names = [n for n, _ in model.named_parameters()]
     vision = {n for n in names if family.is_vision_param(fam, n)}
-    assert vision == {n for n in names if n.startswith("model.visual.")}
     projector = {n for n in names if family.is_projector_param(fam, n)}
-    assert projector and projector < vision
+    tower = {n for n in names if n.startswith(f"model.{fam.vision_module}.")}
+    assert projector and projector < vision and vision == tower | projector
+    assert all(n.startswith("model.") and ".language_model." not in n for n in vision)
     assert any("deepstack_merger_list" in n for n in projector) == fam.deepstack
+    # What a cached embedding depends on: every vision and projector parameter, once.
+    assert len(family.vision_parameters(model)) == len(vision)
     regex = re.compile(family.lora_target_regex(fam, ["q_proj", "down_proj"]))
     matched = [n for n, _ in model.named_modules() if regex.fullmatch(n)]
     assert matched and all(".language_model." in n for n in matched)
@@ -91,19 +95,23 @@ def test_unknown_family_is_one_line() -> None:
 
 
 @pytest.mark.parametrize("name", TINY_FAMILIES)
-def test_encoding_temporal_patches_separately_is_exact(name: str) -> None:
-    # The premise of MR-SP's paralleled encoding, DeepStack features included.
+def test_encoding_units_separately_is_exact(name: str) -> None:
+    # The premise of MR-SP's paralleled encoding (units: Qwen's temporal patches, LLaVA's
+    # frames), DeepStack features included; the once-per-video trailer comes from the last run.
     model, _ = _tiny(name)
     p, sample = _prompt(name, frames=6)
-    t, h, w = sample["video_grid_thw"][0].tolist()
-    pixels = sample["pixel_values_videos"]
+    grid, pixels = family.video_grid(sample), sample["pixel_values_videos"]
+    trailer = family.family_of(model).video_trailer
     with torch.no_grad():
-        parts = [encode_video(model, pixels[i * h * w : (i + 1) * h * w], torch.tensor([1, h, w]))
-                 for i in range(t)]  # fmt: skip
-    assert torch.allclose(torch.cat([x.tokens for x in parts]), p.video_embeds.tokens, atol=TOL)
+        parts = [encode_video(model, *family.video_units(model, pixels, grid, i, 1))
+                 for i in range(int(grid[0]))]  # fmt: skip
+    keep = [x.tokens[: x.rows - trailer] for x in parts[:-1]] + [parts[-1].tokens]
+    assert torch.allclose(torch.cat(keep), p.video_embeds.tokens, atol=TOL)
     for k, whole in enumerate(p.video_embeds.deepstack):
         assert torch.allclose(torch.cat([x.deepstack[k] for x in parts]), whole, atol=TOL)
     assert len(p.video_embeds.deepstack) == (2 if name in DEEPSTACK else 0)
+    if trailer:  # the guard: every run really carries the trailer
+        assert sum(x.rows for x in parts) == p.video_embeds.rows + trailer * (len(parts) - 1)
 
 
 @pytest.mark.parametrize("name", TINY_FAMILIES)
@@ -120,8 +128,9 @@ def test_logprobs_from_cached_embeddings_equal_the_models_own_forward(name: str)
         types = torch.cat([p.mm_token_type_ids, torch.zeros_like(r)])[None]
         video = {k: s[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
                  if k in s}  # fmt: skip
+        inputs = family.model_inputs(model, {"input_ids": ids, "mm_token_type_ids": types, **video})
         with torch.no_grad():  # the model encodes the pixels itself and computes its positions
-            logits = model(input_ids=ids, mm_token_type_ids=types, **video).logits[0, :-1]
+            logits = model(**inputs).logits[0, :-1]
         logp = torch.log_softmax(logits, -1)
         ref = logp.gather(-1, ids[0, 1:, None])[-r.numel() :, 0]
         ref_ent = -(logp.exp() * logp).sum(-1)[-r.numel() :]
@@ -157,14 +166,18 @@ def test_rollout_positions_and_logprobs_equal_the_prefill(name: str) -> None:
     finally:
         hook.remove()
     batch = pack_batch(model, [p] * 3, ro.response_ids, _pad(name))
-    # Positions generate used: the (last) prompt prefill, then one column per decode step.
+    # Positions generate used: the (last) prompt prefill, then one column per decode step
+    # ([3, rows, cols] for M-RoPE, [rows, cols] for 1-D positions).
     start = max(i for i, s in enumerate(seen) if s.shape[-1] > 1)
-    used = torch.cat([s[-3:].expand(3, 3, -1) for s in seen[start:]], -1)  # [3, n, P + T - 1]
+    mrope = family.family_of(model).positions == "mrope"
+    shape = (3, 3, -1) if mrope else (3, -1)
+    used = torch.cat([(s[-3:] if mrope else s).expand(*shape) for s in seen[start:]], -1)
     assert used.shape[-1] == p.input_ids.numel() + 5
-    assert torch.equal(used, batch.position_ids[:, :, : used.shape[-1]])
+    assert torch.equal(used, batch.position_ids[..., : used.shape[-1]])
     video = p.mm_token_type_ids == 2
-    assert not torch.equal(batch.position_ids[1, 0, : video.numel()][video],
-                           batch.position_ids[2, 0, : video.numel()][video])  # 3-D  # fmt: skip
+    if mrope:
+        assert not torch.equal(batch.position_ids[1, 0, : video.numel()][video],
+                               batch.position_ids[2, 0, : video.numel()][video])  # 3-D  # fmt: skip
     with torch.no_grad():
         out = sp_prefill_logprobs(model, batch)
     for k, lp in enumerate(ro.logprobs):
@@ -202,16 +215,16 @@ def test_cache_encodes_once_and_disk_entries_carry_deepstack(name: str, tmp_path
     p, s = _prompt(name, frames=4, seed=4)
     key = VideoKey(p.key, (0, 1, 2, 3), (112, 112))
     cache = EmbeddingCache(model, cache_dir=tmp_path)
-    first = cache.get(key, s["pixel_values_videos"], s["video_grid_thw"][0])
+    grid = family.video_grid(s)
+    first = cache.get(key, s["pixel_values_videos"], grid)
     for _ in range(6):  # G rollouts + old/ref/policy prefills
-        assert cache.get(key, s["pixel_values_videos"], s["video_grid_thw"][0]) is first
-    again = EmbeddingCache(model, cache_dir=tmp_path).get(key, s["pixel_values_videos"],
-                                                          s["video_grid_thw"][0])  # fmt: skip
+        assert cache.get(key, s["pixel_values_videos"], grid) is first
+    again = EmbeddingCache(model, cache_dir=tmp_path).get(key, s["pixel_values_videos"], grid)
     assert cache.encodes == 1 and torch.equal(again.packed(), first.packed())
     assert len(again.deepstack) == len(first.deepstack)
     other, _ = tiny_vlm(name, seed=1)  # another tower never reads this model's entries
     fresh = EmbeddingCache(other, cache_dir=tmp_path)
-    fresh.get(key, s["pixel_values_videos"], s["video_grid_thw"][0])
+    fresh.get(key, s["pixel_values_videos"], grid)
     assert fresh.disk_hits == 0 and fresh.encodes == 1
 
 
@@ -223,16 +236,21 @@ def test_video_with_the_wrong_deepstack_is_refused() -> None:
         pack_batch(model, [p], [torch.arange(10, 14)], _pad("qwen3_vl"))
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_5", "llava_onevision"])
 def test_lora_and_freezing_follow_the_family(name: str) -> None:
     model, _ = tiny_vlm(name, seed=0)
+    fam = family.family_of(model)
     section = ModelSection(lora=True, train_projector=True, train_vision=False)
     wrapped = set_trainable(model, section)
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     assert any("lora_" in n and ".language_model." in n for n in trainable)
-    assert all("lora_" in n or ".visual.merger." in n or ".visual.deepstack_merger_list." in n
-               for n in trainable)  # fmt: skip
-    assert not any(".visual.blocks." in n for n in trainable)
+    projector = [n for n in trainable if "lora_" not in n]
+    assert projector and all(family.is_projector_param(fam, n) for n in projector)
+    tower = [n for n, _ in wrapped.named_parameters()
+             if family.is_vision_param(fam, n) and not family.is_projector_param(fam, n)]  # fmt: skip
+    assert tower and not set(tower) & set(trainable)
+    assert any((".merger." if fam.name != "llava_onevision" else ".image_newline") in n
+               for n in projector)  # fmt: skip
 
 
 def test_tiny_cli_writes_a_family_and_refuses_an_unknown_one(tmp_path: Path) -> None:

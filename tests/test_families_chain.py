@@ -1,9 +1,10 @@
 """Each model family through the whole chain on its tiny model: `lvr sft`, `lvr rl` (embedding
 reuse) and `lvr eval run`, from the demo's datagen run; checkpoints keep the family's model_type.
 
-The default suite runs `lvr rl` from `tiny:<family>` for the two structurally new families
-(Qwen3-VL: DeepStack; Qwen3.5: gated delta-net layers); the full CLI chain of every family is
-marked slow (about a minute each on 2 CPU cores).
+The default suite runs `lvr rl` from `tiny:<family>` for the three structurally new families
+(Qwen3-VL: DeepStack; Qwen3.5: gated delta-net layers; LLaVA-OneVision: 1-D positions, a SigLIP
+tower on whole frames); the full CLI chain of every family is marked slow (about a minute each
+on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_color_qa(tmp_path_factory.mktemp("famqa") / "data", 2, 0, seed=0, size=56)
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_5", "llava_onevision"])
 def test_rl_from_a_tiny_family_reuses_embeddings(
     qa: Path, tmp_path: Path, varied_reward: str, name: str
 ) -> None:

@@ -107,23 +107,28 @@ def test_resume_reproduces_uninterrupted_losses(qa, tmp_path, engine):
 def test_two_processes_match_one_process(qa, tmp_path):
     common = ["max_steps=3", "deepspeed=configs/deepspeed/zero2.json", "grad_accum=1"]
     run_sft(_cfg(qa, *common, "micro_batch=2"), tmp_path / "one")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["--set", f"data.qa={qa}", "--set", "progress=false", "--set", "micro_batch=1"]
-    for s in common:
-        args += ["--set", s]
-    cmd = [
-        str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "lvr.cli", "sft", "--config", str(REPO / "configs/sft/tiny_cpu.yaml"),
-        "-r", str(tmp_path / "two"), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_sft(qa, tmp_path / "two", [*common, "micro_batch=1"])
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
     manifest = json.loads((tmp_path / "two/sft/manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["engine"] == "deepspeed"
+
+
+def _torchrun_sft(qa: Path, run: Path, sets: list[str], timeout: int = 300) -> None:
+    """`lvr sft` with the tiny CPU config on 2 local processes (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["--set", f"data.qa={qa}", "--set", "progress=false"]
+    for s in sets:
+        args += ["--set", s]
+    cmd = [
+        str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "lvr.cli", "sft", "--config", str(REPO / "configs/sft/tiny_cpu.yaml"),
+        "-r", str(run), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _free_port() -> int:
@@ -188,17 +193,7 @@ def test_two_process_zero3_matches_one_process_and_exports(qa, tmp_path):
         _cfg(qa, *common, "micro_batch=2", "deepspeed=configs/deepspeed/zero2.json"),
         tmp_path / "one",
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["--set", f"data.qa={qa}", "--set", "progress=false", "--set", "micro_batch=1"]
-    for s in common:
-        args += ["--set", s]
-    cmd = [
-        str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "lvr.cli", "sft", "--config", str(REPO / "configs/sft/tiny_cpu.yaml"),
-        "-r", str(tmp_path / "two"), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_sft(qa, tmp_path / "two", [*common, "micro_batch=1"], timeout=600)
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     for step in one:
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
@@ -215,3 +210,21 @@ def test_learning_check_color_order(tmp_path):
     result = _task_module().learning_check(tmp_path)
     assert result["n_eval"] >= 40
     assert result["ours"] >= 0.8, result
+
+
+def test_two_process_ddp_trains_the_llava_onevision_tower(qa, tmp_path):
+    # LLaVA-OneVision never uses its SigLIP post-norm; were it left trainable, plain DDP would
+    # wait for its gradient and fail at the second step. One process and two must agree.
+    common = ["max_steps=2", "grad_accum=1", "model.path=tiny:llava_onevision",
+              "model.train_vision=true"]  # fmt: skip
+    run_sft(_cfg(qa, *common, "micro_batch=2"), tmp_path / "one")
+    _torchrun_sft(qa, tmp_path / "two", [*common, "micro_batch=1"])
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2]
+    assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (one, two)
+    manifest = json.loads((tmp_path / "two/sft/manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["engine"] == "ddp"
+    before = load_file(tmp_path / "two/models/tiny-llava_onevision/model.safetensors")
+    after = load_file(Path(manifest["final_checkpoint"]) / "model.safetensors")
+    tower = [k for k in before if k.startswith("vision_tower.encoder.")]
+    assert tower and all(not torch.equal(before[k], after[k]) for k in tower)

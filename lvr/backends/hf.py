@@ -177,6 +177,16 @@ class HFBackend:
         except FamilyError:
             return []
 
+    def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The processor's outputs as the model's `generate` takes them (`mm_token_type_ids` only
+        for M-RoPE families); unchanged for a family lvr does not know."""
+        from lvr.models.family import FamilyError, model_inputs
+
+        try:
+            return model_inputs(self._model, inputs)
+        except FamilyError:
+            return inputs
+
     # -- running ---------------------------------------------------------------------------------
 
     def run(
@@ -328,6 +338,8 @@ class HFBackend:
         seeds = [r.seed for r in reqs if r.seed is not None]
         if seeds:
             torch.manual_seed(seeds[0] if len(seeds) == 1 else _combine(seeds))
+        if self.is_vlm:
+            inputs = self.model_inputs(inputs)
         with torch.inference_mode():
             out = self._model.generate(**inputs, **gen)  # [B * reps, P + L]
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)

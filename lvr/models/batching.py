@@ -82,7 +82,7 @@ def collate(
 
     Raises:
         ValueError: Empty list, unknown keys, samples with different per-token keys, bad shapes,
-            bad padding side.
+            bad padding side, whole videos of different frame counts.
     """
     if not samples:
         raise ValueError("collate got no samples")
@@ -98,8 +98,20 @@ def collate(
     for key in _VISUAL_KEYS:
         parts = [s[key] for s in samples if key in s]
         if parts:
+            _check_stackable(key, parts)
             batch[key] = torch.cat(parts, dim=0)
     return batch
+
+
+def _check_stackable(key: str, parts: Sequence[torch.Tensor]) -> None:
+    """Whole videos (`[1, F, C, H, W]`, LLaVA-OneVision) stack only with equal frame counts."""
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if parts[0].ndim == 5 and len(shapes) > 1:
+        frames = sorted({s[0] for s in shapes})
+        raise ValueError(
+            f"{key}: videos of {frames} frames cannot share a batch of this model (its processor "
+            "stacks whole videos); use micro_batch 1, or frames every video has"
+        )
 
 
 def rope_index(model: Any, batch: BatchDict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +136,7 @@ def rope_index(model: Any, batch: BatchDict) -> tuple[torch.Tensor, torch.Tensor
         ValueError: An M-RoPE model and a batch without mm_token_type_ids.
     """
     mask = batch["attention_mask"]
-    if find_rope_owner(model) is None:
+    if find_rope_owner(model) is None:  # a text model, or a VLM with 1-D positions
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()  # [B, L]
         return pos, torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
     if "mm_token_type_ids" not in batch:

@@ -15,6 +15,12 @@ How frame times reach each family (`Family.frame_times`):
 - "timestamp_text" (Qwen3-VL, Qwen3.5): `<12.3 seconds>` text before every temporal patch, the
   mean time of its frames (the processor writes it from the frames' metadata).
 
+LLaVA-OneVision, the family outside Qwen, differs where a description has to be general: 1-D
+RoPE positions (no `get_rope_index`, no `mm_token_type_ids` at the model), a SigLIP tower that
+takes whole frames (`[1, F, C, H, W]`, no grid from the processor) and encodes each alone, a
+projector beside the tower rather than inside it, one learned newline row after every video, and
+frames told only by their order (like Qwen2-VL).
+
 Encoding goes through the library's own `get_video_features`, and cached embeddings go back in
 through `mm_encoder_outputs` (`encoder_outputs`), the path transformers offers every VLM.
 """
@@ -30,6 +36,8 @@ import torch
 from lvr.errors import LvrError
 
 FrameTimes = Literal["order", "grid_seconds", "timestamp_text"]
+Positions = Literal["mrope", "1d"]
+VideoInput = Literal["temporal_patches", "frames"]
 
 
 class FamilyError(LvrError, ValueError):
@@ -48,8 +56,20 @@ class Family:
             of the first decoder layers at the video positions.
         linear_attention: The decoder mixes full-attention layers with gated delta-net
             (linear attention) layers (`layer.linear_attn`).
+        positions: "mrope": the model's own `get_rope_index` over `mm_token_type_ids` and the
+            video grids gives `[3, B, L]` positions; "1d": positions count tokens (`[B, L]`), and
+            the model takes no `mm_token_type_ids`.
+        video_input: "temporal_patches": the processor gives patch rows and a `(t, h, w)` grid,
+            and the tower never lets one temporal patch see another; "frames": it gives
+            `[1, F, C, H, W]` frames, each encoded alone. Either way a video is a run of units
+            (temporal patches or frames) that can be encoded apart (MR-SP's paralleled encoding).
+        video_trailer: Rows the model adds once after a whole video's tokens (LLaVA-OneVision's
+            newline); an encoded run of units carries them too.
         vision_module: Attribute of the inner model holding the vision tower.
-        projector_modules: Vision submodules that project into the decoder's width.
+        unused_modules: Modules the model's forward never reaches (dotted paths from the inner
+            model): always frozen, so that DDP does not wait for their gradients.
+        projector_modules: Modules that project vision features into the decoder's width, as
+            dotted paths from the inner model (a parameter's own name counts too).
         language_module: Attribute of the inner model holding the decoder.
         placeholder_attrs: Config attributes naming the vision placeholder token ids.
         processor_class: The processor class the family's checkpoints ship (how the frames'
@@ -62,8 +82,12 @@ class Family:
     frame_times: FrameTimes
     deepstack: bool = False
     linear_attention: bool = False
+    positions: Positions = "mrope"
+    video_input: VideoInput = "temporal_patches"
+    video_trailer: int = 0
     vision_module: str = "visual"
-    projector_modules: tuple[str, ...] = ("merger",)
+    unused_modules: tuple[str, ...] = ()
+    projector_modules: tuple[str, ...] = ("visual.merger",)
     language_module: str = "language_model"
     placeholder_attrs: tuple[str, ...] = (
         "image_token_id",
@@ -79,11 +103,13 @@ QWEN2_VL = Family("qwen2_vl", "Qwen2-VL", "order", processor_class="Qwen2VLProce
 QWEN2_5_VL = Family("qwen2_5_vl", "Qwen2.5-VL", "grid_seconds")
 QWEN3_VL = Family(
     "qwen3_vl", "Qwen3-VL", "timestamp_text", deepstack=True,
-    projector_modules=("merger", "deepstack_merger_list"), processor_class="Qwen3VLProcessor",
+    projector_modules=("visual.merger", "visual.deepstack_merger_list"),
+    processor_class="Qwen3VLProcessor",
 )  # fmt: skip
 QWEN3_VL_MOE = Family(
     "qwen3_vl_moe", "Qwen3-VL-MoE", "timestamp_text", deepstack=True,
-    projector_modules=("merger", "deepstack_merger_list"), processor_class="Qwen3VLProcessor",
+    projector_modules=("visual.merger", "visual.deepstack_merger_list"),
+    processor_class="Qwen3VLProcessor",
     vllm_refusal="vLLM 0.32 cannot load the fused expert weights transformers 5.x saves (checked "
     "on CPU: size mismatch in the experts' down projection)",
 )  # fmt: skip
@@ -94,8 +120,19 @@ QWEN3_5 = Family(
     "and returned NaN log-probs for it; not verified on GPU",
 )  # fmt: skip
 
+LLAVA_ONEVISION = Family(
+    "llava_onevision", "LLaVA-OneVision", "order", positions="1d", video_input="frames",
+    video_trailer=1, vision_module="vision_tower",
+    unused_modules=("vision_tower.post_layernorm",),  # features come from a layer's hidden states
+    projector_modules=("multi_modal_projector", "image_newline"),
+    placeholder_attrs=("image_token_id", "video_token_id"),
+    processor_class="LlavaOnevisionProcessor",
+    vllm_refusal="lvr's vLLM engine hands cached embeddings over in the Qwen layout only; "
+    "LLaVA-OneVision rolls out with rollout.engine=hf",
+)  # fmt: skip
+
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5)
+    f.name: f for f in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5, LLAVA_ONEVISION)
 }
 
 
@@ -169,6 +206,24 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     return tower
 
 
+def vision_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Every parameter a video's embeddings depend on: the tower's (named as in the tower) and
+    those of projectors outside it (named by their path from the inner model)."""
+    fam = family_of(model)
+    out = list(vision_tower(model).named_parameters())
+    seen = {id(p) for _, p in out}
+    for path in fam.projector_modules:
+        obj: Any = inner_model(model)
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        params = [(path, obj)] if isinstance(obj, torch.nn.Parameter) else []
+        if isinstance(obj, torch.nn.Module):
+            params = [(f"{path}.{n}", p) for n, p in obj.named_parameters()]
+        out += [(n, p) for n, p in params if id(p) not in seen]
+        seen.update(id(p) for _, p in params)
+    return out
+
+
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (embeddings, layers, rotary, final norm) of the model."""
     return getattr(inner_model(model), family_of(model).language_module)
@@ -187,14 +242,21 @@ def video_token_id(model_or_config: Any) -> int:
 
 
 def is_vision_param(family: Family, name: str) -> bool:
-    """A parameter of the vision tower (projectors included), by its qualified name."""
-    return f".{family.vision_module}." in f".{name}"
+    """A parameter of the vision tower or of the projectors, by its qualified name."""
+    return f".{family.vision_module}." in f".{name}" or is_projector_param(family, name)
 
 
 def is_projector_param(family: Family, name: str) -> bool:
-    """A parameter of the vision-to-decoder projectors (Qwen: `merger`, DeepStack mergers)."""
-    dotted = f".{name}"
-    return any(f".{family.vision_module}.{p}." in dotted for p in family.projector_modules)
+    """A parameter of the vision-to-decoder projectors (Qwen: `merger`, DeepStack mergers;
+    LLaVA-OneVision: `multi_modal_projector` and the video newline)."""
+    dotted = f".{name}."
+    return any(f".{p}." in dotted for p in family.projector_modules)
+
+
+def is_unused_param(family: Family, name: str) -> bool:
+    """A parameter of a module the forward never reaches (`Family.unused_modules`)."""
+    dotted = f".{name}."
+    return any(f".{m}." in dotted for m in family.unused_modules)
 
 
 def lora_target_regex(family: Family, targets: Sequence[str]) -> str:
@@ -252,46 +314,111 @@ def deepstack_layers(model: torch.nn.Module) -> int:
     return len(vision_tower(model).config.deepstack_visual_indexes)
 
 
-def encode_video(
-    model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
-) -> VideoEmbeds:
-    """Encode one video (or a run of its temporal patches) with the model's own
-    `get_video_features`.
+def video_grid(sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The `[3]` grid of a one-video sample: the processor's `(t, h, w)` temporal-patch grid, or
+    `(frames, height, width)` for a processor that hands whole frames (`[1, F, C, H, W]`).
+
+    Raises:
+        FamilyError: The sample has no video.
+    """
+    if "video_grid_thw" in sample:
+        return sample["video_grid_thw"].reshape(-1, 3)[0]
+    pixels = sample.get("pixel_values_videos")
+    if pixels is None or pixels.ndim != 5:
+        raise FamilyError("the sample has no video (no video_grid_thw or [1, F, C, H, W] frames)")
+    frames, _, height, width = pixels.shape[1:]
+    return torch.tensor([frames, height, width])
+
+
+def video_units(
+    model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, start: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Units `[start, start + count)` of a video (temporal patches or frames, `Family.video_input`)
+    as the pixels and grid of a shorter video.
 
     Args:
         model: The VLM.
-        pixels: `[t * h * w, C * T_patch * p * p]` patch rows from the processor.
-        grid_thw: `[3]` their grid.
+        pixels: The video: `[t * h * w, C * T_patch * p * p]` rows or `[1, F, C, H, W]` frames.
+        grid_thw: `[3]` its grid (`video_grid`).
+        start: First unit.
+        count: Units to take (may be 0).
 
     Returns:
-        The video's `VideoEmbeds` (`[t * h * w / merge^2, D]` tokens).
+        (pixels, `[3]` grid) of the run.
     """
+    t, h, w = (int(v) for v in grid_thw.reshape(3))
+    grid = torch.tensor([count, h, w], device=grid_thw.device)
+    if family_of(model).video_input == "frames":
+        return pixels[:, start : start + count], grid
+    return pixels[start * h * w : (start + count) * h * w], grid
+
+
+def check_video(model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> None:
+    """Raise FamilyError unless the pixels are a video of this grid in the family's layout."""
+    t, h, w = (int(v) for v in grid_thw.reshape(3))
+    if family_of(model).video_input == "frames":
+        ok = pixels.ndim == 5 and pixels.shape[0] == 1 and tuple(pixels.shape[1:2]) == (t,)
+        ok = ok and tuple(pixels.shape[-2:]) == (h, w)
+        want = f"[1, {t}, C, {h}, {w}] frames"
+    else:
+        ok, want = pixels.ndim == 2 and pixels.shape[0] == t * h * w, f"{t * h * w} patch rows"
+    if not ok:
+        raise FamilyError(f"video pixels {tuple(pixels.shape)} do not match grid {[t, h, w]}: "
+                          f"{want} expected")  # fmt: skip
+
+
+def encode_video(
+    model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
+) -> VideoEmbeds:
+    """Encode one video (or a run of its units) with the model's own `get_video_features`.
+
+    Args:
+        model: The VLM.
+        pixels: `[t * h * w, C * T_patch * p * p]` patch rows from a Qwen processor, or
+            `[1, F, C, H, W]` frames (`Family.video_input`).
+        grid_thw: `[3]` their grid (`video_grid`).
+
+    Returns:
+        The video's `VideoEmbeds`: one row per video placeholder (Qwen: `t * h * w / merge^2`;
+        LLaVA-OneVision: tokens per frame times F, then its newline).
+    """
+    fam = family_of(model)
+    check_video(model, pixels, grid_thw)
     visual = vision_tower(model)
-    merge = visual.spatial_merge_size
-    if int(grid_thw[0]) == 0:  # an SP rank with no temporal patch of this video
+    if int(grid_thw[0]) == 0:  # an SP rank with no unit of this video
         width = model.config.text_config.hidden_size
         empty = pixels.new_zeros((0, width), dtype=visual.dtype)
         return VideoEmbeds(empty, tuple(empty for _ in range(deepstack_layers(model))))
+    grid = {} if fam.video_input == "frames" else {"video_grid_thw": grid_thw.reshape(1, 3)}
     out = inner_model(model).get_video_features(
-        pixel_values_videos=pixels, video_grid_thw=grid_thw.reshape(1, 3), return_dict=True
+        pixel_values_videos=pixels, return_dict=True, **grid
     )
-    tokens = out.pooler_output[0]  # [t*h*w / merge^2, D] (one video: one split)
+    tokens = out.pooler_output[0]  # [N, D] (one video: the first split / batch row)
     deepstack = tuple(feat[0] for feat in getattr(out, "deepstack_features", None) or ())
-    if tokens.shape[0] * merge * merge != pixels.shape[0]:
+    units = int(grid_thw[0])
+    if (tokens.shape[0] - fam.video_trailer) % units:
         raise FamilyError(
             f"vision tower returned {tokens.shape[0]} rows for grid {grid_thw.tolist()}"
         )
     return VideoEmbeds(tokens, deepstack)
 
 
-def encoder_outputs(embeds: Sequence[VideoEmbeds], device: Any, dtype: torch.dtype) -> dict:
+def encoder_outputs(
+    model: torch.nn.Module, embeds: Sequence[VideoEmbeds], device: Any, dtype: torch.dtype
+) -> dict:
     """`mm_encoder_outputs` for a forward/generate over these videos (in placeholder order):
-    the pre-encoded path, so the vision tower does not run again."""
+    the pre-encoded path, so the vision tower does not run again.
+
+    Qwen reads one tensor per video (and Qwen3-VL `.deepstack_features`: per layer, per video);
+    LLaVA-OneVision flattens stacked videos, so it gets one `[1, sum N, D]` tensor.
+    """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tokens = tuple(e.tokens.to(device, dtype) for e in embeds)
+    if family_of(model).video_input == "frames":
+        tokens = torch.cat(tokens)[None]  # [1, sum N, D]
     out = BaseModelOutputWithPooling(pooler_output=tokens)
-    if embeds and embeds[0].deepstack:  # Qwen3-VL reads `.deepstack_features`: per layer, per video
+    if embeds and embeds[0].deepstack:
         layers = len(embeds[0].deepstack)
         out["deepstack_features"] = [
             tuple(e.deepstack[k].to(device, dtype) for e in embeds) for k in range(layers)
@@ -319,8 +446,11 @@ def video_kwargs(
     Raises:
         FamilyError: A "grid_seconds" family without `second_per_grid_ts`.
     """
+    fam = family_of(model_or_config)
+    if fam.positions == "1d":  # the model computes nothing per video
+        return {}
     out = {"video_grid_thw": video_grid_thw}
-    if family_of(model_or_config).frame_times == "grid_seconds":
+    if fam.frame_times == "grid_seconds":
         if second_per_grid_ts is None:
             raise FamilyError("this model times frames by second_per_grid_ts, which is missing")
         out["second_per_grid_ts"] = second_per_grid_ts
@@ -344,14 +474,20 @@ def rope_index(
     second_per_grid_ts: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own 3-D positions and M-RoPE deltas (what `forward`/`generate` compute).
+    """The model's own positions and M-RoPE deltas (what `forward`/`generate` compute).
 
     Returns:
-        `[3, B, L]` positions (0 on padding) and `[B, 1]` deltas.
+        M-RoPE families: `[3, B, L]` positions (0 on padding) and `[B, 1]` deltas. 1-D families:
+        `[B, L]` positions `cumsum(mask) - 1` (what `generate` uses; a plain forward would use
+        the column, wrong on left padding) and zero deltas.
 
     Raises:
-        FamilyError: The model has no `get_rope_index`.
+        FamilyError: An M-RoPE model without `get_rope_index`.
     """
+    if family_of(model).positions == "1d":
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()  # [B, L]
+        return pos, torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
     owner = find_rope_owner(model)
     if owner is None:
         raise FamilyError(f"{type(model).__name__} has no get_rope_index (not an M-RoPE model)")
@@ -365,6 +501,18 @@ def rope_index(
         attention_mask=attention_mask,
         **extra,
     )
+
+
+def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch as the model's forward/generate takes it: `mm_token_type_ids` (which lvr keeps
+    on every sample, to count and place video tokens) only for the models that read it.
+
+    Raises:
+        FamilyError: A model of a family lvr does not know.
+    """
+    if family_of(model).positions == "mrope":
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
 
 
 def processor_frame_times(processor: Any) -> FrameTimes | None:

@@ -197,7 +197,10 @@ def _encode_prompt(
             "video_metadata": [video_metadata(proc_or_tok, times, h, w)],
             "do_sample_frames": False,
         }
-    enc = proc_or_tok(text=[prompt], add_special_tokens=False, return_tensors="pt", **video)
+    enc = proc_or_tok(
+        text=[prompt], add_special_tokens=False, return_tensors="pt",
+        return_mm_token_type_ids=True, **video,
+    )  # fmt: skip
     out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     if "mm_token_type_ids" not in out:
         raise ValueError(

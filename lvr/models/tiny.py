@@ -1,7 +1,7 @@
 """Tiny offline models of real architectures, for tests and the CPU demo.
 
 `build_tiny_vlm` makes a VLM of any family lvr knows (`lvr.models.family`: Qwen2-VL, Qwen2.5-VL
-by default, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5) and `build_tiny_llm` a Qwen2 causal LM, from
+by default, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, LLaVA-OneVision) and `build_tiny_llm` a Qwen2 causal LM, from
 configs with seeded random weights, sharing the tokenizer of `lvr.models.tokenizer` and the
 family's official processor classes. Each is written with `save_pretrained` into one folder that
 the generic loaders (`lvr.models.loading.load_vlm` / `load_llm`) read like any hub checkpoint, so
@@ -26,6 +26,10 @@ import torch
 from transformers import (
     AutoModelForImageTextToText,
     GenerationConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -62,6 +66,10 @@ TINY_MAX_PIXELS = 224 * 224
 TINY3_MIN_PIXELS = 32 * 32
 TINY3_FRAME_TOKENS = 64
 TINY3_MAX_FRAMES = 4096
+# LLaVA-OneVision: every frame resized to 112x112, SigLIP patch 14 (8x8 patches), pooled 2x2 to
+# 16 tokens a frame (the released model: 384 px, 729 patches, 196 tokens a frame).
+TINY_OV_SIZE = 112
+TINY_OV_PATCH = 14
 
 _TEXT_HIDDEN = 128
 
@@ -200,12 +208,46 @@ def _qwen3_5(text: dict, ids: dict[str, int], hidden: int) -> PretrainedConfig:
     )
 
 
+def _llava_onevision(text: dict, ids: dict[str, int], hidden: int) -> PretrainedConfig:
+    """LLaVA-OneVision: a Qwen2 decoder (1-D RoPE), a 2-layer SigLIP tower of width 64 on whole
+    112 px frames, its last layer projected by the 2-layer MLP, a learned newline per video."""
+    text |= {"model_type": "qwen2", "rope_parameters": {"rope_type": "default",
+                                                        "rope_theta": 1_000_000.0}}  # fmt: skip
+    vision = {
+        "model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": TINY_OV_PATCH,
+        "image_size": TINY_OV_SIZE, "vision_use_head": False,
+    }  # fmt: skip
+    return LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_token_index=ids["image"],
+        video_token_index=ids["video"], vision_feature_select_strategy="full",
+        vision_feature_layer=-1, image_grid_pinpoints=[[TINY_OV_SIZE, TINY_OV_SIZE]],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def _llava_onevision_processor(tok: PreTrainedTokenizerFast) -> LlavaOnevisionProcessor:
+    """LLaVA-OneVision's processor around the tiny tokenizer: its `<|video_pad|>` and
+    `<|image_pad|>` are the placeholders (the released model names them `<video>`/`<image>`)."""
+    size = {"height": TINY_OV_SIZE, "width": TINY_OV_SIZE}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=size, image_grid_pinpoints=[[TINY_OV_SIZE, TINY_OV_SIZE]]
+        ),
+        tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(TINY_OV_SIZE // TINY_OV_PATCH) ** 2,
+        vision_feature_select_strategy="full", chat_template=tk.CHAT_TEMPLATE,
+        image_token=tk.IMAGE_PAD, video_token=tk.VIDEO_PAD,
+    )  # fmt: skip
+
+
 _CONFIGS: dict[str, Callable[[dict, dict[str, int], int], PretrainedConfig]] = {
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_5_vl,
     "qwen3_vl": _qwen3_vl,
     "qwen3_vl_moe": _qwen3_vl_moe,
     "qwen3_5": _qwen3_5,
+    "llava_onevision": _llava_onevision,
 }
 TINY_FAMILIES = tuple(_CONFIGS)
 
@@ -249,9 +291,12 @@ def tiny_processor(tok: PreTrainedTokenizerFast, family: str = DEFAULT_FAMILY) -
         Qwen2-VL / Qwen2.5-VL: processors that keep small frames at their size
         (`TINY_MIN_PIXELS`..`TINY_MAX_PIXELS`) and apply the reference per-frame pixel cap.
         Qwen3-VL / Qwen3.5: the `Qwen3VLProcessor` (patch 16, timestamps in the text), at most
-        `TINY3_FRAME_TOKENS` merged tokens a frame.
+        `TINY3_FRAME_TOKENS` merged tokens a frame. LLaVA-OneVision: frames resized to
+        `TINY_OV_SIZE` px.
     """
     processor_class = get_family(family).processor_class
+    if processor_class == "LlavaOnevisionProcessor":
+        return _llava_onevision_processor(tok)
     if processor_class == "Qwen3VLProcessor":
         per_frame = TINY3_FRAME_TOKENS * 32 * 32
         image_proc = Qwen2VLImageProcessor(

@@ -32,7 +32,8 @@ class PromptInput:
     Attributes:
         input_ids: `[P]` prompt token ids (chat template applied, `<|video_pad|>` expanded).
         mm_token_type_ids: `[P]` 0 text / 2 video.
-        video_grid_thw: `[3]` (t, h, w) patch grid of the video.
+        video_grid_thw: `[3]` grid of the video (`lvr.models.family.video_grid`: the (t, h, w)
+            temporal-patch grid, or (frames, height, width)).
         second_per_grid_ts: Seconds per temporal patch (temporal patch size / sampling fps) for
             the families timed that way (Qwen2.5-VL); None for the others.
         video_embeds: The video's embeddings (`EmbeddingCache.get`): `[N_video_tokens, D]`
@@ -58,7 +59,8 @@ class PrefillBatch:
         response_mask: `[B, L]` 1 on response tokens (the ones scored).
         mm_token_type_ids: `[B, L]` 2 on the prompt's video tokens (a `<|video_pad|>` id sampled
             inside a response stays text, as it is during generation).
-        position_ids: `[3, B, L]` 3-D M-RoPE positions from `get_rope_index`.
+        position_ids: `[3, B, L]` 3-D M-RoPE positions from `get_rope_index`, or `[B, L]`
+            for a family with 1-D positions.
         video_embeds: One `VideoEmbeds` (`N_b` rows) per row.
     """
 
@@ -76,8 +78,8 @@ def prompt_from_sample(
     """Turn one `lvr.models.inputs.build_sample` prompt (batch size 1, no target) into a PromptInput.
 
     Args:
-        sample: Its tensors (input_ids, mm_token_type_ids, video_grid_thw, and
-            second_per_grid_ts for the families that take it).
+        sample: Its tensors (input_ids, mm_token_type_ids, the video, and second_per_grid_ts
+            for the families that take it).
         video_embeds: From `EmbeddingCache.get(key, sample["pixel_values_videos"], grid)`.
         key: The video's cache key (kept for error messages).
 
@@ -87,7 +89,7 @@ def prompt_from_sample(
     Raises:
         MrspError: When a tensor is missing, the batch is not 1, or the sample has labels.
     """
-    need = ("input_ids", "mm_token_type_ids", "video_grid_thw")
+    need = ("input_ids", "mm_token_type_ids", "pixel_values_videos")
     missing = [k for k in need if k not in sample]
     if missing or sample["input_ids"].shape[0] != 1 or "labels" in sample:
         raise MrspError(
@@ -98,7 +100,7 @@ def prompt_from_sample(
     return PromptInput(
         sample["input_ids"][0],
         sample["mm_token_type_ids"][0],
-        sample["video_grid_thw"][0],
+        family.video_grid(sample),
         None if secs is None else float(secs[0]),
         video_embeds,
         key,
@@ -113,10 +115,10 @@ def rope_positions(
     second_per_grid_ts: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """3-D positions from the model's own `get_rope_index` (what `generate` uses).
+    """The model's own positions (what `generate` uses): 3-D from `get_rope_index`, or 1-D.
 
     Args:
-        model: A Qwen-VL model of any family.
+        model: A VLM of a family lvr knows.
         input_ids: `[B, L]`.
         mm_token_type_ids: `[B, L]`.
         video_grid_thw: `[n_videos, 3]` in row order.
@@ -124,7 +126,7 @@ def rope_positions(
         attention_mask: `[B, L]` or None.
 
     Returns:
-        `[3, B, L]` long positions (0 on padding).
+        `[3, B, L]` (M-RoPE) or `[B, L]` (1-D) long positions, 0 on padding.
 
     Raises:
         MrspError: The family needs `second_per_grid_ts` and it is missing.
@@ -197,6 +199,6 @@ def pack_batch(
     grids = torch.stack([p.video_grid_thw.reshape(3) for p, _ in rows])  # [B, 3]
     timed = all(p.second_per_grid_ts is not None for p, _ in rows)
     secs = torch.tensor([float(p.second_per_grid_ts) for p, _ in rows]) if timed else None  # [B]
-    pos = rope_positions(model, ids, types, grids, secs, attn)  # [3, B, L]
+    pos = rope_positions(model, ids, types, grids, secs, attn)  # [3, B, L] or [B, L] (1-D)
     embeds = [p.video_embeds for p, _ in rows]
     return PrefillBatch(ids, attn, resp, types, pos, embeds)

@@ -8,7 +8,8 @@ patches are dealt out in contiguous runs (the first `t % sp` ranks take one more
 none when t < sp), each rank encodes its run with the model's own `get_video_features`, and one
 variable-size all-gather reassembles the video's `VideoEmbeds` in order: the `[N_video_tokens, D]`
 merged tokens and, for Qwen3-VL, one `[N_video_tokens, D]` DeepStack tensor per layer (gathered
-side by side in one collective).
+side by side in one collective). LLaVA-OneVision's SigLIP tower encodes every frame alone, so its
+units are frames; the newline row it appends once per video is kept from the last run only.
 
 `EmbeddingCache` then serves one encode per video per step to the G rollouts and the old-policy,
 reference and policy prefills (the public code cached pixels and re-ran the tower every forward).
@@ -63,15 +64,16 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 def encode_video(
     model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
 ) -> VideoEmbeds:
-    """Encode one video (or a run of its temporal patches) with the model's vision tower.
+    """Encode one video (or a run of its units) with the model's vision tower.
 
     Args:
         model: The VLM.
-        pixels: `[t * h * w, C * T_patch * p * p]` patch rows.
-        grid_thw: `[3]` grid of these rows.
+        pixels: `[t * h * w, C * T_patch * p * p]` patch rows, or `[1, F, C, H, W]` frames
+            (`lvr.models.family.encode_video`).
+        grid_thw: `[3]` their grid (`lvr.models.family.video_grid`).
 
     Returns:
-        `VideoEmbeds`: `[t * h * w / merge^2, D]` tokens (+ DeepStack features).
+        `VideoEmbeds`: one row per video placeholder (+ DeepStack features).
     """
     try:
         return family.encode_video(model, pixels, grid_thw)
@@ -85,14 +87,15 @@ def encode_video_sp(
     grid_thw: torch.Tensor,
     group: dist.ProcessGroup | None = None,
 ) -> VideoEmbeds:
-    """Encode one video with its temporal patches split over the SP group, then all-gather.
+    """Encode one video with its units (temporal patches, or frames) split over the SP group,
+    then all-gather.
 
     Every rank passes the whole video's pixels (cheap) and encodes only its run.
 
     Args:
         model: The VLM (replicated on every rank).
-        pixels: `[t * h * w, C * T_patch * p * p]`.
-        grid_thw: `[3]`.
+        pixels: `[t * h * w, C * T_patch * p * p]` patch rows or `[1, F, C, H, W]` frames.
+        grid_thw: `[3]` (`lvr.models.family.video_grid`).
         group: SP group (None = encode everything here).
 
     Returns:
@@ -101,29 +104,35 @@ def encode_video_sp(
     Raises:
         MrspError: When pixels and grid disagree.
     """
-    t, h, w = (int(v) for v in grid_thw.reshape(3))
-    if pixels.shape[0] != t * h * w:
-        raise MrspError(f"{pixels.shape[0]} pixel rows do not match grid {[t, h, w]}")
+    try:
+        family.check_video(model, pixels, grid_thw)
+    except FamilyError as exc:
+        raise MrspError(str(exc)) from None
     sp, rank = sp_size(group), sp_rank(group)
     if sp == 1:
         return encode_video(model, pixels, grid_thw)
-    runs = split_counts(t, sp)
-    start = sum(runs[:rank])
-    rows = pixels[start * h * w : (start + runs[rank]) * h * w]
-    local_grid = torch.tensor([runs[rank], h, w], device=grid_thw.device)
-    local = encode_video(model, rows, local_grid).packed()  # [n_r, (1 + k) * D]
-    visual = vision_tower(model)
-    trained = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
+    runs = split_counts(int(grid_thw.reshape(3)[0]), sp)
+    run_pixels, run_grid = family.video_units(model, pixels, grid_thw, sum(runs[:rank]), runs[rank])
+    local = encode_video(model, run_pixels, run_grid).packed()  # [n_r, (1 + k) * D]
+    # Rows the model adds once per video (LLaVA-OneVision's newline): every encoded run ends
+    # with them, the video keeps the last run's.
+    trailer = family.family_of(model).video_trailer
+    last = max(r for r, n in enumerate(runs) if n > 0)
+    if trailer and runs[rank] and rank != last:
+        local = local[:-trailer]
+    trained = torch.is_grad_enabled() and any(
+        p.requires_grad for _, p in family.vision_parameters(model)
+    )
     if trained and not local.requires_grad:
         # A rank with no frames must still join the gather's backward (an all-reduce).
         local = local.detach().requires_grad_()
-    per_patch = h * w // visual.spatial_merge_size**2
-    gathered = gather_rows(local, group, grad="sum", counts=[n * per_patch for n in runs])
+    gathered = gather_rows(local, group, grad="sum")  # row counts gathered first
     return VideoEmbeds.unpack(gathered, family.deepstack_layers(model))
 
 
 def tower_fingerprint(model: torch.nn.Module) -> str:
-    """An id of the vision tower's architecture and weights (names a disk cache entry).
+    """An id of the vision tower's architecture and weights, projectors included (names a disk
+    cache entry).
 
     Sums of each parameter and of its absolute values, in float64, with the tower's config: a
     different model or a retrained tower gives another id.
@@ -132,7 +141,7 @@ def tower_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         sums = [
             (name, round(float(p.double().sum()), 6), round(float(p.double().abs().sum()), 6))
-            for name, p in visual.named_parameters()
+            for name, p in family.vision_parameters(model)
         ]
     return content_id(visual.config.to_json_string(use_diff=False), sums)[:16]
 
@@ -237,7 +246,7 @@ class EmbeddingCache:
 
         Args:
             key: The cache key.
-            pixels: `[t * h * w, C * 2 * p * p]` patch rows.
+            pixels: The video (`encode_video_sp`).
             grid_thw: `[3]`.
 
         Returns:

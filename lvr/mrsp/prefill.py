@@ -112,10 +112,11 @@ def _run_decoder(
     group: dist.ProcessGroup | None,
     layout: StridedLayout,
 ) -> torch.Tensor:
-    """Decoder layers + final norm on the local shard. hidden [B, n, D], positions [3, B, n];
+    """Decoder layers + final norm on the local shard. hidden [B, n, D], positions [3, B, n]
+    (M-RoPE) or [B, n];
     `deepstack[k]` [B, n, D] is added after layer k (Qwen3-VL)."""
     lm = family.language_model(model)
-    cos_sin = lm.rotary_emb(hidden, positions)  # each token's true 3-D position
+    cos_sin = lm.rotary_emb(hidden, positions)  # each token's true (3-D or 1-D) position
     with ulysses_attention_enabled(lm.config):
         for i, layer in enumerate(lm.layers):
             if getattr(layer, "linear_attn", None) is not None:  # Qwen3.5's gated delta-net
@@ -190,18 +191,19 @@ def sp_prefill_logprobs(
         raise MrspError("prefill rows must be right-padded with the response inside the mask")
     if resp[:, 0].any():
         raise MrspError("a response token at position 0 has no context to be predicted from")
-    if batch.position_ids.shape != (3, *ids.shape):
+    if batch.position_ids.shape not in ((3, *ids.shape), ids.shape):
         raise MrspError(
-            f"position_ids {tuple(batch.position_ids.shape)} != (3, {tuple(ids.shape)})"
+            f"position_ids {tuple(batch.position_ids.shape)} is neither (3, {tuple(ids.shape)}) "
+            f"nor {tuple(ids.shape)}"
         )
     sp, rank = sp_size(group), sp_rank(group)
     layout = StridedLayout(ids.shape[1], sp, block)
     own = layout.positions(rank).to(ids.device)  # [n]
     ids_p = _pad_to(ids, layout.padded, 1)  # [B, Lp]
-    pos_p = _pad_to(batch.position_ids, layout.padded, 2)  # [3, B, Lp]
+    pos_p = _pad_to(batch.position_ids, layout.padded, -1)  # [3, B, Lp] or [B, Lp] (1-D)
     types_p = _pad_to(batch.mm_token_type_ids, layout.padded, 1)  # [B, Lp]
     hidden, deepstack = _local_embeds(model, batch, ids_p, types_p, own)  # [B, n, D] (+ k x)
-    hidden = _run_decoder(model, hidden, deepstack, pos_p[:, :, own], group, layout)  # [B, n, D]
+    hidden = _run_decoder(model, hidden, deepstack, pos_p[..., own], group, layout)  # [B, n, D]
     # Position q predicts token q+1: score q when q+1 is a response token.
     next_ids = _pad_to(ids_p[:, 1:], layout.padded, 1)  # [B, Lp]
     scored = _pad_to(_pad_to(resp, layout.padded, 1)[:, 1:], layout.padded, 1).bool()

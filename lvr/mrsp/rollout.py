@@ -123,17 +123,14 @@ class HFRolloutEngine:
         ids = p.input_ids[None, :-1].expand(rows, -1).to(dev)  # [rows, P-1]
         secs = None if p.second_per_grid_ts is None else torch.tensor([p.second_per_grid_ts])
         video = family.video_kwargs(self.model, p.video_grid_thw.reshape(1, 3), secs)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=p.mm_token_type_ids[None, :-1].expand(rows, -1).to(dev),
-            mm_encoder_outputs=family.encoder_outputs(
-                [p.video_embeds] * rows, dev, self.model.dtype
-            ),
-            use_cache=True,
-            logits_to_keep=1,
+        inputs = family.model_inputs(self.model, {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": p.mm_token_type_ids[None, :-1].expand(rows, -1).to(dev),
             **{k: v.repeat_interleave(rows, 0).to(dev) for k, v in video.items()},
-        )
+        })  # fmt: skip
+        embeds = family.encoder_outputs(self.model, [p.video_embeds] * rows, dev, self.model.dtype)
+        out = self.model(**inputs, mm_encoder_outputs=embeds, use_cache=True, logits_to_keep=1)
         name = "cache" if "cache" in out else "past_key_values"
         return {name: out[name]}
 
@@ -147,10 +144,13 @@ class HFRolloutEngine:
         ids = p.input_ids[None].expand(n, -1).to(dev)  # [n, P]
         cache = self._prefix_cache(p, n)  # {"cache": ...}
         sample = temperature > 0
+        inputs = family.model_inputs(self.model, {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": p.mm_token_type_ids[None].expand(n, -1).to(dev),
+        })  # fmt: skip
         out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=p.mm_token_type_ids[None].expand(n, -1).to(dev),
+            **inputs,
             **cache,
             do_sample=sample,
             temperature=temperature if sample else None,

@@ -8,8 +8,9 @@ dict; `spawn_sp_checks` starts `world` local gloo processes and returns rank 0's
     torchrun --nproc_per_node 2 -m lvr.mrsp.selftest     # prints the JSON dict on rank 0
 
 Besides synthetic Qwen2.5-VL inputs at two head layouts, every tiny model family (Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL with DeepStack, Qwen3-VL-MoE, Qwen3.5 with gated delta-net layers) is checked
-on real prompts from its own processor (`families`).
+Qwen2.5-VL, Qwen3-VL with DeepStack, Qwen3-VL-MoE, Qwen3.5 with gated delta-net layers,
+LLaVA-OneVision with 1-D positions and frame-wise encoding) is checked on real prompts from its
+own processor (`families`).
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ from lvr.mrsp.encode import EmbeddingCache, VideoKey, encode_video, encode_video
 from lvr.mrsp.prefill import PrefillOutput, sp_prefill_logprobs
 from lvr.mrsp.synthetic import PAD, random_response, synthetic_prompt, synthetic_video, tiny_model
 
-# Temporal patches per video: 3 (uneven over 2 ranks), 2 (even), 1 (fewer than the ranks).
-CHECK_FRAMES = (6, 4, 2)
+# Units (temporal patches, or frames) per video: 3 (uneven over 2 ranks), 2 (even), 1 (fewer
+# than the ranks); the synthetic Qwen2.5-VL videos have 2 frames a unit.
+CHECK_PATCHES = (3, 2, 1)
 
 
 @dataclass
 class Case:
     """One video prompt to check: its patch rows, grid, prompt ids/types and timing."""
 
-    pixels: torch.Tensor  # [t*h*w, C*T_patch*p*p]
+    pixels: torch.Tensor  # [t*h*w, C*T_patch*p*p] patch rows or [1, F, C, H, W] frames
     grid: torch.Tensor  # [3]
     ids: torch.Tensor  # [P]
     types: torch.Tensor  # [P]
@@ -55,8 +57,8 @@ class Case:
 def _synthetic_cases() -> list[Case]:
     """Random patch rows and random text around one video block (Qwen2.5-VL layout)."""
     out = []
-    for i, frames in enumerate(CHECK_FRAMES):
-        v = synthetic_video(frames, seed=i)
+    for i, patches in enumerate(CHECK_PATCHES):
+        v = synthetic_video(2 * patches, seed=i)
         ids, types = synthetic_prompt(v.grid_thw, n_before=3 + i, seed=i)
         out.append(Case(v.pixel_values_videos, v.grid_thw, ids, types, 0.5 + i, v.video_id))
     return out
@@ -66,12 +68,16 @@ def _family_cases(processor: object) -> list[Case]:
     """Real prompts of a family: the model's own chat template and processor over random frames
     (Qwen3-VL / Qwen3.5: one placeholder run per temporal patch between timestamp texts)."""
     out = []
-    for i, frames in enumerate(CHECK_FRAMES):
+    # The same unit counts for every family: Qwen's units are temporal patches of 2 frames,
+    # LLaVA-OneVision's single frames.
+    per_unit = int(getattr(processor.video_processor, "temporal_patch_size", None) or 1)  # type: ignore[attr-defined]
+    for i, patches in enumerate(CHECK_PATCHES):
+        frames = patches * per_unit
         pixels = np.random.default_rng(i).integers(0, 256, (frames, 112, 112, 3), dtype=np.uint8)
         s = build_sample(processor, f"Question {i}?", ["red", "blue"], frames=pixels, fps=2.0 + i)
         secs = s.get("second_per_grid_ts")
         out.append(Case(
-            s["pixel_values_videos"], s["video_grid_thw"][0], s["input_ids"][0],
+            s["pixel_values_videos"], family.video_grid(s), s["input_ids"][0],
             s["mm_token_type_ids"][0], None if secs is None else float(secs[0]), f"video-{i}",
         ))  # fmt: skip
     return out
@@ -164,7 +170,13 @@ def _grads(
     rows, resps = _rows(_prompts(cases, embeds))
     _policy_loss(sp_prefill_logprobs(model, pack_batch(model, rows, resps, PAD), group)).backward()
     sync_sp_grads(model.parameters(), group)
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # A parameter the loss never reaches (LLaVA-OneVision's unused SigLIP post-norm) has no
+    # gradient alone and zeros after `sync_sp_grads`: both mean none.
+    return {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None and bool(p.grad.any())
+    }
 
 
 def _grad_checks(

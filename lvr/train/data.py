@@ -155,7 +155,7 @@ def load_sample(
         A `LoadedSample`; decode failures and samples that do not fit even with `min_frames` come
         back with `error` set (the caller counts and logs them), never with other frames.
     """
-    temporal = int(getattr(processor.video_processor, "temporal_patch_size", 2) or 1)
+    temporal = int(getattr(processor.video_processor, "temporal_patch_size", None) or 1)
     text = target_text(row, mode) if target else None
     want, truncated = spec, False
     for _ in range(4):  # the token count is linear in frames: one or two rebuilds suffice

@@ -87,7 +87,9 @@ def set_trainable(model: torch.nn.Module, section: ModelSection) -> torch.nn.Mod
     """
     fam = family.family_of(model)
     for name, p in model.named_parameters():
-        if is_projector(name, fam):
+        if family.is_unused_param(fam, name):
+            p.requires_grad_(False)  # never reached: DDP would wait for its gradient forever
+        elif is_projector(name, fam):
             p.requires_grad_(section.train_projector)
         elif is_vision(name, fam):
             p.requires_grad_(section.train_vision)
@@ -103,6 +105,8 @@ def set_trainable(model: torch.nn.Module, section: ModelSection) -> torch.nn.Mod
         )  # fmt: skip
         model = get_peft_model(model, lora)
         for name, p in model.named_parameters():
+            if family.is_unused_param(fam, name):
+                continue
             if is_projector(name, fam):
                 p.requires_grad_(section.train_projector)
             elif is_vision(name, fam) and "lora_" not in name:

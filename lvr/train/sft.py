@@ -54,6 +54,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lvr.config import to_dict
 from lvr.layout import RunLayout
+from lvr.models import family
 from lvr.models.batching import collate
 from lvr.models.inputs import IGNORE_INDEX
 from lvr.train import checkpoint
@@ -347,9 +348,9 @@ def _forward_backward(run: SFTRun, samples: list[LoadedSample], scale: float, la
     """Forward one micro-batch, backward `scale * summed CE`; returns the summed CE (a float)."""
     pad = run.processor.tokenizer.pad_token_id
     batch = collate([s.inputs for s in samples], pad, padding_side="right")
-    if "mm_token_type_ids" not in batch:  # never let positions fall back to 1-D
+    if "mm_token_type_ids" not in batch:  # never let M-RoPE positions fall back to 1-D
         raise TrainError("batch lacks mm_token_type_ids: 3-D M-RoPE positions would be 1-D")
-    batch = {k: v.to(run.info.device) for k, v in batch.items()}
+    batch = family.model_inputs(run.model, {k: v.to(run.info.device) for k, v in batch.items()})
     labels = batch.pop("labels")  # [B, L]
     # Only positions that predict a label need logits: from the first label column on.
     first = int((labels != IGNORE_INDEX).float().argmax(dim=1).min())

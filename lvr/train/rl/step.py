@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lvr.artifacts import content_id
+from lvr.models import family
 from lvr.mrsp.batch import PromptInput, pack_batch, prompt_from_sample
 from lvr.mrsp.comm import sp_rank, sp_size, sync_sp_grads
 from lvr.mrsp.encode import VideoKey
@@ -204,8 +205,9 @@ def encode(run: RLRun, sample: LoadedSample) -> Prompt:
     """Encode a question's video once (a collective over the SP group): its `Prompt`."""
     inputs = sample.inputs
     assert inputs is not None  # draw_questions returns loaded samples only
-    grid = inputs["video_grid_thw"][0]  # [3]
-    pixels = inputs["pixel_values_videos"].to(run.info.device)  # [t*h*w, C*2*p*p]
+    grid = family.video_grid(inputs)  # [3]
+    # Patch rows [t*h*w, C*2*p*p] (Qwen) or frames [1, F, C, H, W] (LLaVA-OneVision).
+    pixels = inputs["pixel_values_videos"].to(run.info.device)
     # The vision tower's rotary table is built from the grid: it must sit with the pixels.
     grid_on_device = grid.to(run.info.device)
     key = VideoKey(content_id(sample.row.video_path), tuple(sample.frame_indices),
