@@ -105,6 +105,18 @@ def test_second_per_grid_is_the_mean_spacing(short_video: Path, way: str) -> Non
     assert float(sample["second_per_grid_ts"][0]) == pytest.approx(2 * spacing, rel=1e-6)
 
 
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_order_families_get_every_sampled_frame_in_order(short_video: Path, way: str) -> None:
+    # Qwen2-VL and LLaVA-OneVision are told only the frames' order: the processor must keep
+    # every decoded frame (no resampling from a guessed rate), whatever their spacing.
+    frames = _sample(short_video, way)
+    ov = frames_sample(_processor("llava_onevision"), "What happens?", ["a", "b"], frames)
+    assert ov["pixel_values_videos"].shape[1] == len(frames.timestamps_s)
+    q2 = frames_sample(_processor("qwen2_vl"), "What happens?", ["a", "b"], frames)
+    assert int(q2["video_grid_thw"][0, 0]) == -(-len(frames.timestamps_s) // 2)
+    assert "second_per_grid_ts" not in q2
+
+
 @pytest.fixture(scope="module")
 def qwen3_backend(tmp_path_factory: pytest.TempPathFactory) -> HFBackend:
     folder = build_tiny_vlm(tmp_path_factory.mktemp("m") / "q3", family="qwen3_vl")
