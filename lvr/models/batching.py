@@ -137,8 +137,7 @@ def rope_index(model: Any, batch: BatchDict) -> tuple[torch.Tensor, torch.Tensor
     """
     mask = batch["attention_mask"]
     if find_rope_owner(model) is None:  # a text model, or a VLM with 1-D positions
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()  # [B, L]
-        return pos, torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
+        return family.token_positions(mask)
     if "mm_token_type_ids" not in batch:
         raise ValueError("batch lacks mm_token_type_ids: M-RoPE positions cannot be computed")
     return family.rope_index(

@@ -357,7 +357,7 @@ def check_video(model: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Te
     """Raise FamilyError unless the pixels are a video of this grid in the family's layout."""
     t, h, w = (int(v) for v in grid_thw.reshape(3))
     if family_of(model).video_input == "frames":
-        ok = pixels.ndim == 5 and pixels.shape[0] == 1 and tuple(pixels.shape[1:2]) == (t,)
+        ok = pixels.ndim == 5 and pixels.shape[0] == 1 and pixels.shape[1] == t
         ok = ok and tuple(pixels.shape[-2:]) == (h, w)
         want = f"[1, {t}, C, {h}, {w}] frames"
     else:
@@ -415,7 +415,7 @@ def encoder_outputs(
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tokens = tuple(e.tokens.to(device, dtype) for e in embeds)
-    if family_of(model).video_input == "frames":
+    if tokens and family_of(model).video_input == "frames":
         tokens = torch.cat(tokens)[None]  # [1, sum N, D]
     out = BaseModelOutputWithPooling(pooler_output=tokens)
     if embeds and embeds[0].deepstack:
@@ -465,6 +465,13 @@ def find_rope_owner(model: Any) -> Any | None:
     return None
 
 
+def token_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D positions `cumsum(mask) - 1` (`[B, L]`, 0 on padding), what `generate` uses, and zero
+    `[B, 1]` deltas."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()  # [B, L]
+    return pos, torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
+
+
 def rope_index(
     model: Any,
     input_ids: torch.Tensor,
@@ -485,9 +492,8 @@ def rope_index(
         FamilyError: An M-RoPE model without `get_rope_index`.
     """
     if family_of(model).positions == "1d":
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()  # [B, L]
-        return pos, torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
+        return token_positions(attention_mask if attention_mask is not None else
+                               torch.ones_like(input_ids))  # fmt: skip
     owner = find_rope_owner(model)
     if owner is None:
         raise FamilyError(f"{type(model).__name__} has no get_rope_index (not an M-RoPE model)")
