@@ -10,18 +10,21 @@ The RL recipe uses this narrow API, per step:
     out = sp_prefill_logprobs(model, batch, group=sp_group)  # out.logprobs/entropy/mask: [B, R]
     loss.backward(); sync_sp_grads(model.parameters(), sp_group)
 
-- Stage 1 (`encode`): a video's temporal patches are split over the SP group, encoded, all-gathered;
+- Stage 1 (`encode`): a video's units (temporal patches; LLaVA-OneVision's frames) are split over
+  the SP group, encoded, all-gathered;
   the embeddings are encoded once per step and reused by the G rollouts and the old/ref/policy
   prefills. Default: frozen vision tower + projector (what cached embeddings imply); `trainable=True`
   keeps the graph (differentiable gather).
 - Stage 2 (`prefill`, `ulysses`): the sequence is sharded round-robin over the group, decoder layers
   run on the shard, attention goes through Ulysses all-to-all; log-probs are computed only at
   response tokens and returned as `[B, R]`, identical on every rank and to SP=1.
-- Positions: the model's own `get_rope_index` with `mm_token_type_ids` (3-D M-RoPE), the same as
-  `generate` uses; rollouts and prefills see identical positions (tested).
-- Families (`lvr.models.family`): every Qwen-VL family lvr knows; a video's `VideoEmbeds` are its
-  merged tokens plus Qwen3-VL's DeepStack features (cached, gathered and prefilled together);
-  Qwen3.5's gated delta-net layers are split over heads (`linear_attention`).
+- Positions: the model's own `get_rope_index` with `mm_token_type_ids` (3-D M-RoPE; 1-D token
+  positions for LLaVA-OneVision), the same as `generate` uses; rollouts and prefills see
+  identical positions (tested).
+- Families (`lvr.models.family`): every family lvr knows (five Qwen-VL, LLaVA-OneVision); a
+  video's `VideoEmbeds` are its merged tokens plus Qwen3-VL's DeepStack features (cached,
+  gathered and prefilled together); Qwen3.5's gated delta-net layers are split over heads
+  (`linear_attention`).
 - Gradient convention: sum over the SP group (`sync_sp_grads`); see `lvr.mrsp.comm`.
 - Engines (`rollout`): `HFRolloutEngine` (CPU/GPU) and `VLLMRolloutEngine` (`lvr.mrsp.vllm_engine`,
   imported lazily: vLLM is optional).
