@@ -228,3 +228,23 @@ def test_two_process_ddp_trains_the_llava_onevision_tower(qa, tmp_path):
     after = load_file(Path(manifest["final_checkpoint"]) / "model.safetensors")
     tower = [k for k in before if k.startswith("vision_tower.encoder.")]
     assert tower and all(not torch.equal(before[k], after[k]) for k in tower)
+
+
+def test_llava_videos_of_different_frame_counts_are_one_line(tmp_path):
+    # LLaVA-OneVision's processor stacks whole videos: sampled at 4 fps, a 2 s and a 0.5 s video
+    # give 8 and 2 frames, which cannot share a micro-batch. The error names the fix;
+    # micro_batch 1 trains.
+    long = make_color_qa(tmp_path / "long", 1, 0, seed=0, size=56)
+    short = make_color_qa(tmp_path / "short", 1, 0, seed=1, size=56, duration_s=0.5)
+    qa = tmp_path / "mixed"
+    qa.mkdir()
+    shutil.copy(long / "00000.parquet", qa / "00000.parquet")
+    shutil.copy(short / "00000.parquet", qa / "00001.parquet")
+    sets = [f"data.qa={qa}", "progress=false", "keep_last=0", "max_steps=1",
+            "model.path=tiny:llava_onevision", "data.frames=16", "data.fps=4"]  # fmt: skip
+    cfg = load_config(SFTConfig, REPO / "configs/sft/tiny_cpu.yaml", [*sets, "micro_batch=2"])
+    with pytest.raises(TrainError, match=r"videos of \[2, 8\] frames .* use micro_batch 1") as err:
+        run_sft(cfg, tmp_path / "run2")
+    assert "\n" not in str(err.value)
+    cfg = load_config(SFTConfig, REPO / "configs/sft/tiny_cpu.yaml", [*sets, "micro_batch=1"])
+    assert run_sft(cfg, tmp_path / "run1")["counts"]["skipped_decode"] == 0

@@ -138,8 +138,8 @@ def check_request(req: Request) -> str | None:
     if req.timestamps is not None:
         if len(req.timestamps) != len(req.images):
             return f"bad request: {len(req.timestamps)} timestamps for {len(req.images)} images"
-        if any(b <= a for a, b in zip(req.timestamps, req.timestamps[1:], strict=False)):
-            return "bad request: timestamps must be strictly increasing"
+        if any(b < a for a, b in zip(req.timestamps, req.timestamps[1:], strict=False)):
+            return "bad request: timestamps must not decrease"  # a repeated frame keeps its time
     return None
 
 

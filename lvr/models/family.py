@@ -542,7 +542,8 @@ def video_metadata(processor: Any, timestamps: Sequence[float], height: int, wid
 
     Args:
         processor: The model's processor.
-        timestamps: Seconds of each frame, increasing (one or more).
+        timestamps: Seconds of each frame, not decreasing (one or more; a repeated frame keeps
+            its time).
         height: Frame height.
         width: Frame width.
 

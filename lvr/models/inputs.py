@@ -119,13 +119,16 @@ def video_fps(num_frames: int, fps: float | None, timestamps: Sequence[float] | 
     Args:
         num_frames: T.
         fps: Frames per second of the given (already sampled) frames.
-        timestamps: Time in seconds of each frame; their mean spacing gives the rate.
+        timestamps: Time in seconds of each frame; their mean spacing gives the rate. A frame
+            may repeat with its time (`lvr.media` repeats frames of a video shorter than the
+            frames asked for, so that a sample always has them all).
 
     Returns:
         Frames per second (> 0).
 
     Raises:
-        ValueError: Neither or both given, wrong length, not increasing, or a single timestamp.
+        ValueError: Neither or both given, wrong length, decreasing times, fewer than 2 frames or
+            no time between the first and the last.
     """
     if (fps is None) == (timestamps is None):
         raise ValueError("give exactly one of fps or timestamps for the video frames")
@@ -136,8 +139,10 @@ def video_fps(num_frames: int, fps: float | None, timestamps: Sequence[float] | 
     ts = np.asarray(timestamps, dtype=np.float64)
     if ts.shape != (num_frames,):
         raise ValueError(f"{len(ts)} timestamps for {num_frames} frames")
-    if num_frames < 2 or not np.all(np.diff(ts) > 0):
-        raise ValueError("timestamps must be strictly increasing with >= 2 frames (else pass fps)")
+    if num_frames < 2 or np.any(np.diff(ts) < 0) or not ts[-1] > ts[0]:
+        raise ValueError(
+            "timestamps must not decrease and must span > 0 s with >= 2 frames (else pass fps)"
+        )
     return float((num_frames - 1) / (ts[-1] - ts[0]))
 
 
@@ -152,13 +157,15 @@ def frame_times(
         timestamps: Time in seconds of each frame.
 
     Returns:
-        T times (strictly increasing; a single frame may come with its one timestamp).
+        T times (not decreasing: a repeated frame keeps its time; one frame, possibly repeated,
+        may come with its one time).
 
     Raises:
         ValueError: As `video_fps`.
     """
-    if fps is None and timestamps is not None and num_frames == len(timestamps) == 1:
-        return [float(timestamps[0])]  # one frame: its time, no rate
+    one_frame = timestamps is not None and len(set(timestamps)) == 1
+    if fps is None and one_frame and num_frames == len(timestamps):  # type: ignore[arg-type]
+        return [float(t) for t in timestamps]  # type: ignore[union-attr]  # its time, no rate
     rate = video_fps(num_frames, fps, timestamps)  # validates either form
     if timestamps is not None:
         return [float(t) for t in timestamps]

@@ -347,7 +347,10 @@ def _cumulative(run: SFTRun) -> dict[str, float]:
 def _forward_backward(run: SFTRun, samples: list[LoadedSample], scale: float, last: bool) -> float:
     """Forward one micro-batch, backward `scale * summed CE`; returns the summed CE (a float)."""
     pad = run.processor.tokenizer.pad_token_id
-    batch = collate([s.inputs for s in samples], pad, padding_side="right")
+    try:
+        batch = collate([s.inputs for s in samples], pad, padding_side="right")
+    except ValueError as exc:  # LLaVA-OneVision: whole videos of different frame counts
+        raise TrainError(f"micro-batch {[s.row.qa_id for s in samples]}: {exc}") from None
     if "mm_token_type_ids" not in batch:  # never let M-RoPE positions fall back to 1-D
         raise TrainError("batch lacks mm_token_type_ids: 3-D M-RoPE positions would be 1-D")
     batch = family.model_inputs(run.model, {k: v.to(run.info.device) for k, v in batch.items()})
