@@ -136,8 +136,8 @@ def per_token_flops(config: Any, frame_px: int = 224, context: int = 4096) -> di
     vc, tc = config.vision_config, config.text_config
     if config.model_type == "llava_onevision":
         visual = model.model.vision_tower
-        patches = (vc.image_size // vc.patch_size) ** 2  # 729 a frame, all projected
         side = vc.image_size // vc.patch_size  # 27
+        patches = side**2  # 729 a frame, all projected
         pooled = ((side + 1) // 2) ** 2  # 196 tokens a frame after the 2x2 pooling (ceil)
         tower = 2 * (_params(visual) + _params(model.model.multi_modal_projector)) * patches
         vision = (tower + 2 * vc.num_hidden_layers * patches * patches * vc.hidden_size) / pooled

@@ -221,7 +221,8 @@ QUESTIONS_PER_VIDEO = 8  # qa calls per video in the Ray measurement
 
 def write_captions(run: Path, videos: int, shards: int) -> None:
     """A finished caption stage: ``videos`` videos of 6 captions each, in ``shards`` shards."""
-    from lvr.artifacts import Shard, Stage, rows_to_table
+    from lvr.artifacts import rows_to_table
+    from lvr.stages import Shard, Stage
 
     stage = Stage(run, "caption")
     per = -(-videos // shards)

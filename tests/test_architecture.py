@@ -33,7 +33,11 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("lvr.backends", ("lvr.mrsp", *STAGES)),  # the local `hf` backend loads lvr.models
     ("lvr.media", ("lvr.mrsp", "lvr.models", "lvr.backends", *STAGES)),
     ("lvr.answers", ("lvr.mrsp", "lvr.models", "lvr.backends", "lvr.media", *STAGES)),
-    ("lvr.artifacts", ("lvr.mrsp", "lvr.models", "lvr.backends", "lvr.media", *STAGES)),
+    ("lvr.stages", ("lvr.mrsp", "lvr.models", "lvr.backends", "lvr.media", *STAGES)),
+    (
+        "lvr.artifacts",
+        ("lvr.stages", "lvr.mrsp", "lvr.models", "lvr.backends", "lvr.media", *STAGES),
+    ),
     ("lvr.layout", ("lvr.artifacts", "lvr.mrsp", "lvr.models", "lvr.backends", *STAGES)),
     ("lvr.config", ("lvr.artifacts", "lvr.layout", "lvr.mrsp", "lvr.models", *STAGES)),
 ]

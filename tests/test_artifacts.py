@@ -17,19 +17,15 @@ import pytest
 from lvr.artifacts import (
     SCHEMAS,
     SchemaError,
-    Shard,
-    Stage,
     clip_id,
-    manifest_name,
-    plan_shards,
     qa_id,
     read_table,
     rows_to_table,
-    run_stage,
     video_id,
     write_parquet,
 )
 from lvr.layout import RunLayout
+from lvr.stages import Shard, Stage, manifest_name, plan_shards, run_stage
 
 
 def _clips(n: int, vid: str = "v") -> pa.Table:
@@ -126,7 +122,8 @@ def test_runner_skips_done_shards_and_redoes_changed_ones(tmp_path: Path) -> Non
 _SLOW_STAGE = textwrap.dedent(
     """
     import sys, time
-    from lvr.artifacts import SCHEMAS, Stage, plan_shards, rows_to_table, run_stage, clip_id
+    from lvr.artifacts import SCHEMAS, rows_to_table, clip_id
+    from lvr.stages import Stage, plan_shards, run_stage
 
     def fn(shard):
         time.sleep(float(sys.argv[2]))

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 from backend_server import fake_server
 
-from lvr.artifacts import manifest_name, read_table
+from lvr.artifacts import read_table
 from lvr.config import load_config
 from lvr.datagen.caption import run_caption
 from lvr.datagen.config import DatagenConfig
 from lvr.datagen.segment import run_segment
 from lvr.datagen.synthetic import VideoSpec, read_sidecar, render_video
 from lvr.layout import RunLayout
+from lvr.stages import manifest_name
 from lvr.testing.fake_server import FaultConfig
 
 SPEC = {

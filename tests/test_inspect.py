@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lvr.artifacts import SCHEMAS, Stage, plan_shards, rows_to_table, run_stage
+from lvr.artifacts import SCHEMAS, rows_to_table
 from lvr.layout import RunLayout
+from lvr.stages import Stage, plan_shards, run_stage
 
 
 def _lvr(*args: str) -> subprocess.CompletedProcess[str]:

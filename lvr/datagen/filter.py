@@ -43,8 +43,6 @@ import pyarrow.parquet as pq
 
 from lvr.artifacts import (
     SCHEMAS,
-    Shard,
-    Stage,
     atomic_write_json,
     conform,
     content_id,
@@ -57,6 +55,7 @@ from lvr.config import config_hash, to_dict
 from lvr.datagen.config import FilterConfig
 from lvr.errors import LvrError
 from lvr.layout import STAGE_TABLES, RunLayout, check_layout
+from lvr.stages import Shard, Stage
 
 FILTER_SQL = Path(__file__).with_name("filter.sql")
 SPLITS = ("sft", "rl", "eval")
@@ -69,7 +68,7 @@ class FilterError(LvrError):
 
 @dataclass
 class FilterResult:
-    """What one filter run did: the fields of ``lvr.artifacts.StageResult`` plus the summary."""
+    """What one filter run did: the fields of ``lvr.stages.StageResult`` plus the summary."""
 
     stage_dir: Path
     shards_total: int

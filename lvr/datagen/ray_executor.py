@@ -42,7 +42,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lvr.artifacts import Shard, Stage, rows_to_table
+from lvr.artifacts import rows_to_table
 from lvr.backends import Usage
 from lvr.backends.limits import SharedLimiter, limiter_actor
 from lvr.datagen.common import ModelBackends
@@ -50,6 +50,7 @@ from lvr.datagen.config import DatagenConfig
 from lvr.datagen.runner import StageContext
 from lvr.errors import LvrError
 from lvr.layout import RunLayout
+from lvr.stages import Shard, Stage
 
 
 class RayExecutorError(LvrError):

@@ -33,21 +33,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import pyarrow as pa
 
-from lvr.artifacts import (
-    SchemaError,
-    Shard,
-    Stage,
-    StageResult,
-    manifest_name,
-    plan_shards,
-    read_table,
-    rows_to_table,
-    run_stage,
-)
+from lvr.artifacts import SchemaError, read_table, rows_to_table
 from lvr.datagen.common import CallReport, ModelBackends
 from lvr.datagen.config import DatagenConfig
 from lvr.errors import LvrError
 from lvr.layout import STAGE_TABLES, RunLayout, check_layout
+from lvr.stages import Shard, Stage, StageResult, manifest_name, plan_shards, run_stage
 
 Item = TypeVar("Item")
 Rows = dict[str, list[dict[str, Any]]]  # table name -> rows (dicts keyed by column)

@@ -521,6 +521,12 @@ def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
 
 
+def frames_per_unit(processor: Any) -> int:
+    """Frames in one encoding unit of this processor's videos: the temporal patch (2 for Qwen),
+    or 1 for a processor that hands whole frames (LLaVA-OneVision)."""
+    return int(getattr(processor.video_processor, "temporal_patch_size", None) or 1)
+
+
 def processor_frame_times(processor: Any) -> FrameTimes | None:
     """How the frames' times reach a model through this processor (the families shipping its
     class agree on it); None for a processor class no family lvr knows ships."""

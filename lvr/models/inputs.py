@@ -164,8 +164,8 @@ def frame_times(
         ValueError: As `video_fps`.
     """
     one_frame = timestamps is not None and len(set(timestamps)) == 1
-    if fps is None and one_frame and num_frames == len(timestamps):  # type: ignore[arg-type]
-        return [float(t) for t in timestamps]  # type: ignore[union-attr]  # its time, no rate
+    if fps is None and timestamps is not None and one_frame and len(timestamps) == num_frames:
+        return [float(t) for t in timestamps]  # one frame, maybe repeated: its time, no rate
     rate = video_fps(num_frames, fps, timestamps)  # validates either form
     if timestamps is not None:
         return [float(t) for t in timestamps]

@@ -70,7 +70,7 @@ def _family_cases(processor: object) -> list[Case]:
     out = []
     # The same unit counts for every family: Qwen's units are temporal patches of 2 frames,
     # LLaVA-OneVision's single frames.
-    per_unit = int(getattr(processor.video_processor, "temporal_patch_size", None) or 1)  # type: ignore[attr-defined]
+    per_unit = family.frames_per_unit(processor)
     for i, patches in enumerate(CHECK_PATCHES):
         frames = patches * per_unit
         pixels = np.random.default_rng(i).integers(0, 256, (frames, 112, 112, 3), dtype=np.uint8)

@@ -26,6 +26,7 @@ import torch
 from lvr.artifacts import read_table
 from lvr.errors import LvrError
 from lvr.media import FrameSpec, VideoDecodeError, sample_video
+from lvr.models.family import frames_per_unit
 from lvr.models.inputs import format_target, frames_sample
 
 __all__ = ["DataError", "FrameSpec", "LoadedSample", "QARow", "load_sample", "read_qa"]
@@ -155,7 +156,7 @@ def load_sample(
         A `LoadedSample`; decode failures and samples that do not fit even with `min_frames` come
         back with `error` set (the caller counts and logs them), never with other frames.
     """
-    temporal = int(getattr(processor.video_processor, "temporal_patch_size", None) or 1)
+    temporal = frames_per_unit(processor)
     text = target_text(row, mode) if target else None
     want, truncated = spec, False
     for _ in range(4):  # the token count is linear in frames: one or two rebuilds suffice
