@@ -268,7 +268,10 @@ def reference(path: Path, stream: int | None = None) -> list[np.ndarray]:
         try:
             for f in c.decode(st):
                 a = f.to_ndarray(format="rgb24")
-                rot = f.rotation if "DISPLAYMATRIX" in [s.type.name for s in f.side_data] else 0
+                kinds = [
+                    getattr(s, "type", s).name for s in f.side_data
+                ]  # items, or (PyAV 18.1.1+) types
+                rot = f.rotation if "DISPLAYMATRIX" in kinds else 0
                 out.append(np.ascontiguousarray(np.rot90(a, k=round(rot / 90) % 4)))
         except av.error.FFmpegError:
             pass  # a damaged file: the frames before the damage are the reference

@@ -60,7 +60,9 @@ def ffmpeg_stream(container: av.container.InputContainer) -> av.video.stream.Vid
 
 def upright(frame: av.VideoFrame) -> tuple[np.ndarray, int]:
     a = frame.to_ndarray(format="rgb24")
-    has = "DISPLAYMATRIX" in [s.type.name for s in frame.side_data]
+    has = "DISPLAYMATRIX" in [
+        getattr(s, "type", s).name for s in frame.side_data
+    ]  # PyAV 18.1.1+: types
     rot = frame.rotation if has else 0
     return np.ascontiguousarray(np.rot90(a, k=round(rot / 90) % 4)), rot
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -105,9 +106,17 @@ def from_matrix(matrix: Sequence[int] | None, path: str) -> Orientation:
     )
 
 
+def side_data(frame: object) -> list[Any]:
+    """A decoded PyAV frame's side data items (each with `.type`), whatever the PyAV version:
+    iterating `frame.side_data` gives the items up to PyAV 18.1.0 and their types (the keys of
+    a mapping) from 18.1.1 on."""
+    container = frame.side_data  # type: ignore[attr-defined]
+    return [entry if hasattr(entry, "type") else container[entry] for entry in container]
+
+
 def display_matrix(frame: object) -> tuple[int, ...] | None:
     """The 9 integers of a decoded PyAV frame's display-matrix side data, or None."""
-    for item in frame.side_data:  # type: ignore[attr-defined]
+    for item in side_data(frame):
         if item.type.name == "DISPLAYMATRIX":
             return tuple(np.frombuffer(bytes(item), np.int32).tolist())
     return None
