@@ -272,6 +272,17 @@ def test_splits_are_video_disjoint_and_stable(tmp_path: Path) -> None:
     assert moved > 100
 
 
+@pytest.mark.parametrize("seed", ["lvr", "a", "b", "c"])
+def test_split_by_rank_never_leaves_a_small_run_without_a_split(tmp_path: Path, seed: str) -> None:
+    # 6 videos at 0.34 / 0.5 / 0.16 (the demo's datagen config): "rank" gives 2 / 3 / 1 videos
+    # whatever their ids; "hash" left eval empty for 14 of 40 salts tried (0.84^6 = 35%).
+    write_raw(tmp_path, many_rows(6, 2, ["temporal"]))
+    shares = {"split_sft": 0.34, "split_rl": 0.5, "split_eval": 0.16}
+    result = run_filter(tmp_path, FilterConfig(**LOOSE, **shares, seed=seed, split_by="rank"))
+    assert {k: v["videos"] for k, v in result.splits.items()} == {"sft": 2, "rl": 3, "eval": 1}
+    assert result.rows_in == 12 and sum(v["rows"] for v in result.splits.values()) == 12
+
+
 def test_split_by_folder_takes_the_dataset_splits(tmp_path: Path) -> None:
     rows = [
         row("q1", "v1", video_path="/data/sft/v1.mp4"),

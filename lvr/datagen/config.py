@@ -271,9 +271,12 @@ class FilterConfig:
     category_shares: dict[str, float] = field(default_factory=lambda: dict(PAPER_SHARES))
     category_share_tolerance: float = 0.1  # a share may exceed its target by this fraction of it
     # rule 9: video-disjoint splits. "hash": fractions of videos (must sum to 1) by a salted hash
-    # of video_id; "folder": the folder holding the video file names its split (sft, rl or eval;
+    # of video_id (a video keeps its split whatever else is in the run; a small run may leave a
+    # split empty); "rank": the videos ordered by that hash and cut at the fractions (as exact as
+    # the video count allows: a split with a share >= 1/n videos is never empty; adding videos can
+    # move others); "folder": the folder holding the video file names its split (sft, rl or eval;
     # e.g. a dataset's own train/test videos), other videos are rejected with the reason.
-    split_by: Literal["hash", "folder"] = "hash"
+    split_by: Literal["hash", "rank", "folder"] = "hash"
     split_sft: float = 0.30
     split_rl: float = 0.60
     split_eval: float = 0.10

@@ -19,7 +19,8 @@
 -- has exactly one fate. Rules 1-5 look at one row; 6-8 look at the rows still alive.
 --   1 generation_error  2 schema  3 duplicate_options  4 length  5 answer_leak
 --   6 duplicate, near_duplicate  7 too_easy, too_hard, no_pass_rate  8 video_cap, category_cap
---   9 kept rows get a split (sft | rl | eval) from a hash of video_id: video-disjoint and stable;
+--   9 kept rows get a split (sft | rl | eval) from a hash of video_id: video-disjoint and stable
+--     (split_by = 'rank': from the video's rank by that hash, exact fractions for small runs);
 --     or, with split_by = 'folder', from the folder holding the video (rule `split` otherwise).
 
 -- Normalized text: lower case, every run of non-letters/non-digits becomes one space, trimmed.
@@ -295,6 +296,16 @@ FROM alive a
 WHERE getvariable('split_by') = 'folder'
   AND regexp_extract(coalesce(a.video_path, ''), '[/\\](sft|rl|eval)[/\\][^/\\]+$', 1) = '';
 
+-- With split_by = 'rank' u is replaced by the video's rank among the kept videos, ordered by the
+-- same hash, (r + 0.5) / n: the fractions hold as closely as n videos allow (a split with a
+-- share of at least 1/n never ends up empty), but adding videos can move others.
+CREATE OR REPLACE TEMP TABLE video_u AS
+SELECT video_id, u,
+       (row_number() OVER (ORDER BY u, video_id) - 0.5) / count(*) OVER () AS rank_u
+FROM (SELECT DISTINCT video_id,
+             md5_number_lower(getvariable('seed') || ':' || video_id)::DOUBLE / 18446744073709551616.0 AS u
+      FROM qa_in WHERE _ord NOT IN (SELECT _ord FROM rejected));
+
 CREATE OR REPLACE TEMP TABLE fates AS
 SELECT q._ord, r.rule, r.reason, p.pass_rate,
     CASE WHEN r.rule IS NOT NULL THEN NULL
@@ -302,9 +313,9 @@ SELECT q._ord, r.rule, r.reason, p.pass_rate,
          WHEN u < getvariable('split_sft') THEN 'sft'
          WHEN u < getvariable('split_sft') + getvariable('split_rl') THEN 'rl'
          ELSE 'eval' END AS split
-FROM (SELECT _ord, qa_id,
-             md5_number_lower(getvariable('seed') || ':' || video_id)::DOUBLE / 18446744073709551616.0 AS u,
-             regexp_extract(coalesce(video_path, ''), '[/\\](sft|rl|eval)[/\\][^/\\]+$', 1) AS folder
-      FROM qa_in) q
+FROM (SELECT qa._ord, qa.qa_id,
+             CASE WHEN getvariable('split_by') = 'rank' THEN v.rank_u ELSE v.u END AS u,
+             regexp_extract(coalesce(qa.video_path, ''), '[/\\](sft|rl|eval)[/\\][^/\\]+$', 1) AS folder
+      FROM qa_in qa LEFT JOIN video_u v USING (video_id)) q
 LEFT JOIN rejected r USING (_ord)
 LEFT JOIN pass_rates_in p USING (qa_id);

@@ -396,9 +396,10 @@ def _encode(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        with av.open(
-            str(tmp), "w", format="mp4", options={"movflags": "+faststart"} if faststart else {}
-        ) as out:
+        # bitexact: no library version in the file ("Lavf62.12.103"), so that an FFmpeg micro
+        # release does not change the bytes, hence the content ids (and the splits they hash to).
+        options = {"fflags": "+bitexact"} | ({"movflags": "+faststart"} if faststart else {})
+        with av.open(str(tmp), "w", format="mp4", options=options) as out:
             st = out.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1001))
             st.width, st.height, st.pix_fmt = spec.width, spec.height, "yuv420p"
             st.options = {
