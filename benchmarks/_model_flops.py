@@ -6,13 +6,12 @@ download); FLOPs per token are 2 x the parameters a token goes through (the matm
 attention: 2 x context x attention width per layer for the decoder (causal: half the context on
 average, QK and AV), and the same over the attended patches for the vision tower.
 
-Sizes are those of the published `config.json` files (Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B- and
-3B-Instruct, Qwen3-VL-8B-Instruct, Qwen3-VL-30B-A3B-Instruct), written here from the model cards;
-for Qwen3.5, transformers' own default `Qwen3_5Config` (its docstring names Qwen/Qwen3.5-27B; its
-sizes were not checked against the hub); for LLaVA-OneVision-7B, transformers' default SigLIP
-tower of `LlavaOnevisionConfig` (whose docstring names llava-onevision-qwen2-7b-ov-hf) with the
-Qwen2-7B decoder above. A LLaVA-OneVision frame is always 384 px (729 patches, projected, then
-pooled to 196 tokens), whatever `frame_px` says.
+Sizes are the published ones of `lvr.models.published` (Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B- and
+3B-Instruct, Qwen3-VL-8B-Instruct, Qwen3-VL-30B-A3B-Instruct, LLaVA-OneVision-7B: transformers'
+default SigLIP tower before the Qwen2-7B decoder); for Qwen3.5, transformers' own default
+`Qwen3_5Config` (its docstring names Qwen/Qwen3.5-27B; its sizes were not checked against the
+hub). A LLaVA-OneVision frame is always 384 px (729 patches, projected, then pooled to 196
+tokens), whatever `frame_px` says.
 """
 
 from __future__ import annotations
@@ -20,98 +19,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForImageTextToText,
-    LlavaOnevisionConfig,
-    Qwen2_5_VLConfig,
-    Qwen2VLConfig,
-    Qwen3_5Config,
-    Qwen3VLConfig,
-    Qwen3VLMoeConfig,
-)
+from transformers import AutoModelForImageTextToText, Qwen3_5Config
 
-_QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-             "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064}  # fmt: skip
-_QWEN25_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                  "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}  # fmt: skip
-_QWEN3_VISION = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
-                 "patch_size": 16, "deepstack_visual_indexes": [8, 16, 24]}  # fmt: skip
+from lvr.models.published import PUBLISHED
+
+# lvr family (or size variant) -> the published checkpoint it is measured on.
+_CHECKPOINTS = {
+    "qwen2_vl": "qwen2-vl-7b",
+    "qwen2_5_vl": "qwen2.5-vl-7b",
+    "qwen2_5_vl_3b": "qwen2.5-vl-3b",
+    "qwen3_vl": "qwen3-vl-8b",
+    "qwen3_vl_moe": "qwen3-vl-30b-a3b",
+    "llava_onevision": "llava-onevision-7b",
+}
 
 
 def real_configs() -> dict[str, tuple[str, Any]]:
     """family -> (checkpoint name, its config)."""
-    return {
-        "qwen2_vl": (
-            "Qwen2-VL-7B-Instruct",
-            Qwen2VLConfig(
-                text_config=_QWEN2_7B,
-                vision_config={
-                    "depth": 32,
-                    "embed_dim": 1280,
-                    "hidden_size": 3584,
-                    "num_heads": 16,
-                    "mlp_ratio": 4,
-                    "patch_size": 14,
-                },
-            ),
-        ),  # fmt: skip
-        "qwen2_5_vl": (
-            "Qwen2.5-VL-7B-Instruct",
-            Qwen2_5_VLConfig(
-                text_config=_QWEN2_7B,
-                vision_config={**_QWEN25_VISION, "out_hidden_size": 3584},
-            ),
-        ),  # fmt: skip
-        "qwen2_5_vl_3b": (
-            "Qwen2.5-VL-3B-Instruct",
-            Qwen2_5_VLConfig(
-                text_config={
-                    "hidden_size": 2048,
-                    "intermediate_size": 11008,
-                    "num_hidden_layers": 36,
-                    "num_attention_heads": 16,
-                    "num_key_value_heads": 2,
-                },
-                vision_config={**_QWEN25_VISION, "out_hidden_size": 2048},
-            ),
-        ),  # fmt: skip
-        "qwen3_vl": (
-            "Qwen3-VL-8B-Instruct",
-            Qwen3VLConfig(
-                text_config={
-                    "hidden_size": 4096,
-                    "intermediate_size": 12288,
-                    "num_hidden_layers": 36,
-                    "num_attention_heads": 32,
-                    "num_key_value_heads": 8,
-                    "head_dim": 128,
-                },
-                vision_config={**_QWEN3_VISION, "out_hidden_size": 4096},
-            ),
-        ),  # fmt: skip
-        "qwen3_vl_moe": (
-            "Qwen3-VL-30B-A3B-Instruct",
-            Qwen3VLMoeConfig(
-                text_config={
-                    "hidden_size": 2048,
-                    "num_hidden_layers": 48,
-                    "num_attention_heads": 32,
-                    "num_key_value_heads": 4,
-                    "head_dim": 128,
-                    "num_experts": 128,
-                    "num_experts_per_tok": 8,
-                    "moe_intermediate_size": 768,
-                },
-                vision_config={**_QWEN3_VISION, "out_hidden_size": 2048},
-            ),
-        ),  # fmt: skip
-        "qwen3_5": ("transformers' default Qwen3_5Config", Qwen3_5Config()),
-        # SigLIP-so400m at 384 px (the config's defaults) before a Qwen2-7B decoder.
-        "llava_onevision": (
-            "llava-onevision-qwen2-7b-ov-hf",
-            LlavaOnevisionConfig(text_config={**_QWEN2_7B, "model_type": "qwen2"}),
-        ),
+    configs = {
+        family: (PUBLISHED[name].checkpoint, PUBLISHED[name].config())
+        for family, name in _CHECKPOINTS.items()
     }
+    configs["qwen3_5"] = ("transformers' default Qwen3_5Config", Qwen3_5Config())
+    return configs
 
 
 def _params(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:

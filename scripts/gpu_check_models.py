@@ -1,11 +1,11 @@
 """Architectures, synthetic inputs, FLOP counts and the capacity model of `scripts/gpu_check.py`.
 
-Real sizes are the published `config.json` values of each model (no download: the weights are
-random, drawn by transformers' own initialisation on the GPU). `--cpu-dry-run` swaps each
+Real sizes are the published `config.json` values of each model (`lvr.models.published`; no
+download: the weights are random, drawn by transformers' own initialisation on the GPU). `--cpu-dry-run` swaps each
 architecture for a tiny one of the same family, so the same code runs here in seconds.
 
-Imports only torch, transformers, peft and `lvr.mrsp` (what the GPU machine has), never
-`lvr.train` (being refactored) nor av/duckdb/polars/deepspeed (absent there).
+Imports only torch, transformers, peft and torch-only parts of lvr (what the GPU machine has),
+never av/duckdb/polars/deepspeed (absent there).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from lvr.models.family import family_of, lora_target_regex
+from lvr.models.published import PUBLISHED
 from lvr.mrsp.synthetic import (
     EOS,
     FIRST_TEXT_ID,
@@ -33,9 +35,7 @@ from lvr.mrsp.synthetic import (
     VISION_START,
     synthetic_prompt,
 )
-
-# Same list as lvr.train.LORA_TARGETS (not imported: lvr.train is being refactored).
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from lvr.train.config import LORA_TARGETS
 
 _QWEN_IDS = {
     "image_token_id": 151655,
@@ -46,35 +46,19 @@ _QWEN_IDS = {
 # Ids from 151643 (<|endoftext|>) up are special tokens: random prompt text stays below them.
 _QWEN_TEXT_VOCAB = 151643
 
-_QWEN25_VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "tokens_per_second": 2,
-    "hidden_act": "silu",
-}
 
-
-def _qwen25(size: str, params: float, text: dict[str, Any], tie: bool) -> dict[str, Any]:
-    """A Qwen2.5-VL size: its decoder shape (`text`) on the shared vision tower and rope."""
-    name = f"Qwen/Qwen2.5-VL-{size}-Instruct"
-    text = {**text, "rms_norm_eps": 1e-6, "max_position_embeddings": 128000,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                "mrope_section": [16, 24, 24]}}  # fmt: skip
+def _real(name: str) -> dict[str, Any]:
+    """The architecture dict of a published Qwen checkpoint (`lvr.models.published`)."""
+    real = PUBLISHED[name]
     return {
-        "family": "qwen2_5_vl",
-        "source": f"{name} config.json (Hugging Face Hub); model card: {params / 1e9:.2f}B params",
-        "published_params": params,
-        "text": text,
-        "vision": {**_QWEN25_VISION, "out_hidden_size": text["hidden_size"]},
+        "family": real.model_type,
+        "source": f"{real.checkpoint} config.json (Hugging Face Hub); "
+        f"model card: {real.params / 1e9:.2f}B params",
+        "published_params": real.params,
+        "text": real.text,
+        "vision": real.vision,
         "ids": _QWEN_IDS,
-        "tie_word_embeddings": tie,
+        "tie_word_embeddings": real.tie_word_embeddings,
         "text_vocab": _QWEN_TEXT_VOCAB,
         "eos": 151645,  # <|im_end|>
         "pad": 151643,  # <|endoftext|>
@@ -82,72 +66,7 @@ def _qwen25(size: str, params: float, text: dict[str, Any], tie: bool) -> dict[s
 
 
 ARCHS: dict[str, dict[str, Any]] = {
-    "qwen2.5-vl-7b": _qwen25(
-        "7B",
-        8.29e9,
-        {
-            "vocab_size": 152064,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-        },
-        tie=False,
-    ),
-    "qwen2.5-vl-3b": _qwen25(
-        "3B",
-        3.75e9,
-        {
-            "vocab_size": 151936,
-            "hidden_size": 2048,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 2,
-        },
-        tie=True,
-    ),
-    "qwen3-vl-8b": {
-        "family": "qwen3_vl",
-        "source": "Qwen/Qwen3-VL-8B-Instruct config.json (Hugging Face Hub); model card: 8.77B params",
-        "published_params": 8.77e9,
-        "text": {
-            "vocab_size": 151936,
-            "hidden_size": 4096,
-            "intermediate_size": 12288,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 262144,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 5e6,
-                "mrope_section": [24, 20, 20],
-                "mrope_interleaved": True,
-            },
-        },
-        "vision": {
-            "depth": 27,
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "num_heads": 16,
-            "out_hidden_size": 4096,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 2304,
-            "deepstack_visual_indexes": [8, 16, 24],
-            "hidden_act": "gelu_pytorch_tanh",
-        },
-        "ids": _QWEN_IDS,
-        "tie_word_embeddings": False,
-        "text_vocab": _QWEN_TEXT_VOCAB,
-        "eos": 151645,
-        "pad": 151643,
-    },
+    name: _real(name) for name in ("qwen2.5-vl-7b", "qwen2.5-vl-3b", "qwen3-vl-8b")
 }
 
 _TINY_IDS = {
@@ -197,7 +116,7 @@ def tiny_arch(name: str) -> dict[str, Any]:
                   "deepstack_visual_indexes": [1], "hidden_act": "gelu_pytorch_tanh"}  # fmt: skip
         text = {**_TINY_TEXT, "head_dim": 64}
     else:
-        vision = {**_QWEN25_VISION, "depth": 2, "hidden_size": 64, "intermediate_size": 128,
+        vision = {**PUBLISHED["qwen2.5-vl-7b"].vision, "depth": 2, "hidden_size": 64, "intermediate_size": 128,
                   "num_heads": 2, "fullatt_block_indexes": [1], "out_hidden_size": 128}  # fmt: skip
         text = dict(_TINY_TEXT)
     arch["text"] = {**text, "num_hidden_layers": layers, "rope_parameters": rope}
@@ -310,7 +229,7 @@ def video_prompt(
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA and trainable parts (the recipes' choices, without importing lvr.train)
+# LoRA and trainable parts (the recipes' choices)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -323,9 +242,8 @@ def lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, train_proje
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = "|".join(LORA_TARGETS)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=rf".*language_model.*\.({targets})")  # fmt: skip
+    targets = lora_target_regex(family_of(model), LORA_TARGETS)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     peft_model = get_peft_model(model, cfg)
     for name, p in peft_model.named_parameters():
         if ".visual.merger." in name:
