@@ -23,6 +23,8 @@ not inside reasoning, found by walking the tags in order:
 The option letter of a span (`span_letter`) is read by the first two ranked rules of the robust
 extractor (`letter_by_rule`), so the reward, the strict score and the robust score agree on every
 span that holds a standalone letter: ``B``, ``B.``, ``(b)``, ``**B**``, ``B. red``, ``(B) red``.
+A letter given as one of alternatives (``B or C``, ``A, B, C, D``, ``B/C``) is no answer in all
+three: a hedge must never score, and a policy must not learn to list every letter.
 
 Open-ended answers are compared after `normalize_text`; when that fails, an LLM judge is asked
 the same Yes/No question (`judge_messages`, `parse_verdict`) by `lvr eval` and by the RL reward
@@ -110,6 +112,14 @@ def format_ok(text: str | None) -> bool:
     return bool(text) and _FORMAT.fullmatch(text.strip()) is not None
 
 
+# "not B", "Not (B)", "NOT B": a rejection, not an answer.
+_NOT = r"(?<![Nn][Oo][Tt] )(?<![Nn][Oo][Tt] \()"
+# What joins alternatives: "B or C", "B and C", "B, C", "B; C", "B/C", "B or maybe C", "B\nC".
+_JOIN = r"\s*(?:,|;|/|&|\+|\n|\b(?:or|and)\b(?:\s+(?:maybe|possibly|perhaps))?)\s*"
+# Wrappers around a letter in such a list: brackets, markdown, quotes, LaTeX's \boxed{...}.
+_WRAP = r"[\s*_`'\"\[\](){}]*(?:\\boxed\{)?"
+
+
 def _letter_class(letters: str) -> str:
     return "[" + re.escape(letters) + "]"
 
@@ -119,7 +129,7 @@ def _rules(offered: str) -> list[tuple[str, re.Pattern[str]]]:
     up = _letter_class(offered)
     both = _letter_class(offered + offered.lower())
     no_word = r"(?![A-Za-z0-9])"
-    neg = r"(?<!not )(?<!not \()"  # "not B" / "not (B)" is a rejection, not an answer
+    neg = _NOT
     phrase = (
         r"(?:answer|option|choice)\s*(?:is|would\s+be|should\s+be|will\s+be|=|:|-)"
         r"\s*(?:option|choice|letter)?\s*:?"
@@ -189,7 +199,9 @@ def letter_by_rule(
         rules: Only these rule names (default: all, in rank order).
 
     Returns:
-        ``(letter, rule)``, or ``(None, None)``. Within a rank the LAST match wins.
+        ``(letter, rule)``; ``(None, None)`` when no rule matches; ``(None, "ambiguous")`` when
+        the winning match is one of alternatives ("B or C", "A, B, C, D": `_hedged`). Within a
+        rank the LAST match wins.
 
     >>> letter_by_rule("so the answer is (c).", "ABCD")
     ('C', 'phrase')
@@ -203,9 +215,30 @@ def letter_by_rule(
             continue
         matches = list(pattern.finditer(stripped))
         if matches:
-            groups = [g for g in matches[-1].groups() if g]
-            return groups[0].upper(), name
+            match = matches[-1]
+            index = next(i for i, g in enumerate(match.groups(), 1) if g)
+            if _hedged(stripped, match.start(index), match.end(index), offered):
+                return None, "ambiguous"
+            return match.group(index).upper(), name
     return None, None
+
+
+def _hedged(text: str, start: int, end: int, offered: str) -> bool:
+    """Whether the letter at `text[start:end]` is one of alternatives: "B or C", "A, B, C, D".
+
+    A hedge names several answers, so it answers none of them (it must never score as one). A
+    letter only mentioned elsewhere ("B and C are wrong, so A") does not make `A` a hedge.
+    """
+    others = offered.replace(text[start:end].upper(), "")
+    if not others:
+        return False
+    # An alternative is a standalone letter; "A" and "I" not starting an English phrase ("I
+    # think", "A man"), though "A or B" joins them.
+    word = r"(?!\s+(?!(?:or|and)\b)[a-z])" if set(others) & set("AI") else ""
+    other = rf"(?<![A-Za-z0-9]){_letter_class(others)}(?![A-Za-z0-9]){word}"
+    before = re.search(rf"{other}{_WRAP}{_JOIN}{_WRAP}$", text[:start])
+    after = re.match(rf"[\s*_`'\"\[\](){{}}.]*?{_JOIN}{_WRAP}{other}", text[end:])
+    return bool(before or after)
 
 
 def span_letter(span: str | None, offered: str = ALL_LETTERS) -> str | None:

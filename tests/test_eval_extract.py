@@ -75,11 +75,55 @@ OPTS = ["a red circle", "a blue square", "a green triangle", "a yellow diamond"]
         ("<answer>The blue square</answer>", "B", "tag/option_text"),
         ("<answer>yellow diamond.</answer>", "D", "tag/option_text"),
         ("I am sure it was a green triangle that moved", "C", "text/option_text_contained"),
-        ("not a red circle but a blue square", None, "no_match"),  # two options inside
+        # An option right after a negation is rejected, not answered.
+        ("not a red circle but a blue square", "B", "text/option_text_contained"),
+        ("<answer>not the red circle</answer>", None, "no_match"),
+        ("It definitely isn't a green triangle.", None, "no_match"),
     ],
 )
 def test_extract_choice_rules(response: str | None, letter: str | None, rule: str) -> None:
     assert extract_choice(response, "ABCD", OPTS) == (letter, rule)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "I think B or C",
+        "Either B or C.",
+        "<answer>B or C</answer>",
+        "<answer>B/C</answer>",
+        "<answer>B and C</answer>",
+        "<answer>A, B, C, D</answer>",
+        "<answer>B; C</answer>",
+        "B\nC",
+        "(B) or (C)",
+        "The answer is (B) or (C).",
+        "Answer: C or D",
+        "It is C or maybe D",
+        "\\boxed{B} or \\boxed{C}",
+        "A or B",
+    ],
+)
+def test_a_hedge_between_letters_answers_none(response: str) -> None:
+    assert extract_choice(response, "ABCD", OPTS)[0] is None
+    assert extract_choice(response, "ABCD", OPTS)[1].endswith("/ambiguous")
+
+
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("It is not B, it is C.", "C"),
+        ("The answer is C, not B.", "C"),
+        ("Options B and C are both wrong; the answer is A.", "A"),
+        ("Both B and C are plausible but B is best.", "B"),
+        ("A and I think C", "C"),
+        ("\\boxed{C}", "C"),
+        ("Not A.", None),  # a rejection, in any case
+        ("NOT (A)", None),
+    ],
+)
+def test_letters_named_elsewhere_are_no_hedge(response: str, letter: str | None) -> None:
+    assert extract_choice(response, "ABCD")[0] == letter
 
 
 def test_only_offered_letters_count() -> None:

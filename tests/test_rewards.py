@@ -40,8 +40,11 @@ def test_mc_accuracy_uses_answer_span_only() -> None:
         "<answer> A </answer>",
         "<answer>AB</answer>",
         "<answer>A video</answer>",  # a letter followed by a word is prose, not a choice
+        "<answer>A, B, C, D</answer>",  # listing every letter must not pay
+        "<answer>A or B</answer>",
     ]
-    assert rewards.mc_accuracy_reward(outs, ["A"] * 7) == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    want = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert rewards.mc_accuracy_reward(outs, ["A"] * len(outs)) == want
 
 
 def test_weighted_sum_default_and_components() -> None:

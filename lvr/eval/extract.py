@@ -26,8 +26,13 @@ every rule is tested against adversarial responses (``tests/test_eval_extract.py
    ``any``     any standalone occurrence, except ``A``/``I`` used as English words (followed by a
                lower-case word: "A man", "I think").
 
-   A letter right after "not " ("not B", "not (B)") is a rejection and is skipped by the ``end``,
-   ``paren``, ``dot``, ``colon``, ``rparen`` and ``any`` rules.
+   A letter right after "not " in any case ("not B", "Not (B)") is a rejection and is skipped by
+   the ``end``, ``paren``, ``dot``, ``colon``, ``rparen`` and ``any`` rules.
+
+   ``ambiguous``: when the winning rule's letter is one of alternatives ("B or C", "either B or
+   C", "B, C", "A, B, C, D", "B/C", "\\boxed{B} or \\boxed{C}", one letter per line), the response
+   named several answers: ``(None, "<where>/ambiguous")``, scored wrong, and no later rule or
+   option text is tried. Letters mentioned elsewhere ("B and C are wrong, so A") do not count.
 
    Numbered options (``offered`` = ``"01234"``, NExT-QA) use the number rules of `lvr.answers` instead: only
    ``alone``, ``start``, ``phrase`` (also "option 2", "choice 2") and ``paren``, since counts
@@ -39,7 +44,8 @@ every rule is tested against adversarial responses (``tests/test_eval_extract.py
    prose are never read as answers.
 4. Option text: when no letter rule matched and option texts are given, a target whose normalized
    text equals exactly one option's normalized text maps to that letter (``option_text``); failing
-   that, a target that contains exactly one option's normalized text (``option_text_contained``).
+   that, a target that contains exactly one option's normalized text (``option_text_contained``),
+   not counting a text right after a negation ("not red", "isn't red", "nor red").
 5. Otherwise ``(None, "no_match")`` — never a random letter (LongVideoBench's harness picks one at
    random when parsing fails; we count it as wrong and report how often it happens).
 
@@ -78,7 +84,7 @@ __all__ = [
     "strip_reasoning",
 ]
 
-PARSER_VERSION = "lvr-extract-v2"  # v2: the answer span is lvr.answers' (first span, shared)
+PARSER_VERSION = "lvr-extract-v3"  # v3: hedges ("B or C") and negations ("Not A") score no letter
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
@@ -150,11 +156,24 @@ def _option_text_letter(
     equal = [i for i, n in enumerate(norms) if n and n == norm_target]
     if len(equal) == 1:
         return letters[equal[0]], "option_text"
-    padded = f" {norm_target} "
-    inside = [i for i, n in enumerate(norms) if n and f" {n} " in padded]
+    inside = [i for i, n in enumerate(norms) if n and _asserted(norm_target, n)]
     if len(inside) == 1:
         return letters[inside[0]], "option_text_contained"
     return None, None
+
+
+# Words that reject what follows ("not red", "it isn't red": normalized "isn t red").
+_NEGATIONS = {"not", "no", "never", "t", "nor", "neither"}
+
+
+def _asserted(norm_target: str, norm_option: str) -> bool:
+    """Whether a normalized target names the option other than right after a negation."""
+    words = norm_target.split()
+    size = len(norm_option.split())
+    return any(
+        " ".join(words[i : i + size]) == norm_option and (i == 0 or words[i - 1] not in _NEGATIONS)
+        for i in range(len(words) - size + 1)
+    )
 
 
 def strip_option_prefix(option: str, letter: str) -> str:
@@ -203,7 +222,7 @@ def extract_choice(
         return None, f"{where}/empty"
     if offered:
         letter, rule = letter_by_rule(target, offered)
-        if letter is not None:
+        if rule is not None:  # a letter, or "ambiguous": several named, none answered
             return letter, f"{where}/{rule}"
     if options:
         letters = offered or ALL_LETTERS[: len(options)]
