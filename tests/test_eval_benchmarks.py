@@ -229,3 +229,22 @@ def test_fixture_copy_is_layout_independent(tmp_path: Path, bench_videos: Path) 
         Source("mlvu", str(tmp_path / "MLVU" / "json" / "4_count.json"), bench_videos)
     )
     assert one.column("qa_id").to_pylist() == ["mlvu/count/0", "mlvu/count/1"]
+
+
+def test_srt_cues_that_are_numbers_are_text(tmp_path: Path) -> None:
+    from lvr.eval.benchmarks import read_srt
+
+    srt = tmp_path / "a.srt"
+    srt.write_text(
+        "\ufeff1\n00:00:01,000 --> 00:00:02,500\nHello <i>there</i>\n\n"
+        "2\n00:00:03,000 --> 00:00:04,000\n2024\n\n"
+        "3\n00:00:05,000 --> 00:00:06,000\n42\nis the answer\n\n"
+        "00:07.250 --> 00:08.000\nno hours, no number\n",
+        encoding="utf-8",
+    )
+    assert read_srt(srt) == [
+        [1.0, 2.5, "Hello there"],
+        [3.0, 4.0, "2024"],
+        [5.0, 6.0, "42 is the answer"],
+        [7.25, 8.0, "no hours, no number"],
+    ]

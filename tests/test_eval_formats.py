@@ -301,18 +301,118 @@ def test_folder_with_files_that_are_not_questions(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "test.jsonl").write_text((FIX / "videomme" / "test.jsonl").read_text())
     (folder / "meta.json").write_text(json.dumps({"version": 2, "name": "Video-MME"}))
-    (folder / "notes.json").write_text('{"draft": [1, 2,')  # unreadable
     notes: list[str] = []
     assert len(read_records(str(folder), notes=notes)) == 6  # 5 questions + the meta object
-    assert len(notes) == 1 and notes[0].startswith("skipped a file that holds no records: ")
-    assert "notes.json" in notes[0] and "\n" not in notes[0]
     rows, notes = _load("videomme", folder)
     assert len(rows) == 5
     assert any(
         n.startswith("skipped (read 1 other file(s)): meta.json is not a videomme file")
         for n in notes
     )
-    (folder / "test.jsonl").unlink()
-    (folder / "meta.json").unlink()
-    with pytest.raises(BenchmarkError, match="cannot read .*notes.json"):
+
+
+def test_a_broken_file_in_a_benchmark_folder_stops_the_read(tmp_path: Path) -> None:
+    """A truncated download beside the other files must not vanish from the score."""
+    folder = tmp_path / "videomme"
+    folder.mkdir()
+    lines = (FIX / "videomme" / "test.jsonl").read_text().splitlines()
+    (folder / "part1.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (folder / "part2.jsonl").write_text(lines[3] + "\n" + lines[4][: len(lines[4]) // 2])
+    with pytest.raises(BenchmarkError, match=r"cannot read .*part2.jsonl: line 2.*move it out"):
         read_records(str(folder))
+    with pytest.raises(BenchmarkError) as info:
+        _load("videomme", folder)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON laid out in every way a writer lays it out; labels of any type
+# ---------------------------------------------------------------------------------------------
+
+
+def _vmme_records() -> list[dict]:
+    return [json.loads(line) for line in (FIX / "videomme" / "test.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_a_json_object_reads_the_same_on_one_line_and_pretty_printed(
+    tmp_path: Path, indent: int | None
+) -> None:
+    records = _vmme_records()
+    cases = {
+        "wrapped.json": ({"version": "1.0", "data": records}, 5),
+        "keyed.json": ({r["question_id"]: r for r in records}, 5),
+        "single.json": (records[0], 1),  # one record: its options list is no record list
+        "single.jsonl": (records[0], 1),
+    }
+    for name, (obj, count) in cases.items():
+        path = tmp_path / name
+        path.write_text(json.dumps(obj, indent=indent))
+        rows, notes = _load("videomme", path)
+        assert len(rows) == count, name
+        assert all(
+            r["error"] is None or r["error"].startswith("video not found") for r in rows.values()
+        )
+        assert "videomme/001-1" in rows, name  # native ids, also from a dict's keys
+    keyed = tmp_path / "keyed_no_ids.json"
+    keyed.write_text(json.dumps({f"q{i}": {k: v for k, v in r.items() if k != "question_id"}
+                                 for i, r in enumerate(records)}))  # fmt: skip
+    assert "videomme/q3" in _load("videomme", keyed)[0]
+
+
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path: Path) -> None:
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (FIX / "videomme" / "test.jsonl").read_bytes())
+    assert len(_load("videomme", path)[0]) == 5
+
+
+def test_labels_of_any_type_become_text(tmp_path: Path) -> None:
+    records = _vmme_records()
+    records[0]["task_type"] = ["Counting Problem", "OCR Problems"]
+    records[1]["task_type"] = 7
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(records))
+    rows, _ = _load("videomme", path)
+    assert rows["videomme/001-1"]["category"] == "Counting Problem, OCR Problems"
+    assert rows["videomme/001-2"]["category"] == "7"
+    lvb = json.loads((FIX / "longvideobench" / "lvb_val.json").read_text())
+    lvb[0]["question_category"], lvb[1]["duration_group"] = 3, [15, 60]
+    path = tmp_path / "lvb_val.json"
+    path.write_text(json.dumps(lvb))
+    rows = list(_load("longvideobench", path)[0].values())
+    assert rows[0]["category"] == "3" and rows[1]["duration_bucket"] == "15, 60"
+
+
+def test_longvideobench_candidates_padded_or_labelled(tmp_path: Path) -> None:
+    base = json.loads((FIX / "longvideobench" / "lvb_val.json").read_text())[0]
+    padded = {**base, "id": "padded", "candidates": ["red", "green", "blue", "N/A", "N/A"],
+              "correct_choice": 2}  # fmt: skip
+    labelled = {**base, "id": "labelled", "candidates": ["B. green", "A. red", "C. blue"],
+                "correct_choice": 0}  # fmt: skip
+    path = tmp_path / "lvb_val.json"
+    path.write_text(json.dumps([padded, labelled]))
+    rows, _ = _load("longvideobench", path)
+    assert (rows["longvideobench/padded"]["options"], rows["longvideobench/padded"]["answer"]) == (
+        ["red", "green", "blue"], "C")  # fmt: skip
+    # correct_choice indexes the list as given: its first item is the option labelled B.
+    assert (rows["longvideobench/labelled"]["options"], rows["longvideobench/labelled"]["answer"]) == (
+        ["red", "green", "blue"], "B")  # fmt: skip
+
+
+def test_notes_count_expanded_questions_and_renamed_ids(tmp_path: Path) -> None:
+    records = _vmme_records()
+    nested = {
+        k: v
+        for k, v in records[0].items()
+        if k not in ("question", "options", "answer", "question_id")
+    }
+    nested["questions"] = [
+        {k: r[k] for k in ("question", "options", "answer", "question_id")} for r in records[:2]
+    ]
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([nested, *records[2:], records[4]]))
+    rows, notes = _load("videomme", path)
+    assert len(rows) == 6
+    assert "videomme: 1 nested records expanded to 2 questions" in notes
+    assert any(n.startswith("1 question(s) repeat an earlier id") for n in notes)
+    assert f"videomme/{records[4]['question_id']}#2" in rows

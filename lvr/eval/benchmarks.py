@@ -52,9 +52,11 @@ from lvr.eval.options import (
     check_texts,
     clean_question,
     from_lines,
+    from_prefixed,
     gold_label,
     lettered_question,
     question_error,
+    split_label,
 )
 from lvr.eval.sources import (
     Adapter,
@@ -170,29 +172,39 @@ def adapt_longvideo_reason(rec: dict[str, Any], index: int, src: Source) -> dict
 # Video-MME
 # ---------------------------------------------------------------------------------------------
 
-_SRT_TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)\s*-->\s*(\d+):(\d+):(\d+)[,.](\d+)")
+# "00:01:02,500" (SRT) or "01:02.500" (WebVTT without hours), on both sides of the arrow.
+_CUE_TIME = r"(?:(\d+):)?(\d+):(\d+)[,.](\d+)"
+_SRT_TIME = re.compile(rf"{_CUE_TIME}\s*-->\s*{_CUE_TIME}")
+
+
+def _seconds(hours: str | None, minutes: str, seconds: str, fraction: str) -> float:
+    return int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds) + float(f"0.{fraction}")
 
 
 def read_srt(path: Path) -> list[list[Any]]:
     """Cues of an SRT file as ``[start_s, end_s, text]`` (markup like ``<font>`` removed).
 
     Args:
-        path: The .srt file.
+        path: The .srt file (WebVTT-style times without hours also read).
 
     Returns:
-        Cues in file order; cue numbers and blank lines dropped, multi-line text joined.
+        Cues in file order, multi-line text joined. A cue's number is the line right before its
+        time line; every other line is text, numbers included ("2024", "42").
     """
+    lines = [
+        ln.strip() for ln in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    ]
     cues: list[list[Any]] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
+    for i, line in enumerate(lines):
         match = _SRT_TIME.search(line)
         if match:
-            h1, m1, s1, f1, h2, m2, s2, f2 = (int(x) for x in match.groups())
-            start = h1 * 3600 + m1 * 60 + s1 + f1 / 1000
-            cues.append([start, h2 * 3600 + m2 * 60 + s2 + f2 / 1000, ""])
-        elif line and not line.isdigit() and cues:
-            text = re.sub(r"<[^>]+>", "", line)
-            cues[-1][2] = f"{cues[-1][2]} {text}".strip()
+            groups = match.groups()
+            cues.append([_seconds(*groups[:4]), _seconds(*groups[4:]), ""])
+        elif line and cues:
+            is_number = line.isdigit() and i + 1 < len(lines) and _SRT_TIME.search(lines[i + 1])
+            if not is_number:
+                text = re.sub(r"<[^>]+>", "", line)
+                cues[-1][2] = f"{cues[-1][2]} {text}".strip()
     return [c for c in cues if c[2]]
 
 
@@ -213,7 +225,7 @@ def adapt_videomme(rec: dict[str, Any], index: int, src: Source) -> dict[str, An
     duration = pick(rec, "duration")
     return question_row(
         src,
-        f"videomme/{pick(rec, 'question_id') or index}",
+        f"videomme/{pick(rec, 'question_id', '__key__') or index}",
         video_path=path,
         question=question,
         options=options,
@@ -244,19 +256,33 @@ def _videomme_subtitles(src: Source, vid: Any) -> list[list[Any]] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lvb_options(rec: dict[str, Any]) -> tuple[list[str], str | None]:
+def _lvb_options(rec: dict[str, Any]) -> tuple[list[str], str, str | None]:
+    """Option texts in label order, the label of each option as the record lists them (what
+    ``correct_choice`` indexes), and the first defect.
+
+    ``candidates`` padded to five with "N/A" lose the padding; candidates that carry their own
+    labels ("B. green", in any order) are ordered by them, and keep them.
+    """
     if rec.get("candidates") is not None:
-        opts = [str(c).strip() for c in as_list(rec["candidates"]) or []]
-        return opts, check_texts(opts)
+        listed = [str(c).strip() for c in as_list(rec["candidates"]) or []]
+        while listed and listed[-1] in ("", "N/A"):
+            listed.pop()
+        labels = [split_label(c)[0] for c in listed]
+        if listed and all(labels):
+            opts, err = from_prefixed(listed)
+            return opts, "".join(label or "" for label in labels), err
+        return listed, LETTERS[: len(listed)], check_texts(listed)
     raw = [rec.get(f"option{i}") for i in range(5)]
     present = [not _blank(o) and str(o).strip() != "N/A" for o in raw]
     count = sum(present)
     if present[:count] != [True] * count:  # an "N/A" or a blank before a real option
-        return [
-            str(o) for o in raw if o
-        ], "options have a gap ('N/A' or blank before a real option)"
+        return (
+            [str(o) for o in raw if o],
+            LETTERS[:count],
+            "options have a gap ('N/A' or blank before a real option)",
+        )
     opts = [str(o).strip() for o in raw[:count]]
-    return opts, check_texts(opts)
+    return opts, LETTERS[:count], check_texts(opts)
 
 
 def _choice_index(choice: Any) -> int | None:
@@ -272,11 +298,11 @@ def _choice_index(choice: Any) -> int | None:
 def adapt_longvideobench(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:
     """Map one LongVideoBench record (see module docstring)."""
     question = clean_question(pick(rec, "question"))
-    options, err = _lvb_options(rec)
+    options, listed, err = _lvb_options(rec)
     errors: list[str | None] = [question_error(question), err]
     choice = rec.get("correct_choice")
     pos = _choice_index(choice)
-    answer = LETTERS[pos] if pos is not None and 0 <= pos < len(options) else None
+    answer = listed[pos] if pos is not None and 0 <= pos < len(listed) else None
     if answer is None:
         errors.append(f"correct_choice {choice!r} does not index one of {len(options)} options")
     path, err = resolve_video(
@@ -284,11 +310,12 @@ def adapt_longvideobench(rec: dict[str, Any], index: int, src: Source) -> dict[s
     )
     errors.append(err)
     group = rec.get("duration_group")
-    bucket = _LVB_GROUPS.get(group, None if group is None else str(group))
+    bucket = _LVB_GROUPS.get(group) if isinstance(group, (int, float)) else None
+    bucket = bucket or group  # a label the release did not use is kept as given (as text)
     keys = ("id", "video_id", "topic_category", "level", "duration", "subtitle_path", "position")
     return question_row(
         src,
-        f"longvideobench/{rec.get('id') or index}",
+        f"longvideobench/{rec.get('id') or rec.get('__key__') or index}",
         video_path=path,
         question=question,
         options=options,
@@ -519,26 +546,35 @@ def load_questions(src: Source, limit: int | None = None) -> pa.Table:
     ]  # fmt: skip
     if bench.spec is not None and rows:
         filecheck.check_readable(records, rows, specs, src)
-    rows = _unique_ids(rows)
+    rows = _unique_ids(rows, src)
     filecheck.note_warnings(rows, src)
     return rows_to_table(rows if limit is None else rows[:limit], "questions")
 
 
 def _plain_records(src: Source) -> list[dict[str, Any]]:
-    records, parents = flatten_nested(read_records(src.data, src.split, src.notes))
+    raw = read_records(src.data, src.split, src.notes)
+    records, parents = flatten_nested(raw)
     if parents:
+        children = len(records) - (len(raw) - parents)
         src.notes.append(
-            f"{src.benchmark}: {parents} nested records expanded to {len(records)} questions"
+            f"{src.benchmark}: {parents} nested records expanded to {children} questions"
         )
     return records
 
 
-def _unique_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep ids unique (a duplicated native id gets "#2", "#3" in file order)."""
+def _unique_ids(rows: list[dict[str, Any]], src: Source) -> list[dict[str, Any]]:
+    """Keep ids unique (a duplicated native id gets "#2", "#3" in file order), with a note."""
     seen: dict[str, int] = {}
+    renamed = []
     for row in rows:
         n = seen.get(row["qa_id"], 0) + 1
         seen[row["qa_id"]] = n
         if n > 1:
+            renamed.append(row["qa_id"])
             row["qa_id"] = f"{row['qa_id']}#{n}"
+    if renamed:
+        src.notes.append(
+            f"{len(renamed)} question(s) repeat an earlier id and were renamed <id>#2, #3...: "
+            f"{', '.join(sorted(set(renamed))[:3])}{' ...' if len(set(renamed)) > 3 else ''}"
+        )
     return rows

@@ -79,18 +79,21 @@ def read_records(
 
 
 def _read_folder(files: list[Path], notes: list[str]) -> list[dict[str, Any]]:
-    """Records of every readable file; an unreadable one (a config dict, a broken file beside the
-    benchmark's files) is skipped with a note, unless no file is readable."""
+    """Records of every file, in name order.
+
+    A file that does not parse stops the read: beside benchmark files it is most likely one of
+    them, truncated or corrupted, and skipping it would score the benchmark without its
+    questions. Files that parse but are another kind (a config, a results file) are left to the
+    benchmark's field check, which skips them with a note.
+    """
     records: list[dict[str, Any]] = []
-    problems: list[str] = []
     for f in files:
         try:
             records += _read_file(f, notes)
         except BenchmarkError as exc:
-            problems.append(str(exc))
-    if problems and len(problems) == len(files):
-        raise BenchmarkError(problems[0])
-    notes.extend(f"skipped a file that holds no records: {p}" for p in problems)
+            raise BenchmarkError(
+                f"{exc} (in the benchmark folder {f.parent}: re-download it or move it out)"
+            ) from None
     return records
 
 
@@ -123,7 +126,8 @@ def sniff_format(path: Path) -> str:
 def _read_file(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     fmt = sniff_format(path)
     named = path.suffix.lstrip(".")
-    if fmt != named and not (fmt == "jsonl" and named == "json" and _one_object(path)):
+    rows: list[Any]
+    if fmt != named and not (fmt == "jsonl" and named == "json" and _one_line(path)):
         notes.append(f"{path.name} holds {fmt}, not {named or 'a known format'}: read as {fmt}")
     try:
         if fmt == "parquet":
@@ -136,6 +140,8 @@ def _read_file(path: Path, notes: list[str]) -> list[dict[str, Any]]:
             rows = csv.read_csv(path).to_pylist()
         elif fmt == "jsonl":
             rows = _read_jsonl(path)
+            if len(rows) == 1:  # one object on one line: a JSON document however laid out
+                rows = _records_in(rows[0], path)
         else:
             rows = _records_in(_load_json(path, notes), path)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
@@ -148,14 +154,14 @@ def _read_file(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def _one_object(path: Path) -> bool:
-    """A ``.json`` file holding exactly one object on one line (still plain JSON)."""
-    return len([ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]) == 1
+def _one_line(path: Path) -> bool:
+    """A file holding exactly one non-blank line (one compact JSON object is still plain JSON)."""
+    return len([ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]) == 1
 
 
 def _read_jsonl(path: Path) -> list[Any]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -181,15 +187,26 @@ def _load_json(path: Path, notes: list[str]) -> Any:
 
 
 def _records_in(obj: Any, path: Path) -> list[Any]:
-    """The record list of a JSON document: the list itself, or the one list inside an object."""
+    """The records of a JSON document.
+
+    A list is the records. An object is a wrapper when it holds exactly one list of objects
+    (``{"version": 1, "data": [...]}``), a mapping when every value is an object (``{id:
+    record}``; the key is kept as ``__key__``), and otherwise one record: its lists are its own
+    fields (``options``), and so is a ``questions`` list of a video -> questions record.
+    """
     if isinstance(obj, list):
         return obj
     if isinstance(obj, dict):
-        lists = [v for v in obj.values() if isinstance(v, list)]
-        if len(lists) == 1:
-            return lists[0]
+        lists = [
+            k
+            for k, v in obj.items()
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+        ]
+        if len(lists) == 1 and lists[0] not in NESTED_KEYS:
+            return obj[lists[0]]
         if obj and all(isinstance(v, dict) for v in obj.values()):  # {id: record}
             return [{"__key__": k, **v} for k, v in obj.items()]
+        return [obj]
     raise BenchmarkError(f"{path}: expected a JSON list of records, found a {type(obj).__name__}")
 
 
@@ -384,11 +401,26 @@ def question_row(
         "options": fields.get("options") or [],
         "answer": fields.get("answer"),
         "format": fields.get("format") or "mc",
-        "category": fields.get("category"),
-        "duration_bucket": fields.get("duration_bucket"),
+        "category": label_text(fields.get("category")),
+        "duration_bucket": label_text(fields.get("duration_bucket")),
         "extra": json.dumps(extra, default=str, sort_keys=True),
         "error": "; ".join(problems) if problems else None,
     }
+
+
+def label_text(value: Any) -> str | None:
+    """A grouping label as text, whatever type the file gave (``["OCR", "Counting"]``, ``3``).
+
+    >>> label_text(["OCR", "Counting"]), label_text(3), label_text(None)
+    ('OCR, Counting', '3', None)
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
 
 
 def resolve_video(
