@@ -216,7 +216,7 @@ def test_wrong_benchmark_file_is_one_line(benchmark: str, data: Path, actual: st
 
 
 def test_right_fields_but_nothing_readable_is_one_line(tmp_path: Path) -> None:
-    # Video-R1's Video-MME file has problem/solution/path, but its problems carry no options.
+    # Video-R1's Video-MME file has problem/solution/path (its options apart): Video-MME's.
     rec = {"problem": "What happens?", "solution": "<answer>A</answer>", "path": "v.mp4",
            "question": "What happens?", "options": ["A. x", "B. y"], "answer": "A", "videoID": "v"}  # fmt: skip
     path = tmp_path / "eval_videomme.json"
@@ -225,7 +225,7 @@ def test_right_fields_but_nothing_readable_is_one_line(tmp_path: Path) -> None:
         load_questions(Source("longvideo-reason", str(path)))
     line = str(err.value)
     assert "\n" not in line
-    assert "none of its 5 records could be read: 5 x problem has no" in line
+    assert "is not a longvideo-reason file (has videoID, a videomme field)" in line
     assert line.endswith("it looks like videomme: pass --benchmark videomme")
 
 
@@ -416,3 +416,51 @@ def test_notes_count_expanded_questions_and_renamed_ids(tmp_path: Path) -> None:
     assert "videomme: 1 nested records expanded to 2 questions" in notes
     assert any(n.startswith("1 question(s) repeat an earlier id") for n in notes)
     assert f"videomme/{records[4]['question_id']}#2" in rows
+
+
+def test_records_as_other_writers_write_them(tmp_path: Path) -> None:
+    """Options apart from the problem (Video-R1), an answer-format line after the options, a
+    list kept as text by a table writer, a float index written beside nulls."""
+    lvr_r = [
+        {"problem_id": 7, "problem": "Which comes first?", "options": ["A. red", "B. blue"],
+         "solution": "<answer>B</answer>", "videos": "a.mp4"},
+        {"problem_id": 8, "problem": "Which comes first?\nA. red\nB. blue\n"
+         "Answer with the option's letter from the given choices directly.",
+         "solution": "<answer>A</answer>", "videos": "a.mp4"},
+    ]  # fmt: skip
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lvr_r))
+    rows, _ = _load("longvideo-reason", path)
+    assert [(r["question"], r["options"], r["answer"]) for r in rows.values()] == [
+        ("Which comes first?", ["red", "blue"], "B"),
+        ("Which comes first?", ["red", "blue"], "A"),
+    ]
+    records = _vmme_records()
+    table = pa.Table.from_pylist(
+        [
+            {**r, "options": json.dumps(r["options"]) if i % 2 else repr(r["options"])}
+            for i, r in enumerate(records)
+        ]  # fmt: skip
+    )
+    pq.write_table(table, tmp_path / "test.parquet")
+    rows, _ = _load("videomme", tmp_path / "test.parquet")
+    assert rows["videomme/001-1"]["options"] == ["One.", "Two.", "Three.", "Four."]
+    assert all(
+        r["error"] is None or r["error"].startswith("video not found") for r in rows.values()
+    )
+    lvb = json.loads((FIX / "longvideobench" / "lvb_val.json").read_text())
+    lvb[0]["correct_choice"] = float(lvb[0]["correct_choice"])
+    (tmp_path / "lvb_val.json").write_text(json.dumps(lvb))
+    first = next(iter(_load("longvideobench", tmp_path / "lvb_val.json")[0].values()))
+    assert first["answer"] == "C" and "correct_choice" not in (first["error"] or "")
+
+
+def test_a_video_is_found_under_another_container_or_extension_case(tmp_path: Path) -> None:
+    from lvr.eval.sources import resolve_video
+
+    _touch(tmp_path, "X.mkv", "vidU.MP4", "videos/Y.mp4", "Y.webm")
+    assert resolve_video(tmp_path, "X.mp4", ("videos",)) == (str(tmp_path / "X.mkv"), None)
+    assert resolve_video(tmp_path, "vidU", ("videos",)) == (str(tmp_path / "vidU.MP4"), None)
+    # The named file wins over the same stem in another container, in any folder tried.
+    assert resolve_video(tmp_path, "Y.mp4", ("videos",)) == (str(tmp_path / "videos/Y.mp4"), None)
+    assert resolve_video(tmp_path, "Z.mp4", ("videos",))[1].startswith("video not found: Z.mp4")

@@ -51,6 +51,7 @@ from lvr.eval.options import (
     LETTERS,
     check_texts,
     clean_question,
+    from_any,
     from_lines,
     from_prefixed,
     gold_label,
@@ -141,6 +142,10 @@ def adapt_longvideo_reason(rec: dict[str, Any], index: int, src: Source) -> dict
         question, options, err = "", [], "record has no problem text"
     else:
         question, options, err = split_problem(clean_question(problem))
+        listed = pick(rec, "options")
+        if not options and listed is not None:  # Video-R1 re-formats list them apart
+            options, err = from_any(listed)
+            err = err or question_error(question)
     errors.append(err)
     kind = pick(rec, "extra_info.answer_type", "answer_type")
     if kind is not None and "choice" not in str(kind).lower():
@@ -290,6 +295,8 @@ def _choice_index(choice: Any) -> int | None:
         return None
     if isinstance(choice, int):
         return choice
+    if isinstance(choice, float) and choice.is_integer():  # pandas writes 2.0 beside nulls
+        return int(choice)
     if isinstance(choice, str) and choice.strip().isdigit():
         return int(choice.strip())
     return None
@@ -483,7 +490,12 @@ BENCHMARKS: dict[str, Benchmark] = {
     "qa": Benchmark(adapt_qa, read=_qa_records),
     "longvideo-reason": Benchmark(
         adapt_longvideo_reason,
-        Spec((("problem",), ("answer", "solution"), ("videos", "video", "path"))),
+        # Video-R1's Video-MME file also has problem/solution/path (and options apart): it is
+        # Video-MME's, with its categories and duration groups.
+        Spec(
+            (("problem",), ("answer", "solution"), ("videos", "video", "path")),
+            excludes=(("videoID", "videomme"),),
+        ),
     ),
     "videomme": Benchmark(
         adapt_videomme,

@@ -19,6 +19,8 @@ is what the gold answer names.
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +31,12 @@ NUMBERED = "numbers"  # value of extra["option_labels"] for 0-based numbered opt
 
 # One labelled option: "A. x", "A) x", "(A) x", "[A] x", "A: x"; never "A man..." (no mark).
 _LABELLED = re.compile(r"^\s*(?:\(([A-J])\)|\[([A-J])\]|([A-J])[.):])\s*(.*?)\s*$", re.DOTALL)
+# An answer-format line some re-formats put after the options ("Answer with the option's letter
+# from the given choices directly.", "Please think step by step..."): lvr states its own.
+_INSTRUCTION = re.compile(
+    r"^\s*(?:$|(?:please\s+)?(?:answer|respond|reply|select|choose|output|provide|put|think)\b)",
+    re.IGNORECASE,
+)
 # Model-specific media placeholders some re-formats leave in the question text.
 _PLACEHOLDER = re.compile(r"<(?:image|video)>", re.IGNORECASE)
 
@@ -176,6 +184,8 @@ def from_lines(text: str) -> tuple[str, list[str], str | None]:
     if first is None:
         return str(text).strip(), [], "no 'A. ...' option lines"
     question = "\n".join(lines[:first]).strip()
+    while lines and _INSTRUCTION.match(lines[-1]):  # the answer format, not an option
+        lines.pop()
     pairs = []
     for line in lines[first:]:
         if not line.strip():
@@ -202,6 +212,18 @@ def from_dict(mapping: Mapping[Any, Any]) -> tuple[list[str], str | None]:
     return order_labelled(pairs)
 
 
+def _literal(text: str) -> Any:
+    """A JSON or Python literal (``'["A. x"]'``, ``"['A. x']"``), or None when it is neither."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
 def from_any(value: Any) -> tuple[list[str], str | None]:
     """Options in whichever published shape ``value`` has (dict, prefixed list, block of lines).
 
@@ -218,6 +240,10 @@ def from_any(value: Any) -> tuple[list[str], str | None]:
         return [], "record has no options"
     if isinstance(value, Mapping):
         return from_dict(value)
+    if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+        parsed = _literal(value)  # a list kept as text by a CSV or Parquet writer
+        if isinstance(parsed, (list, dict)):
+            return from_any(parsed)
     if isinstance(value, str):
         question, options, err = from_lines(value)
         if not err and question:

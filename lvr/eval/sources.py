@@ -429,7 +429,9 @@ def resolve_video(
     """Find a benchmark video on disk.
 
     Tries ``name`` as given, then under ``video_dir`` and ``video_dir/<subdir>`` for each subdir,
-    also with the usual extensions when ``name`` has none (Video-MME ids).
+    also with the usual extensions (either case) when ``name`` has none (Video-MME ids), and
+    the same stem in another container when the named file is not there. The path returned is
+    the file found, which the row then carries.
 
     Args:
         video_dir: Folder the benchmark's videos were extracted to.
@@ -442,11 +444,14 @@ def resolve_video(
     if name is None or not str(name).strip():
         return "", "record has no video field"
     rel = Path(str(name).strip())
-    names = (
-        [rel] if rel.suffix.lower() in VIDEO_EXTS else [Path(f"{rel}{ext}") for ext in VIDEO_EXTS]
-    )
+    # The named file first; then the same stem in the other containers and upper-case
+    # extensions (a download tool's .mkv/.webm for a record's .mp4; a camera's .MP4).
+    stem = rel.with_suffix("") if rel.suffix.lower() in VIDEO_EXTS else rel
+    exts = [e for ext in VIDEO_EXTS for e in (ext, ext.upper())]
+    names = [rel, *(Path(f"{stem}{ext}") for ext in exts if f"{stem}{ext}" != str(rel))]
+    names = names if rel.suffix.lower() in VIDEO_EXTS else names[1:]
     bases = [Path()] if video_dir is None else [video_dir, *(video_dir / s for s in subdirs)]
-    candidates = [n if n.is_absolute() else b / n for b in bases for n in names]
+    candidates = [n if n.is_absolute() else b / n for n in names for b in bases]
     if video_dir is not None:  # datasets sometimes keep a folder prefix the archive lacks
         candidates += [b / n.name for b in bases for n in names if n.name != str(n)]
     for cand in candidates:
