@@ -1,0 +1,138 @@
+"""The frame index on files whose decode order, timestamps or headers mislead a naive probe.
+
+Each file is written here with PyAV (H.264 by libx264); the reference is a plain front-to-back
+PyAV decode (``media_defects.reference``), which numbers frames as ffmpeg and lvr do.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import media_defects
+import numpy as np
+import pytest
+
+from lvr.media import load_index, probe, sample_frames
+from lvr.media.decord_backend import available as decord_available
+
+BACKENDS = [
+    "pyav",
+    pytest.param("decord", marks=pytest.mark.skipif(not decord_available(), reason="no decord")),
+]
+X264 = "keyint=12:min-keyint=12:scenecut=0:bframes=3"
+
+
+def h264(
+    path: Path, pts: list[int], fmt: str | None = None, x264: str = X264, tb: Fraction | None = None
+) -> Path:
+    """H.264 frames ``picture(i)`` with the given pts (in ``tb``, default 1/25 s), 96x64."""
+    with av.open(str(path), "w", format=fmt) as out:
+        st = out.add_stream("libx264", rate=25)
+        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
+        if tb:
+            st.time_base = st.codec_context.time_base = tb
+        st.codec_context.options = {"x264-params": x264}
+        for i, p in enumerate(pts):
+            f = av.VideoFrame.from_ndarray(media_defects.picture(i, 96, 64), format="rgb24")
+            f.pts = p
+            if tb:
+                f.time_base = tb
+            out.mux(st.encode(f))
+        out.mux(st.encode(None))
+    return path
+
+
+def decoded(path: Path) -> tuple[list[float], list[int]]:
+    """(seconds from the first frame, positions of intra frames) of a full decode."""
+    with av.open(str(path)) as c:
+        frames = list(c.decode(video=0))
+    t0 = frames[0].time
+    intra = [i for i, f in enumerate(frames) if f.key_frame or int(f.pict_type) == 1]
+    return [round(f.time - t0, 6) for f in frames], intra
+
+
+def assert_frames(path: Path, indices: list[int], backend: str = "pyav") -> None:
+    ref = media_defects.reference(path)
+    fr = sample_frames(path, indices=indices, backend=backend)
+    for i, a in zip(indices, fr.frames, strict=True):
+        assert np.array_equal(a, ref[i]), f"frame {i} of {path.name} ({fr.backend})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_gop_mp4_numbers_keyframes_in_presentation_order(tmp_path: Path, backend: str) -> None:
+    """Open GOP: B-frames after an I-frame in decode order are shown before it; the keyframe's
+    number is its presentation position, and decord (which counts from the keyframe) is refused."""
+    path = h264(tmp_path / "open.mp4", list(range(60)), x264=X264 + ":open-gop=1")
+    times, intra = decoded(path)
+    info, index = probe(path), load_index(path)
+    assert info.index_source == "container" and index.open_gop
+    assert index.keyframes.tolist() == intra and list(info.keyframe_times_s) == [
+        times[i] for i in intra
+    ]
+    assert_frames(path, [9, 30, 35, 45], backend)
+    if backend == "decord":
+        assert "open-GOP" in sample_frames(path, indices=[35], backend="decord").backend_note
+
+
+def test_closed_gop_mp4_keeps_the_free_index(tmp_path: Path) -> None:
+    path = h264(tmp_path / "closed.mp4", list(range(40)))
+    assert probe(path).index_source == "container" and not load_index(path).open_gop
+    assert load_index(path).times_s.round(6).tolist() == decoded(path)[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "pts", "tb", "duration"),
+    [
+        ("taildrop.mp4", [*range(38), 39, 40], None, 1.64),
+        ("taillate.mp4", [*range(39), 45], None, 1.84),
+        ("sparse.mp4", [0, 40, 80, 30000], Fraction(1, 1000), 30.04),
+    ],
+)
+def test_mp4_presentation_times_are_read_not_assumed(
+    tmp_path: Path, name: str, pts: list[int], tb: Fraction | None, duration: float
+) -> None:
+    """Constant decode steps do not make constant presentation times (B-frames, uneven tail)."""
+    path = h264(tmp_path / name, pts, tb=tb)
+    index = load_index(path)
+    assert index.times_s.round(6).tolist() == decoded(path)[0]
+    assert index.info.duration_s == pytest.approx(duration, abs=1e-6)
+    assert_frames(path, list(range(len(pts))))
+
+
+def test_vfr_duration_ends_with_the_last_frame(tmp_path: Path) -> None:
+    """A 10 s gap: the video ends 40 ms after its last frame starts, not n mean steps after 0."""
+    gap = [*range(10), *range(260, 290)]
+    path = h264(tmp_path / "gap.mp4", [40 * g for g in gap], tb=Fraction(1, 1000))
+    info = probe(path)
+    assert info.duration_s == pytest.approx(11.60, abs=1e-6)
+    fr = sample_frames(path, fps=1, start_s=1, end_s=11.6)
+    assert fr.timestamps_s[-1] <= 11.56 + 1e-6
+
+
+def test_ts_cut_mid_gop_numbers_only_frames_that_decode(tmp_path: Path) -> None:
+    """An MPEG-TS starting mid-GOP: packets before the first keyframe (and B-frames that lean on
+    the missing GOP) do not decode and are not frames."""
+    x264 = "keyint=24:min-keyint=24:scenecut=0:bframes=3"
+    data = h264(tmp_path / "long.ts", list(range(120)), fmt="mpegts", x264=x264).read_bytes()
+    path = tmp_path / "headcut.ts"
+    path.write_bytes(data[(len(data) // 10 // 188) * 188 :])
+    ref = media_defects.reference(path)
+    with av.open(str(path)) as c:
+        first = next(iter(c.decode(video=0))).time
+    info = probe(path)
+    assert info.num_frames == len(ref) and info.start_s == pytest.approx(first)
+    assert_frames(path, [0, 1, 30, len(ref) - 1])
+    approx = sample_frames(path, num_frames=4, approx=True)
+    for i, a in zip(approx.indices.tolist(), approx.frames, strict=True):
+        assert np.array_equal(a, ref[i])
+
+
+def test_h264_program_stream_with_partly_stamped_packets(tmp_path: Path) -> None:
+    """H.264 in MPEG-PS: FFmpeg stamps only the first frame of each PES packet."""
+    path = h264(tmp_path / "h264.mpg", list(range(100)), fmt="mpeg")
+    info = probe(path)
+    assert info.num_frames == 100 == len(media_defects.reference(path))
+    assert info.duration_s == pytest.approx(4.0, abs=0.05)
+    assert_frames(path, [0, 13, 50, 99])
