@@ -6,6 +6,7 @@ PyAV decode (``media_defects.reference``), which numbers frames as ffmpeg and lv
 
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import media_defects
 import numpy as np
 import pytest
 
-from lvr.media import load_index, probe, sample_frames
+from lvr.datagen import segment
+from lvr.media import VideoDecodeError, load_index, probe, sample_frames
 from lvr.media.decord_backend import available as decord_available
 
 BACKENDS = [
@@ -111,6 +113,24 @@ def test_vfr_duration_ends_with_the_last_frame(tmp_path: Path) -> None:
     assert fr.timestamps_s[-1] <= 11.56 + 1e-6
 
 
+def test_truncated_mov_header_raises_typed_error(tmp_path: Path) -> None:
+    """A file cut anywhere inside its header reads or fails with a one-line VideoDecodeError,
+    and the segment stage turns it into an error row."""
+    data = h264(tmp_path / "whole.mov", list(range(100)), fmt="mov").read_bytes()
+    moov = data.find(b"moov") - 4
+    assert moov > len(data) // 2  # the header is written last: the cuts below land inside it
+    for k in range(moov, len(data), max(1, (len(data) - moov) // 60)):
+        cut = tmp_path / f"cut{k}.mov"
+        cut.write_bytes(data[:k])
+        try:
+            probe(cut)
+        except VideoDecodeError as e:
+            assert "\n" not in str(e)
+        item = segment.InputItem("v", str(cut), "video", None, "s")
+        row, info = segment.video_row(item)
+        assert (row["error"] is None) == (info is not None)
+
+
 def test_ts_cut_mid_gop_numbers_only_frames_that_decode(tmp_path: Path) -> None:
     """An MPEG-TS starting mid-GOP: packets before the first keyframe (and B-frames that lean on
     the missing GOP) do not decode and are not frames."""
@@ -127,6 +147,43 @@ def test_ts_cut_mid_gop_numbers_only_frames_that_decode(tmp_path: Path) -> None:
     approx = sample_frames(path, num_frames=4, approx=True)
     for i, a in zip(approx.indices.tolist(), approx.frames, strict=True):
         assert np.array_equal(a, ref[i])
+
+
+def _longer_header_mkv(tmp_path: Path) -> Path:
+    """A complete Matroska file whose Segment Duration claims 1.3 times the real length."""
+    data = bytearray(h264(tmp_path / "plain.mkv", list(range(100)), fmt="matroska").read_bytes())
+    at = data.find(b"\x44\x89\x88") + 3  # Duration element, 8-byte float
+    data[at : at + 8] = struct.pack(">d", struct.unpack(">d", data[at : at + 8])[0] * 1.3)
+    path = tmp_path / "durlie.mkv"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _longer_other_stream_mkv(tmp_path: Path) -> Path:
+    """Two video streams: the one read (larger) has 50 frames, the other 150."""
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w", format="matroska") as out:
+        a = out.add_stream("libx264", rate=25)
+        b = out.add_stream("libx264", rate=25)
+        a.width, a.height, b.width, b.height = 64, 36, 96, 54
+        a.pix_fmt = b.pix_fmt = "yuv420p"
+        for i in range(150):
+            for st, n in ((a, 150), (b, 50)):
+                if i < n:
+                    pic = media_defects.picture(i, st.width, st.height)
+                    f = av.VideoFrame.from_ndarray(pic, format="rgb24")
+                    f.pts = i
+                    out.mux(st.encode(f))
+        for st in (a, b):
+            out.mux(st.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("make", [_longer_header_mkv, _longer_other_stream_mkv])
+def test_matroska_longer_header_duration_is_not_truncation(tmp_path: Path, make) -> None:
+    path = make(tmp_path)
+    info = probe(path)
+    assert info.num_frames == len(media_defects.reference(path, info.stream_index))
 
 
 def test_h264_program_stream_with_partly_stamped_packets(tmp_path: Path) -> None:

@@ -182,10 +182,19 @@ def video_stream(
         raise VideoDecodeError(
             path, "no video stream (audio-only file)" if audio else "no video stream"
         )
+    # A stream whose header FFmpeg could not read (a file cut inside its moov) has no codec
+    # context, no size: not a candidate, and when it is all there is, a one-line reason.
+    readable = [st for st in real if st.codec_context is not None]
+    if not readable:
+        raise VideoDecodeError(
+            path,
+            f"video stream {real[0].index} cannot be read: no codec parameters (truncated or "
+            "damaged header, or an unknown codec)",
+        )
     # ffmpeg's own rule (what users see): default streams first, then the most pixels.
     default = av.stream.Disposition.default
     return max(
-        real, key=lambda st: (bool(st.disposition & default), st.width * st.height, -st.index)
+        readable, key=lambda st: (bool(st.disposition & default), st.width * st.height, -st.index)
     )
 
 
@@ -512,6 +521,19 @@ def _rate(
     return float(rate), float(span + last)
 
 
+def _stream_duration(st: av.video.stream.VideoStream) -> float | None:
+    """The stream's own declared duration in seconds (its header field, or the ``DURATION`` tag
+    that Matroska muxers write per track), or None."""
+    if st.duration and st.time_base:
+        return float(st.duration * st.time_base)
+    tag = st.metadata.get("DURATION", "")
+    try:
+        h, m, sec = tag.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
+
+
 def _check_declared_duration(
     container: av.container.InputContainer,
     st: av.video.stream.VideoStream,
@@ -520,13 +542,17 @@ def _check_declared_duration(
 ) -> None:
     """Counted frames must fill the duration the header declares (catches truncated MKV/WebM).
 
-    Only for files without audio: an audio track may legitimately outlast the video. Matroska
-    declares the end time (from 0) where MP4 declares the span: a video whose first frame is shown
-    late (start offset) is checked against the later of the two readings.
+    Only the stream read counts: its own declared duration where the container gives one, else
+    the file's, and that only when the file holds no other stream (an audio track or a second,
+    longer video may legitimately outlast it). Matroska declares the end time (from 0) where MP4
+    declares the span: a video whose first frame is shown late (start offset) is checked against
+    the later of the two readings.
     """
-    if container.streams.audio or not container.duration or len(pts) < 2:
+    declared = _stream_duration(st)
+    if declared is None and len(container.streams) == 1 and container.duration:
+        declared = container.duration / 1e6  # AV_TIME_BASE
+    if declared is None or len(pts) < 2:
         return
-    declared = container.duration / 1e6  # AV_TIME_BASE
     span = float((pts[-1] - pts[0]) * st.time_base)
     end = float(pts[-1] * st.time_base)  # the last frame's start on the file's timeline
     present = max(span, end)
