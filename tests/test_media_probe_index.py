@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from lvr.datagen import segment
+from lvr.datagen.config import SegmentConfig
 from lvr.media import VideoDecodeError, load_index, probe, sample_frames
 from lvr.media.decord_backend import available as decord_available
 
@@ -147,6 +148,16 @@ def test_ts_cut_mid_gop_numbers_only_frames_that_decode(tmp_path: Path) -> None:
     approx = sample_frames(path, num_frames=4, approx=True)
     for i, a in zip(approx.indices.tolist(), approx.frames, strict=True):
         assert np.array_equal(a, ref[i])
+
+
+def test_segment_never_writes_a_zero_length_clip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A video that stops decoding at 0 s: one error row for all of it, no [0, 0) clip."""
+    monkeypatch.setattr(segment, "clip_ranges", lambda *a: ([(0.0, 0.0)], "stride", 0.0, "broken"))
+    item = segment.InputItem("v", str(tmp_path / "x.mp4"), "video", None, "s")
+    rows = segment.clip_rows(item, 4.0, SegmentConfig(), None)
+    assert [(r["start_s"], r["end_s"], bool(r["error"])) for r in rows] == [(0.0, 4.0, True)]
 
 
 def _longer_header_mkv(tmp_path: Path) -> Path:
