@@ -251,6 +251,18 @@ def _read_moov(path: str) -> bytes | None:
     return None
 
 
+def _traks(moov: bytes) -> Iterator[tuple[int, tuple[int, int] | None]]:
+    """(track_ID, its ``stbl`` box) of each ``trak`` in a ``moov`` box."""
+    for kind, s, e in _boxes(moov, 8):
+        tkhd = _child(moov, s, e, (b"tkhd",)) if kind == b"trak" else None
+        if tkhd is not None:
+            at = tkhd[0] + (20 if moov[tkhd[0]] == 1 else 12)  # version 1: 64-bit times
+            yield (
+                struct.unpack(">I", moov[at : at + 4])[0],
+                _child(moov, s, e, (b"mdia", b"minf", b"stbl")),
+            )
+
+
 def _composition_offsets(path: str, st: av.video.stream.VideoStream, n: int) -> np.ndarray | None:
     """[n] int64 pts - dts of every sample of the stream's track (ISO-BMFF ``ctts``), or None.
 
@@ -261,17 +273,9 @@ def _composition_offsets(path: str, st: av.video.stream.VideoStream, n: int) -> 
     moov = _read_moov(path)
     if moov is None:
         return None
-    traks = [(s, e) for k, s, e in _boxes(moov, 8) if k == b"trak"]
-    if st.index >= len(traks):
+    stbl = next((t for t in _traks(moov) if t[0] == st.id), (0, None))[1]  # track_ID = st.id
+    if stbl is None:
         return None
-    s, e = traks[st.index]  # FFmpeg's mov demuxer makes one stream per trak, in order
-    tkhd = _child(moov, s, e, (b"tkhd",))
-    stbl = _child(moov, s, e, (b"mdia", b"minf", b"stbl"))
-    if tkhd is None or stbl is None:
-        return None
-    at = tkhd[0] + (20 if moov[tkhd[0]] == 1 else 12)  # version 1: 64-bit times
-    if struct.unpack(">I", moov[at : at + 4])[0] != st.id:
-        return None  # not the track FFmpeg read
     sizes = _child(moov, *stbl, (b"stsz",)) or _child(moov, *stbl, (b"stz2",))
     if sizes is None or struct.unpack(">I", moov[sizes[0] + 8 : sizes[0] + 12])[0] != n:
         return None  # fragments or edits add/drop samples: the table is not one row per frame
