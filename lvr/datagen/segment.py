@@ -153,6 +153,11 @@ def clip_rows(
     except ShotDetectionError as exc:
         what = "shot detection" if seg.method == "shots" else "decoding"
         return [row(0, 0.0, duration_s, seg.method, f"{what} failed: {error_line(exc)}")]
+    # An empty range is no clip (it came from a video that stops decoding at its start): the
+    # error row below covers that time instead of a zero-length clip without an error.
+    ranges = [(s, e) for s, e in ranges if e > s]
+    if not ranges and bad is None:
+        return [row(0, 0.0, duration_s, method, f"no clip: nothing to cut in {duration_s} s")]
     rows = [row(k, s, e, method, None) for k, (s, e) in enumerate(ranges)]
     if bad is not None:
         rows.append(row(len(rows), round(bad, 6), duration_s, method,

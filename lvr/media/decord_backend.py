@@ -53,6 +53,10 @@ def unsupported(index: VideoIndex) -> str:
         return f"decord is only checked on MP4/MOV sample tables; this is a {kind} file"
     if info.frame_order != "pts":
         return "the file stores no usable timestamps; decord numbers its frames differently"
+    if index.open_gop:
+        # decord counts frames from the keyframe it seeks to; an open GOP's leading frames (shown
+        # before their keyframe) shift that count: it returned frame 36 for frame 35, unnoticed.
+        return "open-GOP video (frames shown before their keyframe): decord misnumbers frames"
     return ""
 
 

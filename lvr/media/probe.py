@@ -9,21 +9,28 @@ blindly stream 0; cover art does not count. Orientation: the first frame is deco
 display matrix, and every frame lvr returns is turned upright with it (see ``orientation``).
 
 The index comes from the container when it has one (MP4/MOV sample tables exposed by FFmpeg as
-``index_entries``: free, no packet is read). Otherwise, or when the timestamps are not constant-rate,
-every packet header of the video stream is read once ("counting"), which costs one pass over the file
-but no decoding. Indexes are cached per (path, size, mtime) in this process.
+``index_entries``, which hold decode timestamps, plus the presentation offsets of the ``ctts`` box read
+from the file's ``moov``: no packet is read). Keyframes are numbered by their presentation position
+(an open GOP shows frames decoded after a keyframe before it). Otherwise, or when the timestamps are
+not constant-rate, every packet header of the video stream is read once ("counting"), which costs one
+pass over the file but no decoding; packets before the first keyframe (a stream cut mid-GOP) and
+frames shown before it are not frames, since they do not decode. Indexes are cached per (path, size,
+mtime) in this process.
 
 Containers that store no presentation timestamps (AVI, raw elementary streams) get them guessed by
 FFmpeg's parser; with B-frames, and above all with DivX/Xvid "packed B-frames" (two pictures in one
 AVI chunk, a placeholder in the next), the decoder's output timestamps then do not follow the
-index. Such streams are marked ``frame_order="decoder"``: frames are counted in decoder output order
-from the start of the file, never matched by timestamp.
+index. Such streams, and those whose packets are only partly stamped (H.264 in MPEG program streams),
+are marked ``frame_order="decoder"``: frames are counted in decoder output order from the start of
+the file, never matched by timestamp.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -41,7 +48,8 @@ class VideoInfo:
 
     Attributes:
         path: The file.
-        duration_s: Span of the video frames, ``num_frames`` frame durations for constant-rate video.
+        duration_s: Span of the video frames, ``num_frames`` frame durations for constant-rate video;
+            for variable-rate video, up to the end of the last frame.
         fps: Frames per second (average rate for variable-rate video).
         num_frames: Number of frames (exact: from the container index or by counting packets).
         width: Frame width in pixels.
@@ -104,6 +112,8 @@ class VideoIndex:
         time_base: Stream time base.
         orientation: How to turn decoded frames upright.
         display_matrix: The stream's display matrix (9 integers, as FFmpeg stores it) or None.
+        open_gop: Some keyframe has frames after it in decode order that are shown before it;
+            decoders that count frames from a keyframe (decord) then misnumber them.
     """
 
     info: VideoInfo
@@ -114,6 +124,7 @@ class VideoIndex:
     time_base: Fraction
     orientation: Orientation = UPRIGHT
     display_matrix: tuple[int, ...] | None = None
+    open_gop: bool = False
 
     @property
     def counted(self) -> bool:
@@ -171,10 +182,19 @@ def video_stream(
         raise VideoDecodeError(
             path, "no video stream (audio-only file)" if audio else "no video stream"
         )
+    # A stream whose header FFmpeg could not read (a file cut inside its moov) has no codec
+    # context, no size: not a candidate, and when it is all there is, a one-line reason.
+    readable = [st for st in real if st.codec_context is not None]
+    if not readable:
+        raise VideoDecodeError(
+            path,
+            f"video stream {real[0].index} cannot be read: no codec parameters (truncated or "
+            "damaged header, or an unknown codec)",
+        )
     # ffmpeg's own rule (what users see): default streams first, then the most pixels.
     default = av.stream.Disposition.default
     return max(
-        real, key=lambda st: (bool(st.disposition & default), st.width * st.height, -st.index)
+        readable, key=lambda st: (bool(st.disposition & default), st.width * st.height, -st.index)
     )
 
 
@@ -184,15 +204,121 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the ISO-BMFF boxes in ``data[start:end]``."""
+    end = len(data) if end is None else end
+    while start + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[start : start + 8])
+        head = 8
+        if size == 1 and start + 16 <= end:
+            size, head = struct.unpack(">Q", data[start + 8 : start + 16])[0], 16
+        elif size == 0:
+            size = end - start
+        if size < head or start + size > end:
+            return  # damaged or cut box: stop, the caller falls back to counting packets
+        yield kind, start + head, start + size
+        start += size
+
+
+def _child(data: bytes, start: int, end: int, path: tuple[bytes, ...]) -> tuple[int, int] | None:
+    """(payload start, end) of the first box along ``path`` below ``data[start:end]``."""
+    for name in path:
+        found = next(((s, e) for k, s, e in _boxes(data, start, end) if k == name), None)
+        if found is None:
+            return None
+        start, end = found
+    return start, end
+
+
+def _read_moov(path: str) -> bytes | None:
+    """The ``moov`` box of an MP4/MOV file (a few MB at most: sample tables), or None."""
+    with open(path, "rb") as f:
+        pos, size = 0, os.fstat(f.fileno()).st_size
+        while pos + 8 <= size:
+            f.seek(pos)
+            head = f.read(16)
+            box, kind = struct.unpack(">I4s", head[:8])
+            if box == 1 and len(head) == 16:
+                box = struct.unpack(">Q", head[8:16])[0]
+            elif box == 0:
+                box = size - pos
+            if box < 8:
+                return None
+            if kind == b"moov":
+                f.seek(pos)
+                return f.read(box)
+            pos += box
+    return None
+
+
+def _traks(moov: bytes) -> Iterator[tuple[int, tuple[int, int] | None]]:
+    """(track_ID, its ``stbl`` box) of each ``trak`` in a ``moov`` box."""
+    for kind, s, e in _boxes(moov, 8):
+        tkhd = _child(moov, s, e, (b"tkhd",)) if kind == b"trak" else None
+        if tkhd is not None:
+            at = tkhd[0] + (20 if moov[tkhd[0]] == 1 else 12)  # version 1: 64-bit times
+            yield (
+                struct.unpack(">I", moov[at : at + 4])[0],
+                _child(moov, s, e, (b"mdia", b"minf", b"stbl")),
+            )
+
+
+def _composition_offsets(path: str, st: av.video.stream.VideoStream, n: int) -> np.ndarray | None:
+    """[n] int64 pts - dts of every sample of the stream's track (ISO-BMFF ``ctts``), or None.
+
+    FFmpeg's ``index_entries`` hold decode timestamps only; presentation order (B-frames, open
+    GOPs, a late last frame) lives in ``ctts``, which PyAV does not expose, so it is read here from
+    the ``moov`` box. None when the track cannot be matched with certainty (then: count packets).
+    """
+    moov = _read_moov(path)
+    if moov is None:
+        return None
+    stbl = next((t for t in _traks(moov) if t[0] == st.id), (0, None))[1]  # track_ID = st.id
+    if stbl is None:
+        return None
+    sizes = _child(moov, *stbl, (b"stsz",)) or _child(moov, *stbl, (b"stz2",))
+    if sizes is None or struct.unpack(">I", moov[sizes[0] + 8 : sizes[0] + 12])[0] != n:
+        return None  # fragments or edits add/drop samples: the table is not one row per frame
+    ctts = _child(moov, *stbl, (b"ctts",))
+    if ctts is None:
+        return np.zeros(n, np.int64)  # no reordering: pts = dts
+    count = struct.unpack(">I", moov[ctts[0] + 4 : ctts[0] + 8])[0]
+    rows = np.frombuffer(moov, ">i4", 2 * count, ctts[0] + 8).reshape(count, 2).astype(np.int64)
+    if rows[:, 0].min(initial=0) < 0 or rows[:, 0].sum() != n:
+        return None
+    return np.repeat(rows[:, 1], rows[:, 0])
+
+
+def _leading_frames(dec_pts: np.ndarray, key: np.ndarray) -> bool:
+    """Whether a keyframe has frames after it in decode order that are shown before it (open GOP).
+
+    Decoders that seek to a keyframe and count frames from it (decord) misnumber such files.
+    """
+    after_min = np.minimum.accumulate(dec_pts[::-1])[::-1]  # [n] smallest pts from here on
+    d = np.flatnonzero(key[:-1])
+    return bool((after_min[d + 1] < dec_pts[d]).any())
+
+
+def _presentation(dec_pts: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """(pts, keyframes, seek_ts, open_gop) from decode-order pts and key flags, or None when two
+    frames share a pts. A keyframe's frame number is its rank in presentation order."""
+    pts = np.sort(dec_pts)
+    if len(pts) > 1 and (np.diff(pts) <= 0).any():
+        return None
+    kf_pts = dec_pts[key.astype(bool)]
+    keyframes = np.searchsorted(pts, np.sort(kf_pts)).astype(np.int64)
+    return pts, keyframes, pts[keyframes], np.bool_(_leading_frames(dec_pts, key.astype(bool)))
+
+
 def _from_container_index(
     st: av.video.stream.VideoStream, path: str
 ) -> tuple[np.ndarray, ...] | None:
-    """(pts, keyframes, seek_ts) from the container's sample table, or None if unusable.
+    """(pts, keyframes, seek_ts, open_gop) from the MP4/MOV sample table, or None if unusable.
 
-    Uses the table only for constant-rate streams without discarded samples; then frame ``i`` has pts
-    ``start + i * step`` and a keyframe's frame number is its decode position (closed GOPs: no frame
-    after a keyframe in decode order is shown before it). The decoders check both claims against the
-    decoded pts and fail loudly when they do not hold.
+    The table FFmpeg exposes holds decode timestamps; the presentation offsets (``ctts``) are read
+    from the file, so B-frames, open GOPs and an uneven tail get their real pts and keyframes their
+    presentation-order numbers. Used only for constant-rate streams without discarded samples whose
+    offsets match FFmpeg's start time; anything else is counted from the packets.
     """
     if not st.container.format.name.startswith("mov"):
         return None  # only MP4/MOV sample tables store presentation times (AVI's idx1 does not)
@@ -207,22 +333,34 @@ def _from_container_index(
     rows = np.array(
         [(e.timestamp, e.is_keyframe, e.pos + e.size, e.is_discard) for e in entries], np.int64
     )
-    ts, key, end, discard = rows.T  # [n] each
+    ts, key, end, discard = rows.T  # [n] each, decode order
     size = os.path.getsize(path)
     if end.max() > size:
         missing = int((end > size).sum())
         raise VideoDecodeError(
             path, f"truncated: {missing} of {n} frames lie beyond the end of the {size}-byte file"
         )
-    steps = np.diff(ts)
-    if discard.any() or not key[0] or (n > 1 and (steps[0] <= 0 or (steps != steps[0]).any())):
+    if discard.any() or not key[0]:
         return None
+    try:
+        offsets = _composition_offsets(path, st, n)
+    except (struct.error, ValueError, OSError):
+        offsets = None  # a damaged box: the packets say the same, at the cost of reading them
+    if offsets is None:
+        return None
+    dec_pts = ts + offsets
+    if int(dec_pts.min()) != st.start_time or int(dec_pts.argmin()) != 0:
+        return None  # edit lists FFmpeg applied differently than assumed here: count instead
+    table = _presentation(dec_pts, key)
+    if table is None:
+        return None
+    steps = np.diff(table[0])
+    if n > 1 and (steps != steps[0]).any():
+        return None  # variable rate: counted, so decord (checked on constant rate only) is refused
     step = int(steps[0]) if n > 1 else 1
     if st.duration and abs(st.duration - n * step) > 2 * step:
         return None  # the table does not cover the declared duration (unindexed fragments?): count
-    pts = st.start_time + step * np.arange(n, dtype=np.int64)
-    keyframes = np.flatnonzero(key).astype(np.int64)
-    return pts, keyframes, pts[keyframes]
+    return (*table, np.int64(step))
 
 
 # Containers whose packets carry no stored presentation timestamp (FFmpeg's parser guesses them).
@@ -244,42 +382,89 @@ def _packed_bframes(data: bytes) -> bool:
     return tag.endswith(b"p")
 
 
+def _read_packets(
+    container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
+) -> tuple[list[tuple[int | None, bool]], bool, bool]:
+    """(rows of (pts or dts or None, keyframe) in decode order, reordered, packed).
+
+    Packets before the first keyframe are left out: a stream cut mid-GOP (a capture or a split
+    MPEG-TS) decodes nothing before it, and a frame that does not decode must not be numbered.
+    """
+    rows: list[tuple[int | None, bool, int]] = []
+    guessed = container.format.name.split(",")[0] in _GUESSED_PTS_FORMATS
+    reordered = packed = False
+    mpeg4, seen = st.codec_context.name == "mpeg4", 0
+    try:
+        for pkt in container.demux(st):
+            if pkt.size == 0 or pkt.is_discard:
+                continue
+            seen += 1
+            if not rows and not pkt.is_keyframe:
+                continue
+            reordered = reordered or pkt.pts is None or pkt.pts != pkt.dts
+            if guessed and mpeg4 and len(rows) < _PACKED_SCAN_PACKETS and not packed:
+                packed = _packed_bframes(bytes(pkt))
+            t = pkt.pts if pkt.pts is not None else pkt.dts
+            rows.append((t, pkt.is_keyframe, pkt.duration or 0))
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(path, f"demuxing failed after {seen} packets ({_short(e)})") from e
+    if not rows:
+        raise VideoDecodeError(
+            path, "video stream has no keyframe" if seen else "video stream has no frames"
+        )
+    return rows, guessed and reordered, guessed and packed
+
+
+def _interpolated(
+    rows: list[tuple[int | None, bool, int]], st: av.video.stream.VideoStream, path: str
+) -> tuple[np.ndarray, ...]:
+    """(pts, keyframes, seek_ts, open_gop) for a stream whose packets are only partly stamped.
+
+    FFmpeg stamps only the first frame of each PES packet of H.264 in MPEG program streams, so the
+    frames are numbered in decoder output order (the caller marks the index counted) and their
+    times are spread at the stream's frame rate from the first stamp.
+    """
+    rate = st.average_rate or st.guessed_rate or st.base_rate
+    if not rate:
+        raise VideoDecodeError(path, "packets carry no timestamps and no frame rate is declared")
+    step = 1 / (Fraction(rate) * Fraction(st.time_base or Fraction(1, 90000)))  # ticks per frame
+    t0 = next((t for t, _, _ in rows if t is not None), 0)
+    pts = np.array([t0 + round(i * step) for i in range(len(rows))], np.int64)
+    keyframes = np.flatnonzero([k for _, k, _ in rows]).astype(np.int64)
+    return pts, keyframes, pts[keyframes], np.bool_(False), np.int64(round(step))
+
+
+def _last_duration(st: av.video.stream.VideoStream, pts: np.ndarray, packet: int) -> int:
+    """How long the last frame is shown (ticks; 0 unknown): the stream's declared duration beyond
+    its last frame where that is plausible (MP4's track duration), else its packet's duration. With
+    B-frames a packet's duration is a decode-order step, not how long that picture is shown."""
+    if st.duration and len(pts) > 1:
+        beyond = int(st.duration) - int(pts[-1] - pts[0])
+        if 0 < beyond <= int(np.diff(pts).max()):
+            return beyond
+    return int(packet)
+
+
 def _from_demux(
     container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
 ) -> tuple[tuple[np.ndarray, ...], bool]:
-    """((pts, keyframes, seek_ts), counted) by reading every packet header of the stream once.
+    """((pts, keyframes, seek_ts, open_gop), counted) by reading every packet of the stream once.
 
     ``counted`` is True when the decoder's output timestamps cannot be matched to this index (see
     the module docstring): a container without stored timestamps whose packets show reordering,
     missing timestamps or packed B-frames.
     """
-    rows, guessed = [], container.format.name.split(",")[0] in _GUESSED_PTS_FORMATS
-    reordered = packed = False
-    mpeg4 = st.codec_context.name == "mpeg4"
-    try:
-        for pkt in container.demux(st):
-            if pkt.size == 0 or pkt.is_discard:
-                continue
-            t = pkt.pts if pkt.pts is not None else pkt.dts
-            if t is None:
-                raise VideoDecodeError(path, "packets carry no timestamps")
-            reordered = reordered or pkt.pts is None or pkt.pts != pkt.dts
-            if guessed and mpeg4 and len(rows) < _PACKED_SCAN_PACKETS and not packed:
-                packed = _packed_bframes(bytes(pkt))
-            rows.append((t, pkt.is_keyframe))
-    except av.error.FFmpegError as e:
-        raise VideoDecodeError(
-            path, f"demuxing failed after {len(rows)} packets ({_short(e)})"
-        ) from e
-    if not rows:
-        raise VideoDecodeError(path, "video stream has no frames")
-    arr = np.array(rows, np.int64)
+    rows, reordered, packed = _read_packets(container, st, path)
+    if any(t is None for t, _, _ in rows):
+        return _interpolated(rows, st, path), True
+    arr = np.array(rows, np.int64)  # [n, 3] (pts, key, duration) in decode order
+    arr = arr[arr[:, 0] >= arr[0, 0]]  # leading frames of a GOP whose start is cut off: dropped
     order = np.argsort(arr[:, 0], kind="stable")
     pts, key = arr[order, 0], arr[order, 1].astype(bool)
-    if not key.any():
-        raise VideoDecodeError(path, "video stream has no keyframe")
     keyframes = np.flatnonzero(key).astype(np.int64)
-    return (pts, keyframes, pts[keyframes]), guessed and (reordered or packed)
+    open_gop = np.bool_(_leading_frames(arr[:, 0], arr[:, 1].astype(bool)))
+    last_duration = _last_duration(st, pts, arr[order[-1], 2])
+    return (pts, keyframes, pts[keyframes], open_gop, last_duration), reordered or packed
 
 
 def _first_frame(
@@ -309,14 +494,18 @@ def _first_frame(
     raise VideoDecodeError(path, f"no frame decodes from the first {fed} packets of the stream")
 
 
-def _rate(pts: np.ndarray, tb: Fraction, declared: Fraction | None) -> tuple[float, float]:
+def _rate(
+    pts: np.ndarray, tb: Fraction, declared: Fraction | None, last_duration: int = 0
+) -> tuple[float, float]:
     """(fps, duration_s) from the frame timestamps, in exact rational arithmetic.
 
     Constant steps give the exact rate (240 frames at 24 fps last 10.0 s, not 9.999999999999998).
-    Uneven steps (rounded millisecond timestamps in Matroska, or variable rate) give the mean rate,
-    replaced by the container's declared rate when that agrees within 1%. The duration always
-    reaches past the start of the last frame (by at least the shortest frame step), so a video
-    whose declared rate would end it exactly where its last frame starts is still sampled to its end.
+    Steps that differ by rounding only (millisecond timestamps in Matroska) give the mean rate,
+    replaced by the container's declared rate when that agrees within 1%; the duration then reaches
+    past the start of the last frame by at least the shortest step. Variable rate: the mean rate,
+    and the video ends where its last frame does (its pts plus its own duration, ``last_duration``
+    ticks, or the mean step when unknown), not after n mean frame durations, which a long gap
+    stretches past the last frame.
     """
     n = len(pts)
     if n < 2 or pts[-1] == pts[0]:
@@ -326,13 +515,27 @@ def _rate(pts: np.ndarray, tb: Fraction, declared: Fraction | None) -> tuple[flo
     steps = np.diff(pts)
     if (steps == steps[0]).all():
         rate = 1 / (int(steps[0]) * tb)
-    else:
-        rate = (n - 1) / span
-        if declared and abs(Fraction(declared) / rate - 1) < Fraction(1, 100):
-            rate = Fraction(declared)
-        last_end = span + int(steps.min()) * tb
-        return float(rate), float(max(n / rate, last_end))
-    return float(rate), float(n / rate)  # n frame durations: the last frame lasts one step too
+        return float(rate), float(n / rate)  # n frame durations: the last frame lasts one step too
+    rate = (n - 1) / span
+    if declared and abs(Fraction(declared) / rate - 1) < Fraction(1, 100):
+        rate = Fraction(declared)
+    if int(steps.max() - steps.min()) <= max(1, int(steps.min()) // 50):  # rounding jitter only
+        return float(rate), float(max(n / rate, span + int(steps.min()) * tb))
+    last = last_duration * tb if last_duration > 0 else span / (n - 1)
+    return float(rate), float(span + last)
+
+
+def _stream_duration(st: av.video.stream.VideoStream) -> float | None:
+    """The stream's own declared duration in seconds (its header field, or the ``DURATION`` tag
+    that Matroska muxers write per track), or None."""
+    if st.duration and st.time_base:
+        return float(st.duration * st.time_base)
+    tag = st.metadata.get("DURATION", "")
+    try:
+        h, m, sec = tag.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
 
 
 def _check_declared_duration(
@@ -343,13 +546,17 @@ def _check_declared_duration(
 ) -> None:
     """Counted frames must fill the duration the header declares (catches truncated MKV/WebM).
 
-    Only for files without audio: an audio track may legitimately outlast the video. Matroska
-    declares the end time (from 0) where MP4 declares the span: a video whose first frame is shown
-    late (start offset) is checked against the later of the two readings.
+    Only the stream read counts: its own declared duration where the container gives one, else
+    the file's, and that only when the file holds no other stream (an audio track or a second,
+    longer video may legitimately outlast it). Matroska declares the end time (from 0) where MP4
+    declares the span: a video whose first frame is shown late (start offset) is checked against
+    the later of the two readings.
     """
-    if container.streams.audio or not container.duration or len(pts) < 2:
+    declared = _stream_duration(st)
+    if declared is None and len(container.streams) == 1 and container.duration:
+        declared = container.duration / 1e6  # AV_TIME_BASE
+    if declared is None or len(pts) < 2:
         return
-    declared = container.duration / 1e6  # AV_TIME_BASE
     span = float((pts[-1] - pts[0]) * st.time_base)
     end = float(pts[-1] * st.time_base)  # the last frame's start on the file's timeline
     present = max(span, end)
@@ -371,7 +578,7 @@ def _build_index(path: str) -> VideoIndex:
         if table is None:
             source = "demux"  # nothing consumed yet: probing packets are replayed by demux()
             table, counted = _from_demux(container, st, path)
-        pts, keyframes, seek_ts = table
+        pts, keyframes, seek_ts, open_gop, last_duration = table
         if source == "demux":
             _check_declared_duration(container, st, pts, path)
         first = _first_frame(container, st, path)
@@ -380,7 +587,7 @@ def _build_index(path: str) -> VideoIndex:
         width, height = orientation.size(first.width, first.height)
         tb = Fraction(st.time_base or Fraction(1, 1))
         times = (pts - pts[0]).astype(np.float64) * float(tb)
-        fps, duration = _rate(pts, tb, st.average_rate)
+        fps, duration = _rate(pts, tb, st.average_rate, int(last_duration))
         sar = st.sample_aspect_ratio
         info = VideoInfo(
             path=path,
@@ -405,7 +612,15 @@ def _build_index(path: str) -> VideoIndex:
             container=container.format.name,
         )
     return VideoIndex(
-        info, pts, times, keyframes, np.asarray(seek_ts, np.int64), tb, orientation, matrix
+        info,
+        pts,
+        times,
+        keyframes,
+        np.asarray(seek_ts, np.int64),
+        tb,
+        orientation,
+        matrix,
+        bool(open_gop),
     )
 
 
