@@ -67,3 +67,27 @@ def test_wrapped_ts_frames_before_the_wrap_decode(
         for i, a in zip(got.indices.tolist(), got.frames, strict=True):
             assert np.array_equal(a, ref[i]), f"{kw}: frame {i} differs from a full decode"
 
+
+@pytest.fixture(scope="module")
+def two_speed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 s at 60 fps, then 10 frames at 1 fps (frame 60 starts at 1.0 s, frame 69 at 10.0 s)."""
+    pts = [round(1000 * i / 60) for i in range(60)] + [1000 + 1000 * k for k in range(10)]
+    return h264(tmp_path_factory.mktemp("vfr") / "two_speed.mp4", pts, Fraction(1, 1000))
+
+
+@pytest.mark.parametrize(
+    ("fps", "start_s", "end_s", "want"),
+    [
+        (2, 0, 1, [15, 45]),  # the frames shown at 0.25 s and 0.75 s, not 17 frames
+        (2, 1, 5, [60, 61, 62, 63]),  # at most the 4 frames of the slow part, one per second
+        (1, 0.5, 3.5, [60, 61, 62]),  # parts centred at 1.0, 2.0, 3.0 s
+        (4, 0, 1, [7, 22, 37, 52]),
+    ],
+)
+def test_fps_mode_on_variable_rate_uses_frame_times(
+    two_speed: Path, fps: float, start_s: float, end_s: float, want: list[int]
+) -> None:
+    got = sample_frames(two_speed, fps=fps, start_s=start_s, end_s=end_s)
+    assert got.indices.tolist() == want
+    ref = media_defects.reference(two_speed)
+    assert all(np.array_equal(a, ref[i]) for i, a in zip(want, got.frames, strict=True))
