@@ -210,10 +210,9 @@ def _copy_range(src: str, dst: Path, start_s: float, end_s: float) -> None:
         raise ValueError("stream copy needs frame timestamps and this file has none usable")
     a, b = _frames_in(index, start_s, end_s)
     k = int(index.keyframes[np.searchsorted(index.keyframes, a, side="right") - 1])
-    needed = set(index.pts[k:b].tolist())  # frames from the keyframe to the range's end
     with av.open(src) as inp:
         ist = inp.streams[index.info.stream_index]
-        packets = _packets_from_keyframe(inp, ist, index, k, needed)
+        packets = _packets_for(inp, ist, index, k, index.pts[a:b].tolist())
         _write_packets(dst, ist, index, packets)  # the template stream lives with ``inp``
 
 
@@ -227,37 +226,46 @@ def _frames_in(index: Any, start_s: float, end_s: float) -> tuple[int, int]:
     return a, b
 
 
-def _packets_from_keyframe(
-    inp: Any, ist: Any, index: Any, k: int, needed: set[int]
-) -> list[av.Packet]:
-    """Packets in decode order from keyframe ``k``'s packet until every pts in ``needed`` is in.
+def _packets_for(inp: Any, ist: Any, index: Any, k: int, wanted: list[int]) -> list[av.Packet]:
+    """Packets in decode order from a keyframe packet shown at or before ``wanted[0]`` (pts) until
+    every pts in ``wanted`` is in.
 
-    Every packet before a keyframe's in decode order shows earlier than it, so the first packet
-    shown at or after keyframe ``k`` must be its own; otherwise the seek landed too late and the
-    next earlier keyframe (finally the file start) is tried. Leading pictures of an open GOP
-    (shown before the keyframe, decoded after it) reference the previous GOP: left out.
+    The start is the first packet flagged key after seeking to keyframe ``k`` (the index's key
+    frames need not be the packets' key flags: HEVC in MP4 was seen to differ); if it shows after
+    the range's first frame, the seek landed too late and the next earlier keyframe (finally the
+    file start) is tried.
     """
-    first = int(index.pts[k])
     kpos = int(np.searchsorted(index.keyframes, k))
     for ts in [int(t) for t in index.seek_ts[kpos::-1][:4]] + [None]:
         if ts is None:
             rewind(inp)
         else:
             inp.seek(ts, stream=ist, backward=True)
-        got = _collect(inp, ist, first, set(needed))
+        got = _collect(inp, ist, wanted, from_start=ts is None)
         if got is not None:
             return got
     raise AssertionError("unreachable: a read from the file start returns or raises")
 
 
-def _collect(inp: Any, ist: Any, first: int, needed: set[int]) -> list[av.Packet] | None:
-    """One pass of ``_packets_from_keyframe`` from the current position (None: landed too late)."""
+def _collect(inp: Any, ist: Any, wanted: list[int], from_start: bool) -> list[av.Packet] | None:
+    """One pass of ``_packets_for`` from the current position (None: landed too late).
+
+    Packets shown before the start packet but decoded after it (an open GOP's leading pictures)
+    reference the previous GOP: left out. From the file start everything is copied, as the
+    reference decode of the whole file reads it (the first packet need not be flagged key).
+    """
     out: list[av.Packet] = []
+    needed = set(wanted)
     for pkt in inp.demux(ist):
-        if pkt.pts is None or pkt.size == 0 or pkt.pts < first:
-            continue  # before the keyframe (or an open GOP's leading picture), or a flush packet
-        if not out and pkt.pts != first:
-            return None
+        if pkt.pts is None or pkt.size == 0:
+            continue  # a flush packet, or one that no frame of the index is
+        if not out:
+            if not (pkt.is_keyframe or from_start):
+                continue  # mid-GOP: wait for a packet a decode can start at
+            if pkt.pts > wanted[0] and not from_start:
+                return None
+        elif pkt.pts < out[0].pts and not from_start:
+            continue
         out.append(pkt)
         needed.discard(int(pkt.pts))
         if not needed:
