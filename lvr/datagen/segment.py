@@ -270,7 +270,7 @@ def _collect(inp: Any, ist: Any, wanted: list[int], from_start: bool) -> list[av
         needed.discard(int(pkt.pts))
         if not needed:
             return out
-    if not out:
+    if not out and not from_start:
         return None
     raise ValueError(f"stream ended before {len(needed)} frames of the range (truncated file?)")
 
