@@ -115,7 +115,11 @@ def plan_indices(
     """Frames for "N uniform frames" or "F frames per second", optionally within ``[start_s, end_s)``.
 
     ``fps`` mode takes ``floor(range_duration * fps)`` frames (at least 1, at most the frames in the
-    range and ``max_frames``) through ``select_indices``; so both modes share one rule.
+    range and ``max_frames``) through ``select_indices``; so both modes share one rule. Where the
+    frames in the range do not keep the video's average rate (variable frame rate), a frame count
+    is not a duration: the frames are those shown at the centers of equal parts of the range's
+    time instead (``_at_times``), so a slow stretch still gives ``fps`` frames per second (a frame
+    shown for longer than one part is taken for each part it covers).
 
     Returns:
         [N] int64 ascending frame numbers.
@@ -133,10 +137,45 @@ def plan_indices(
     else:
         if fps is None or fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
+        if not _regular(index.times_s[a:b], index.info.fps):
+            return _at_times(index, a, b, _seconds(index, start_s, end_s), fps, max_frames)
         n = min(b - a, max(1, int(np.floor((b - a) / index.info.fps * fps + 1e-6))))
     if max_frames is not None:
         n = min(n, max_frames)
     return select_indices(a, b, n)
+
+
+def _seconds(index: VideoIndex, start_s: float | None, end_s: float | None) -> tuple[float, float]:
+    """The range ``[start, end)`` in seconds, as ``frame_range`` reads it (None: the video's ends)."""
+    s = 0.0 if start_s is None else float(start_s)
+    return s, index.info.duration_s if end_s is None else float(end_s)
+
+
+def _regular(times_s: np.ndarray, fps: float) -> bool:
+    """Whether frames start on the average rate's grid (within half a frame): then the frame count
+    measures the range's duration, and the frame-count rule (pinned by tests) applies."""
+    grid = times_s[0] + np.arange(len(times_s)) / fps  # [n]
+    return bool(np.all(np.abs(times_s - grid) <= 0.5 / fps))
+
+
+def _at_times(
+    index: VideoIndex,
+    a: int,
+    b: int,
+    range_s: tuple[float, float],
+    fps: float,
+    max_frames: int | None,
+) -> np.ndarray:
+    """``fps`` mode on variable-rate frames ``[a, b)``: ``floor(duration * fps)`` frames (capped as
+    in ``plan_indices``), those shown at the centers of that many equal parts of the range."""
+    s, e = range_s
+    n = min(b - a, max(1, int(np.floor((e - s) * fps + 1e-6))))
+    if max_frames is not None:
+        n = min(n, max_frames)
+    k = np.arange(n, dtype=np.float64)
+    times = s + (2 * k + 1) * (e - s) / (2 * n)  # [n]
+    shown = np.searchsorted(index.times_s, times + TIME_EPS_S, side="right") - 1
+    return np.clip(shown, a, b - 1).astype(np.int64)  # a part before the first frame takes it
 
 
 def check_indices(index: VideoIndex, indices: Sequence[int] | np.ndarray) -> np.ndarray:
