@@ -30,7 +30,7 @@ from lvr.datagen.sources import InputFile, render_synthetic, resolve_inputs
 from lvr.layout import RunLayout
 from lvr.media import VideoDecodeError, VideoInfo, load_index, probe
 from lvr.media.indices import TIME_EPS_S
-from lvr.media.pyav_backend import rewind
+from lvr.media.probe import rewind
 
 
 @dataclass(frozen=True)

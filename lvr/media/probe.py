@@ -28,9 +28,7 @@ the file, never matched by timestamp.
 from __future__ import annotations
 
 import os
-import struct
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -39,6 +37,7 @@ import av
 import numpy as np
 
 from lvr.media.errors import VideoDecodeError
+from lvr.media.mp4box import composition_offsets
 from lvr.media.orientation import UPRIGHT, Orientation, display_matrix, from_matrix
 
 
@@ -204,91 +203,6 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
-def _boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
-    """(type, payload start, box end) of the ISO-BMFF boxes in ``data[start:end]``."""
-    end = len(data) if end is None else end
-    while start + 8 <= end:
-        size, kind = struct.unpack(">I4s", data[start : start + 8])
-        head = 8
-        if size == 1 and start + 16 <= end:
-            size, head = struct.unpack(">Q", data[start + 8 : start + 16])[0], 16
-        elif size == 0:
-            size = end - start
-        if size < head or start + size > end:
-            return  # damaged or cut box: stop, the caller falls back to counting packets
-        yield kind, start + head, start + size
-        start += size
-
-
-def _child(data: bytes, start: int, end: int, path: tuple[bytes, ...]) -> tuple[int, int] | None:
-    """(payload start, end) of the first box along ``path`` below ``data[start:end]``."""
-    for name in path:
-        found = next(((s, e) for k, s, e in _boxes(data, start, end) if k == name), None)
-        if found is None:
-            return None
-        start, end = found
-    return start, end
-
-
-def _read_moov(path: str) -> bytes | None:
-    """The ``moov`` box of an MP4/MOV file (a few MB at most: sample tables), or None."""
-    with open(path, "rb") as f:
-        pos, size = 0, os.fstat(f.fileno()).st_size
-        while pos + 8 <= size:
-            f.seek(pos)
-            head = f.read(16)
-            box, kind = struct.unpack(">I4s", head[:8])
-            if box == 1 and len(head) == 16:
-                box = struct.unpack(">Q", head[8:16])[0]
-            elif box == 0:
-                box = size - pos
-            if box < 8:
-                return None
-            if kind == b"moov":
-                f.seek(pos)
-                return f.read(box)
-            pos += box
-    return None
-
-
-def _traks(moov: bytes) -> Iterator[tuple[int, tuple[int, int] | None]]:
-    """(track_ID, its ``stbl`` box) of each ``trak`` in a ``moov`` box."""
-    for kind, s, e in _boxes(moov, 8):
-        tkhd = _child(moov, s, e, (b"tkhd",)) if kind == b"trak" else None
-        if tkhd is not None:
-            at = tkhd[0] + (20 if moov[tkhd[0]] == 1 else 12)  # version 1: 64-bit times
-            yield (
-                struct.unpack(">I", moov[at : at + 4])[0],
-                _child(moov, s, e, (b"mdia", b"minf", b"stbl")),
-            )
-
-
-def _composition_offsets(path: str, st: av.video.stream.VideoStream, n: int) -> np.ndarray | None:
-    """[n] int64 pts - dts of every sample of the stream's track (ISO-BMFF ``ctts``), or None.
-
-    FFmpeg's ``index_entries`` hold decode timestamps only; presentation order (B-frames, open
-    GOPs, a late last frame) lives in ``ctts``, which PyAV does not expose, so it is read here from
-    the ``moov`` box. None when the track cannot be matched with certainty (then: count packets).
-    """
-    moov = _read_moov(path)
-    if moov is None:
-        return None
-    stbl = next((t for t in _traks(moov) if t[0] == st.id), (0, None))[1]  # track_ID = st.id
-    if stbl is None:
-        return None
-    sizes = _child(moov, *stbl, (b"stsz",)) or _child(moov, *stbl, (b"stz2",))
-    if sizes is None or struct.unpack(">I", moov[sizes[0] + 8 : sizes[0] + 12])[0] != n:
-        return None  # fragments or edits add/drop samples: the table is not one row per frame
-    ctts = _child(moov, *stbl, (b"ctts",))
-    if ctts is None:
-        return np.zeros(n, np.int64)  # no reordering: pts = dts
-    count = struct.unpack(">I", moov[ctts[0] + 4 : ctts[0] + 8])[0]
-    rows = np.frombuffer(moov, ">i4", 2 * count, ctts[0] + 8).reshape(count, 2).astype(np.int64)
-    if rows[:, 0].min(initial=0) < 0 or rows[:, 0].sum() != n:
-        return None
-    return np.repeat(rows[:, 1], rows[:, 0])
-
-
 def _leading_frames(dec_pts: np.ndarray, key: np.ndarray) -> bool:
     """Whether a keyframe has frames after it in decode order that are shown before it (open GOP).
 
@@ -342,12 +256,9 @@ def _from_container_index(
         )
     if discard.any() or not key[0]:
         return None
-    try:
-        offsets = _composition_offsets(path, st, n)
-    except (struct.error, ValueError, OSError):
-        offsets = None  # a damaged box: the packets say the same, at the cost of reading them
+    offsets = composition_offsets(path, st.id, n)  # PyAV: stream id = track_ID
     if offsets is None:
-        return None
+        return None  # the packets say the same, at the cost of reading them
     dec_pts = ts + offsets
     if int(dec_pts.min()) != st.start_time or int(dec_pts.argmin()) != 0:
         return None  # edit lists FFmpeg applied differently than assumed here: count instead
@@ -467,6 +378,25 @@ def _from_demux(
     return (pts, keyframes, pts[keyframes], open_gop, last_duration), reordered or packed
 
 
+# "The start of the file" as a seek target, in AV_TIME_BASE units (about -12.7 days): below any
+# timestamp FFmpeg produces. seek(0) is not the start where timestamps are negative (MPEG-TS whose
+# 33-bit clock wraps: FFmpeg unwraps the frames before the wrap to negative pts, and seek(0) lands
+# on the first keyframe after it). Small enough not to overflow when rescaled to a 1/1e9 time base.
+_START_TS = -(1 << 40)
+
+
+def rewind(container: av.container.InputContainer) -> None:
+    """Seek to the first packet of the file, also where timestamps start below 0 (see ``_START_TS``).
+
+    A demuxer that refuses a seek before its first index entry gets ``seek(0)``, which is the start
+    for it (its timestamps are not negative: a wrapped MPEG-TS clock is searched, not indexed).
+    """
+    try:
+        container.seek(_START_TS)
+    except av.error.FFmpegError:
+        container.seek(0)
+
+
 def _first_frame(
     container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
 ) -> av.VideoFrame:
@@ -479,7 +409,7 @@ def _first_frame(
     cc.thread_count, cc.thread_type = 1, "SLICE"
     fed = 0
     try:
-        container.seek(0)  # AV_TIME_BASE units: the start of the file, for every stream
+        rewind(container)  # the start of the file, for every stream
         for pkt in container.demux(st):
             frames = pkt.decode()
             fed += 1

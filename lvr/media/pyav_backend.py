@@ -36,14 +36,9 @@ import numpy as np
 
 from lvr.media.errors import VideoDecodeError
 from lvr.media.indices import Segment
-from lvr.media.probe import VideoIndex, open_container, video_stream
+from lvr.media.probe import VideoIndex, open_container, rewind, video_stream
 
 _MAX_SEEK_RETRIES = 3
-# "The start of the file" as a seek target, in AV_TIME_BASE units (about -12.7 days): below any
-# timestamp FFmpeg produces. seek(0) is not the start where timestamps are negative (MPEG-TS whose
-# 33-bit clock wraps: FFmpeg unwraps the frames before the wrap to negative pts, and seek(0) lands
-# on the first keyframe after it). Small enough not to overflow when rescaled to a 1/1e9 time base.
-_START_TS = -(1 << 40)
 # Decoders whose skip_frame="NONREF" drops only frames no other frame needs (checked on real files).
 # libdav1d (AV1) lost displayed frames with it, so everything else decodes every frame.
 _SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
@@ -114,18 +109,6 @@ def _seek_points(index: VideoIndex, keyframe: int) -> list[int | None]:
     return [
         int(index.seek_ts[k]) for k in range(kpos, max(kpos - 1 - _MAX_SEEK_RETRIES, -1), -1)
     ] + [None]
-
-
-def rewind(container: av.container.InputContainer) -> None:
-    """Seek to the first packet of the file, also where timestamps start below 0 (see ``_START_TS``).
-
-    A demuxer that refuses a seek before its first index entry gets ``seek(0)``, which is the start
-    for it (its timestamps are not negative: a wrapped MPEG-TS clock is searched, not indexed).
-    """
-    try:
-        container.seek(_START_TS)
-    except av.error.FFmpegError:
-        container.seek(0)
 
 
 def _seek(
