@@ -71,6 +71,7 @@ def test_old_run_is_refused_migrated_and_resumed_without_recomputing(tmp_path: P
         lvr("datagen", "qa", "--run", run, check=False),
         lvr("datagen", "export", "--run", run, check=False),
         lvr("inspect", run, check=False),
+        lvr("eval", "run", "--model", "m", "--benchmark", "qa", "--run", run, check=False),
     ]
     for res in refusals:
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr

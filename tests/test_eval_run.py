@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -350,3 +351,47 @@ def test_report_groups_errors_by_reason(tiny_vlm: Path, lvr_videos: Path, tmp_pa
     head, rows = error_table(load_entry(res.out_dir))
     assert head == ["reason", "rows", "example"]
     assert [r[:2] for r in rows] == [["video not found: … (looked under …)", "3"]]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--limit", "-1"], "limit must be >= 1"),
+        (["--limit", "0"], "limit must be >= 1"),
+        (["--set", "max_tokens=-3"], "max_tokens must be >= 1"),
+        (["--set", "top_p=0"], "top_p must be in (0, 1]"),
+        (["--frames", "4,,8"], "--frames expects frame counts separated by commas"),
+        (["--frames", "0"], "frames must be positive integers"),
+    ],
+)
+def test_out_of_range_settings_are_one_line(args: list[str], message: str) -> None:
+    from lvr.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "run", "--model", "m", "--data", "d.json", *args])
+    assert isinstance(res.exception, LvrError) and message in str(res.exception)
+    assert "\n" not in str(res.exception)
+
+
+def test_a_qa_split_that_is_not_there_names_the_splits(tmp_path: Path) -> None:
+    from lvr.eval.benchmarks import BenchmarkError, Source, load_questions
+
+    row = {name: None for name in SCHEMAS["qa"].names}
+    rows = [
+        {**row, "qa_id": f"q{i}", "split": split} for i, split in enumerate(["sft", "rl", "rl"])
+    ]
+    write_parquet(
+        tmp_path / "qa" / "00000.parquet", pa.Table.from_pylist(rows, SCHEMAS["qa"]), "qa"
+    )
+    with pytest.raises(
+        BenchmarkError,
+        match=r"no rows with split 'bogus'; its splits: rl \(2 rows\), sft \(1 rows\)",
+    ):
+        load_questions(Source("qa", str(tmp_path / "qa"), None, "bogus"))
+
+
+def test_a_model_that_does_not_load_leaves_no_eval_folder(lvr_videos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(LvrError, match="model folder not found: /nonexistent/model"):
+        run_eval(_cfg(Path("/nonexistent/model"), lvr_videos), run, progress=False)
+    assert not (run / "eval").exists() or not any((run / "eval").iterdir())

@@ -129,14 +129,15 @@ class HFBackend:
         from transformers import AutoConfig
 
         from lvr.models import ModelLoadError, load_llm, load_vlm
+        from lvr.models.loading import resolve_source
 
         if self.opts.torch_threads:
             torch.set_num_threads(self.opts.torch_threads)
         dtype = getattr(torch, self.opts.dtype) if self.opts.dtype else None
         try:
             kind = self.opts.model_type
-            if kind == "auto":
-                cfg = AutoConfig.from_pretrained(self.model)
+            if kind == "auto":  # a missing folder is named as such, not as a bad hub id
+                cfg = AutoConfig.from_pretrained(resolve_source(self.model))
                 kind = "vlm" if hasattr(cfg, "vision_config") else "llm"
             loader = load_vlm if kind == "vlm" else load_llm
             self._model, self._proc = loader(

@@ -40,6 +40,7 @@ Sources and the fields read (``tests/fixtures/eval/`` holds one small file per f
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -437,7 +438,7 @@ def _qa_records(src: Source) -> list[dict[str, Any]]:
         raise BenchmarkError(f"qa table not found: {exc}") from None
     except (OSError, ValueError):  # pyarrow's "Parquet magic bytes not found" is a ValueError
         raise BenchmarkError(
-            f"{src.data} is not a Parquet qa table (--benchmark qa reads runs/<run>/filter/qa); "
+            f"{src.data} is not a Parquet qa table (--benchmark qa reads runs/<run>/qa); "
             "for a benchmark's JSON file pass its --benchmark name"
         ) from None
     if name not in {"qa", "qa_raw"}:
@@ -449,7 +450,15 @@ def _qa_records(src: Source) -> list[dict[str, Any]]:
     split = src.split or "eval"
     if name == "qa_raw" or split == "all":
         return rows
-    return [r for r in rows if r.get("split") == split]
+    chosen = [r for r in rows if r.get("split") == split]
+    if rows and not chosen:
+        counts = Counter(str(r.get("split")) for r in rows)
+        have = ", ".join(f"{k} ({n} rows)" for k, n in sorted(counts.items()))
+        raise BenchmarkError(
+            f"the qa table at {src.data} has no rows with split {split!r}; "
+            f"its splits: {have}; --split all takes every row"
+        )
+    return chosen
 
 
 def adapt_qa(rec: dict[str, Any], index: int, src: Source) -> dict[str, Any]:

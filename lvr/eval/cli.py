@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from lvr.cli_options import ConfigOpt, RunOpt, SetOpt, ShowOpt
-from lvr.config import resolve_cli_config
+from lvr.config import ConfigError, resolve_cli_config
 from lvr.eval.config import EvalConfig
 
 app = typer.Typer(
@@ -34,7 +34,12 @@ def _flag_overrides(**flags: object) -> list[str]:
         if value is None:
             continue
         if key == "frames":
-            out.append(f"frames=[{value}]")  # "8" or "8,16,32" -> a YAML list
+            budgets = [part.strip() for part in str(value).split(",")]
+            if not all(part.isdigit() for part in budgets):
+                raise ConfigError(
+                    f"--frames expects frame counts separated by commas (8 or 8,16,32), got {value!r}"
+                )
+            out.append(f"frames=[{','.join(budgets)}]")  # a YAML list
         else:
             out.append(f"{key}={json.dumps(value)}")
     return out

@@ -47,7 +47,7 @@ class EvalConfig:
         backend: ``auto`` (``openai:`` prefix -> openai, else hf), ``hf``, ``openai`` or ``vllm``.
         benchmark: Which adapter reads ``data``.
         data: Benchmark file/folder or ``datasets`` name (``org/name@split``); for ``qa`` the
-            default is ``<run>/filter/qa``.
+            default is ``<run>/qa``.
         video_dir: Folder holding the benchmark's videos.
         split: Dataset split (hub names) or, for ``qa``, the qa split (``eval``; ``all``).
         subtitles: Add subtitles to the prompt (Video-MME).
@@ -110,3 +110,12 @@ class EvalConfig:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for key, value, low in (("max_tokens", self.max_tokens, 1), ("concurrency", self.concurrency, 1),
+                                ("max_pixels", self.max_pixels, 1), ("bootstrap", self.bootstrap, 0),
+                                ("limit", self.limit, 1), ("judge.max_tokens", self.judge.max_tokens, 1)):  # fmt: skip
+            if value is not None and value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

@@ -2,7 +2,7 @@
 
 An error row names its video, path or value ("video not found: abc123 (looked under /data)"), so
 2,700 missing videos are 2,700 distinct messages. ``error_reason`` blanks out those specifics
-(quoted values, paths, ids after "video not found:", numbers) so that counting by reason says
+(quoted values, paths, ids after "video not found:", numbers but HTTP statuses) so that counting by reason says
 "2700 x video not found: … (looked under …)" — what the CLI, the run summary and the report show.
 """
 
@@ -15,7 +15,9 @@ from collections.abc import Iterable
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PATHLIKE = re.compile(r"[^\s(]*[/\\]\S*?(?=[),;:]?(?:\s|$))")
 _AFTER_NOT_FOUND = re.compile(r"(not found: )\S+")
-_NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?(?![A-Za-z])")
+# Numbers are row-specific, except an HTTP status: a 401 (the key) and a 500 (the server) are
+# different reasons.
+_NUMBER = re.compile(r"(?<![A-Za-z0-9])(?<!HTTP )\d+(?:\.\d+)?(?![A-Za-z])")
 _SPACES = re.compile(r"\s+")
 
 
@@ -32,6 +34,8 @@ def error_reason(message: str) -> str:
     'video not found: … (looked under …)'
     >>> error_reason("answer 'B.' is not one option label")
     'answer … is not one option label'
+    >>> error_reason("model: HTTP 401: invalid key after 3 attempts")
+    'model: HTTP 401: invalid key after N attempts'
     """
     text = _QUOTED.sub("…", message)
     text = _PATHLIKE.sub("…", text)

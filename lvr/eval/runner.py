@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from lvr.eval.judge import judge_rows
 from lvr.eval.official import category_memberships, official_rows
 from lvr.eval.reasons import summarize_errors
 from lvr.eval.scoring import pass_rate_rows, score_base, score_rows
-from lvr.layout import EvalRunLayout, RunLayout
+from lvr.layout import EvalRunLayout, RunLayout, check_layout
 
 
 @dataclass
@@ -246,7 +248,8 @@ def run_eval(
     judge = prompting.make_judge_backend(cfg, RunLayout(Path(run)).judge_cache)
     results = []
     for frames in cfg.frames:
-        result = _run_budget(cfg, run, frames, questions, backend, judge, progress)
+        with _removed_if_nothing_answered(eval_dir(run, cfg, frames)):
+            result = _run_budget(cfg, run, frames, questions, backend, judge, progress)
         result.notes = list(src.notes) + result.notes
         _write_manifest(cfg, src, frames, result)
         results.append(result)
@@ -258,8 +261,23 @@ def run_eval(
     return results
 
 
+@contextmanager
+def _removed_if_nothing_answered(out: Path) -> Iterator[None]:
+    """Remove an eval folder this run created when it fails before one prediction is written
+    (a model that does not load, an endpoint that closes), so `lvr inspect` and `lvr eval
+    report` never show a folder of questions without answers."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and not any(EvalRunLayout(out).predictions.glob("*.parquet")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _source(cfg: EvalConfig, run: Path) -> Source:
-    data = cfg.data or (str(RunLayout(Path(run)).qa) if cfg.benchmark == "qa" else "")
+    layout = check_layout(run)  # an older run's qa table is elsewhere: name the migration
+    data = cfg.data or (str(layout.qa) if cfg.benchmark == "qa" else "")
     if not data:
         raise LvrError(
             f"no benchmark data given for {cfg.benchmark}: pass --data <file|folder|dataset>"
