@@ -69,9 +69,17 @@ def main() -> None:
     except LvrError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted: finished shards are kept; rerun the same command to resume")
-        sys.exit(130)
+    except KeyboardInterrupt:  # raised before Typer runs a command (while importing)
+        _interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C inside a command into Exit(130), silently
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    err.print("interrupted: finished shards are kept; rerun the same command to resume")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

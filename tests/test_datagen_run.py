@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,21 @@ def test_presets_load_and_open_with_their_command(preset: Path) -> None:
 
 def test_presets_cover_the_domains() -> None:
     assert {p.stem for p in PRESETS} >= {"demo", "general", "sports", "games", "vlogs"}
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C inside a command: Typer exits 130 without a word; lvr names the way back."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    args = ["datagen", "run", "--config", str(REPO / "configs/datagen/demo.yaml"),
+            "--run", str(tmp_path / "run"), "--set", "input.synthetic.videos=400"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "lvr.cli", *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    inputs = tmp_path / "run" / "inputs"
+    while proc.poll() is None and not list(inputs.glob("*.mp4")):  # until inside the command
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: finished shards are kept; rerun the same command to resume"
+    )
