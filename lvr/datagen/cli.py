@@ -185,8 +185,13 @@ def filter_cmd(
 def export(
     run: Path = RunOpt,
     fmt: str = typer.Option("jsonl", "--format", help="jsonl (LongVideo-Reason records) or hf (datasets save_to_disk)."),
-    split: str | None = typer.Option(None, "--split", help="jsonl: sft, rl or eval (default: every row)."),
-    out: Path | None = typer.Option(None, "--out", help="Output file (jsonl) or folder (hf); default under <run>/export."),
+    split: str | None = typer.Option(None, "--split", help="sft, rl or eval (default: every row; hf: every split)."),
+    out: Path | None = typer.Option(
+        None, "--out",
+        help="Output file (jsonl) or folder (hf); default under <run>/export. Only a previous export "
+        "of the same format is replaced (hf: a folder holding dataset_dict.json, replaced as a "
+        "whole; jsonl: a file of records); a new or empty target is fine, anything else is refused.",
+    ),
     video_root: Path | None = typer.Option(None, "--video-root", help="Write video paths relative to this folder."),
 ) -> None:  # fmt: skip
     """Export the filtered questions as LongVideo-Reason JSONL or a Hugging Face dataset."""
@@ -197,7 +202,7 @@ def export(
         typer.echo(f"export: {n} records -> {target}")
     elif fmt == "hf":
         target = out or layout.export / "hf"
-        counts = export_hf(layout, target, video_root=video_root)
+        counts = export_hf(layout, target, video_root=video_root, split=split)
         typer.echo(f"export: {counts} -> {target}")
     else:
         raise LvrError(f"--format must be jsonl or hf, got {fmt!r}")

@@ -47,7 +47,7 @@ class EvalConfig:
         backend: ``auto`` (``openai:`` prefix -> openai, else hf), ``hf``, ``openai`` or ``vllm``.
         benchmark: Which adapter reads ``data``.
         data: Benchmark file/folder or ``datasets`` name (``org/name@split``); for ``qa`` the
-            default is ``<run>/filter/qa``.
+            default is ``<run>/qa``.
         video_dir: Folder holding the benchmark's videos.
         split: Dataset split (hub names) or, for ``qa``, the qa split (``eval``; ``all``).
         subtitles: Add subtitles to the prompt (Video-MME).
