@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -152,7 +153,9 @@ SYNTHETIC_MARK = ".lvr-synthetic"  # written into every folder synthetic videos 
 _SYNTHETIC_NAME = re.compile(r"synth_s\d+_\d{4}\.(mp4|json)")
 
 
-def render_synthetic(cfg: InputConfig, default_folder: Path, progress: bool = False) -> str:
+def render_synthetic(
+    cfg: InputConfig, default_folder: Path, progress: bool = False, console: Any = None
+) -> str:
     """Render ``cfg.synthetic.videos`` synthetic videos (cached) and return the folder holding them.
 
     They go to ``cfg.source`` when set, else to ``default_folder`` (the run's ``inputs/``). The
@@ -167,7 +170,7 @@ def render_synthetic(cfg: InputConfig, default_folder: Path, progress: bool = Fa
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress) as bar:  # fmt: skip
+                  TimeElapsedColumn(), disable=not progress, console=console) as bar:  # fmt: skip
         task = bar.add_task("render synthetic videos", total=syn.videos)
         # One encoder thread: x264 with 2 threads produced different bytes across runs under
         # load, and video ids are content hashes.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from lvr.cli_options import ConfigOpt, RunOpt, SetOpt, ShowOpt
+from lvr.cli_options import ConfigOpt, EvalSetOpt, RunOpt, ShowOpt
 from lvr.config import resolve_cli_config
 from lvr.errors import LvrError
 from lvr.eval.config import EvalConfig
@@ -80,7 +80,7 @@ def run_cmd(
     ),
     run: Path = RunOpt,
     config: Path | None = ConfigOpt,
-    sets: list[str] | None = SetOpt,
+    sets: list[str] | None = EvalSetOpt,
     show: bool = ShowOpt,
 ) -> None:
     """Evaluate a model on a benchmark: predictions, scores (strict + robust, CIs, floor), manifest.
