@@ -293,10 +293,42 @@ def table_files(path: str | Path, name: str | None = None) -> list[Path]:
 
 
 def table_name_of(path: Path) -> str | None:
-    """The lvr table name recorded in a Parquet file's metadata (or None)."""
-    meta = pq.read_schema(path).metadata or {}
+    """The lvr table name recorded in a Parquet file's metadata (or None).
+
+    Raises:
+        SchemaError: ``path`` is not a readable Parquet file.
+    """
+    meta = _read_schema(path).metadata or {}
     raw = meta.get(b"lvr.table")
     return raw.decode() if raw else None
+
+
+def check_table_file(path: Path, name: str) -> None:
+    """Check one file's schema (not its rows) against table ``name``, as :func:`read_table` does.
+
+    Raises:
+        SchemaError: Unreadable file, or a missing / mistyped column (names file and column).
+    """
+    if name in SCHEMAS:
+        conform(_read_schema(path).empty_table(), name, source=str(path))
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(
+            f"{path} is not a readable Parquet file ({exc}); remove or replace it"
+        ) from None
+
+
+def _read_file(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(
+            f"{path} is not a readable Parquet file ({exc}); remove or replace it"
+        ) from None
 
 
 def read_table(path: str | Path, name: str | None = None) -> pa.Table:
@@ -316,7 +348,7 @@ def read_table(path: str | Path, name: str | None = None) -> pa.Table:
     tables = []
     for f in files:
         table_name = name or table_name_of(f)
-        t = pq.read_table(f)
+        t = _read_file(f)
         tables.append(conform(t, table_name, source=str(f)) if table_name in SCHEMAS else t)
     return pa.concat_tables(tables)
 

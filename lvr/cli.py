@@ -35,9 +35,15 @@ def inspect_cmd(
     sql: str | None = typer.Option(
         None,
         "--sql",
-        help="Run a DuckDB query; each table is a view named after it (e.g. qa, clips).",
+        help="Run one read-only DuckDB query (SELECT/WITH/DESCRIBE/SUMMARIZE); each table is a "
+        "view named after it (e.g. qa, clips), plus usage (model calls, maybe empty). A name in "
+        "several folders (one eval/<name>/ per model: questions, predictions, scores) is the "
+        "union of all with a column eval naming the folder; each folder's own view is "
+        "<name>_<table> with '-' made '_' (e.g. qa_model_f4_predictions).",
     ),
-    samples: int = typer.Option(3, "--samples", "-n", help="Sample rows to show per table."),
+    samples: int = typer.Option(
+        3, "--samples", "-n", help="Sample rows to show per table (0 or more)."
+    ),
 ) -> None:
     """Summarize Parquet artifacts: schema, row and error counts, distributions, sample rows."""
     from lvr.inspection import inspect_path

@@ -6,14 +6,26 @@ exposed to ``--sql`` as a view named after it, so
 ``--sql``, a folder gets an overview (every table folder, every stage manifest) and then a
 summary per table.
 
+When one table name is found in several folders (one ``eval/<name>/`` per model and frame
+budget holds ``questions``, ``predictions`` and ``scores``), each folder's table is a view named
+``<folder>_<table>`` (e.g. ``qa_model_f4_predictions``: characters other than letters, digits and
+``_`` become ``_``, so no quoting is needed), and the plain view (``predictions``) is the union of
+all of them with a first column ``eval`` (for tables under ``eval/``; ``folder`` elsewhere)
+naming the folder: a JOIN of plain views must join on that column too, so models never mix.
+
 Model-call usage recorded in the stage manifests (requests, cache hits, attempts, retries,
 failures, prompt / completion tokens and cost per stage, machine and model) is printed as a
-"model calls" table and exposed as the ``usage`` view.
+"model calls" table and exposed as the ``usage`` view (always there; empty when no model was
+called).
+
+Inspection is read-only: ``--sql`` runs only queries (SELECT, DESCRIBE, SUMMARIZE...), and DuckDB
+may touch no file but the listed tables.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +35,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from lvr.artifacts import SCHEMAS, table_name_of
+from lvr.artifacts import SCHEMAS, check_table_file, table_name_of
 from lvr.errors import LvrError
 from lvr.layout import RunLayout, check_layout
 
@@ -33,13 +45,21 @@ _DISTRIBUTION_COLUMNS = ("category", "format", "split", "answer", "benchmark", "
 
 @dataclass
 class TableRef:
-    """One logical table found under the inspected path."""
+    """One logical table found under the inspected path.
+
+    A union (the plain view of a table name found in several folders) has ``parts``: the
+    per-folder tables, and ``label`` the column that names each part's folder.
+    """
 
     name: str
     files: list[Path]
+    parts: list[tuple[str, TableRef]] | None = None
+    label: str = ""
 
     @property
     def glob(self) -> str:
+        if self.parts:
+            return ", ".join(part.glob for _, part in self.parts)
         return (
             str(self.files[0]) if len(self.files) == 1 else str(self.files[0].parent / "*.parquet")
         )
@@ -66,32 +86,96 @@ def find_tables(path: Path) -> list[TableRef]:
     if not groups and not usage_rows(path):
         raise LvrError(f"{path} holds no Parquet files")
     named = [
-        (table_name_of(files[0]) or folder.name, folder, files) for folder, files in groups.items()
+        (_view_name(table_name_of(files[0]) or folder.name), folder, files)
+        for folder, files in groups.items()
     ]
     order = list(SCHEMAS)  # lvr's tables in pipeline order, others after them
     named.sort(key=lambda t: (order.index(t[0]) if t[0] in order else len(order), str(t[1])))
-    refs: list[TableRef] = []
+    by_name: dict[str, list[tuple[Path, list[Path]]]] = {}
     for name, folder, files in named:
-        refs.append(TableRef(_unique(name, folder, refs), files))
+        for f in files:
+            check_table_file(f, name)
+        by_name.setdefault(name, []).append((folder, files))
+    refs: list[TableRef] = []
+    taken = set(by_name)
+    for name, found in by_name.items():
+        if len(found) == 1:
+            refs.append(TableRef(name, found[0][1]))
+            continue
+        parts = []
+        for folder, files in found:
+            label = folder.parent.relative_to(path).as_posix()
+            prefixed = _view_name(f"{folder.parent.name}_{name}")
+            while prefixed in taken:
+                prefixed += "_"
+            taken.add(prefixed)
+            parts.append((label, TableRef(prefixed, files)))
+        column = "eval" if all(f.parent.parent.name == "eval" for f, _ in found) else "folder"
+        if column == "eval":
+            parts = [
+                (folder.parent.name, ref)
+                for (folder, _), (_, ref) in zip(found, parts, strict=True)
+            ]
+        refs.append(TableRef(name, [f for _, fs in found for f in fs], parts, column))
+        refs += [ref for _, ref in parts]
     return refs
 
 
-def _unique(name: str, folder: Path, taken: list[TableRef]) -> str:
-    names = {r.name for r in taken}
-    return name if name not in names else f"{folder.parent.name}_{name}"
+def _view_name(name: str) -> str:
+    """A view name usable without quotes: characters other than [A-Za-z0-9_] become ``_``."""
+    name = re.sub(r"\W", "_", name, flags=re.ASCII)
+    return name if name and not name[0].isdigit() else f"t_{name}"
 
 
 def connect(
     tables: list[TableRef], usage: list[dict[str, Any]] | None = None
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with one view per table, plus ``usage`` when manifests recorded calls."""
+    """A read-only DuckDB connection: one view per table, and ``usage`` (model calls, maybe none).
+
+    Raises:
+        LvrError: A Parquet file that DuckDB cannot read (names the file, one line).
+    """
     con = duckdb.connect()
-    for ref in tables:
-        files = ", ".join(f"'{f}'" for f in ref.files)
+    con.execute("SET python_enable_replacements = false")  # no Python variable is a table
+    for ref in (r for r in tables if not r.parts):
+        files = ", ".join(_quote(str(f)) for f in ref.files)
         con.execute(f'CREATE VIEW "{ref.name}" AS SELECT * FROM read_parquet([{files}])')
-    if usage and "usage" not in {t.name for t in tables}:
-        con.register("usage", pa.Table.from_pylist(usage, schema=_USAGE_SCHEMA))
+        _check_readable(con, ref)
+    for ref in (r for r in tables if r.parts):
+        union = " UNION ALL BY NAME ".join(
+            f'SELECT {_quote(label)} AS "{ref.label}", * FROM "{part.name}"'
+            for label, part in ref.parts or []
+        )
+        con.execute(f'CREATE VIEW "{ref.name}" AS {union}')
+    if "usage" not in {t.name for t in tables}:
+        con.register("usage", pa.Table.from_pylist(usage or [], schema=_USAGE_SCHEMA))
+    allowed = ", ".join(_quote(str(f.resolve())) for ref in tables for f in ref.files)
+    con.execute(f"SET allowed_paths = [{allowed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _check_readable(con: duckdb.DuckDBPyConnection, ref: TableRef) -> None:
+    """Read each file's schema now, so that garbage or a mixed-up table is one line, not later."""
+    try:
+        con.execute(f'DESCRIBE "{ref.name}"').fetchall()
+        return
+    except duckdb.Error:
+        pass
+    for f in ref.files:
+        try:
+            con.execute(f"DESCRIBE SELECT * FROM read_parquet({_quote(str(f))})").fetchall()
+        except duckdb.Error as exc:
+            raise LvrError(
+                f"{f} is not a readable Parquet file ({str(exc).splitlines()[0]}); "
+                "remove or replace it"
+            ) from None
+    raise LvrError(f"the files of table {ref.name} cannot be read together; check {ref.glob}")
 
 
 _USAGE_COUNTS = ("requests", "cache_hits", "sent", "attempts", "retries", "failures",
@@ -127,18 +211,20 @@ def usage_rows(path: Path) -> list[dict[str, Any]]:
 def inspect_path(
     path: Path, sql: str | None = None, samples: int = 3, console: Console | None = None
 ) -> None:
-    """Print a summary of every table under ``path``, or the result of ``sql`` over them."""
+    """Print a summary of every table under ``path``, or the result of ``sql`` over them.
+
+    Raises:
+        LvrError: Missing path, unreadable table, a negative ``samples``, or ``sql`` that fails
+            or is not a query (inspection never writes).
+    """
     console = console or Console()
+    if samples < 0:
+        raise LvrError(f"--samples must be 0 or more, got {samples}")
     tables = find_tables(path)
     usage = usage_rows(path)
     con = connect(tables, usage)
     if sql:
-        try:
-            rel = con.sql(sql)
-        except duckdb.Error as exc:
-            views = ", ".join([t.name for t in tables] + (["usage"] if usage else []))
-            raise LvrError(f"SQL failed: {str(exc).splitlines()[0]} (tables: {views})") from None
-        _print_relation(console, rel, title=sql)
+        _print_relation(console, _query(con, sql, tables), title=sql)
         return
     if path.is_dir():
         _overview(console, con, tables, RunLayout(path))
@@ -146,6 +232,34 @@ def inspect_path(
         _summarize(console, con, ref, samples)
     if usage:
         _summarize_usage(console, con, tables)
+
+
+_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def _query(
+    con: duckdb.DuckDBPyConnection, sql: str, tables: list[TableRef]
+) -> duckdb.DuckDBPyRelation:
+    """Run one read-only query (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN) over the views."""
+    views = ", ".join(view_names(tables))
+    try:
+        statements = duckdb.extract_statements(sql)
+        if len(statements) != 1:
+            raise LvrError(f"--sql takes one query, got {len(statements)} statements")
+        if statements[0].type not in _READ_ONLY:
+            raise LvrError(
+                f"--sql is read-only: a {statements[0].type.name} statement is not allowed "
+                "(use SELECT; to save a result, run DuckDB yourself on the Parquet files)"
+            )
+        return con.sql(sql)
+    except duckdb.Error as exc:
+        raise LvrError(f"SQL failed: {str(exc).splitlines()[0]} (tables: {views})") from None
+
+
+def view_names(tables: list[TableRef]) -> list[str]:
+    """Every view ``--sql`` can use, ``usage`` included."""
+    names = [t.name for t in tables]
+    return names if "usage" in names else [*names, "usage"]
 
 
 def _summarize_usage(
@@ -186,7 +300,23 @@ def _overview(
     for ref in tables:
         rows = con.execute(f'SELECT count(*) FROM "{ref.name}"').fetchone()[0]
         folder = ref.files[0].parent.relative_to(layout.root)
-        listing.add_row(ref.name, str(rows), str(len(ref.files)), f"{folder}/")
+        if ref.parts:
+            folders = [part.files[0].parent.relative_to(layout.root).parts for _, part in ref.parts]
+            same = all(len(f) == len(folders[0]) for f in folders)
+            pattern = (
+                "/".join(
+                    p if all(f[i] == p for f in folders) else "*" for i, p in enumerate(folders[0])
+                )
+                if same
+                else "*"
+            )
+            listing.add_row(ref.name, str(rows), str(len(ref.files)),
+                            f"{pattern}/ (union of {len(folders)}, column {ref.label})")  # fmt: skip
+        else:
+            listing.add_row(ref.name, str(rows), str(len(ref.files)), f"{folder}/")
+    if not any(t.name == "usage" for t in tables):
+        calls = con.execute("SELECT count(*) FROM usage").fetchone()[0]
+        listing.add_row("usage", str(calls), "-", "(model calls of the stage manifests)")
     console.print(listing)
     manifests = layout.stage_manifests()
     if not manifests:

@@ -250,9 +250,11 @@ def check_layout(root: str | Path) -> RunLayout:
     """The layout of ``root``; a run in the older layout is a one-line error naming the migration.
 
     Raises:
-        LayoutError: ``root`` holds stage folders of the layout before `RunLayout`.
+        LayoutError: ``root`` is a file, or holds stage folders of the layout before `RunLayout`.
     """
     layout = RunLayout(Path(root))
+    if layout.root.exists() and not layout.root.is_dir():
+        raise LayoutError(f"--run {layout.root} is a file, not a run folder: give a folder")
     old = old_layout_paths(layout.root)
     if old:
         raise LayoutError(

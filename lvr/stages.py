@@ -210,18 +210,25 @@ def run_stage(
         if fn is None:
             raise ValueError("run_stage needs fn or execute")
         execute = partial(_run_here, stage, fn)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not progress,
-    ) as bar:
-        task = bar.add_task(description or stage.name, total=len(todo))
-        for _ in execute(todo):
-            bar.advance(task)
-            if report is not None:  # counts stay those of the start until "done"
-                atomic_write_json(stage.manifest(manifest), {**running, **report()})
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not progress,
+        ) as bar:
+            task = bar.add_task(description or stage.name, total=len(todo))
+            for _ in execute(todo):
+                bar.advance(task)
+                if report is not None:  # counts stay those of the start until "done"
+                    atomic_write_json(stage.manifest(manifest), {**running, **report()})
+    except BaseException as exc:  # the manifest says how the run ended, never "running"
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        _write_manifest(stage, config, inputs, shards, status, time.time() - start, manifest,
+                        {**extra(), "error": why})  # fmt: skip
+        raise
     seconds = time.time() - start
     info = _write_manifest(stage, config, inputs, shards, "done", seconds, manifest, extra())
     return StageResult(

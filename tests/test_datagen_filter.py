@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -544,6 +547,73 @@ def test_export_refuses_unfinished_stage(filtered: Path, tmp_path: Path) -> None
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "running"}))
     with pytest.raises(ExportError, match="not finished"):
         export_jsonl(filtered, tmp_path / "x.jsonl", "rl")
+
+
+def test_export_never_replaces_user_files(filtered: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(ExportError, match="not a previous HF export"):
+        export_hf(filtered, precious)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    listing = tmp_path / "list.txt"
+    listing.write_text("my list")
+    with pytest.raises(ExportError, match="is a file"):
+        export_hf(filtered, listing)
+    with pytest.raises(ExportError, match="not a previous JSONL export"):
+        export_jsonl(filtered, listing, "rl")
+    assert listing.read_text() == "my list"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".list.txt")]
+    with pytest.raises(ExportError, match="is a folder"):
+        export_jsonl(filtered, precious, "rl")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(filtered, empty)  # an empty folder is fine, and so is a previous export
+    export_hf(filtered, empty)
+    export_jsonl(filtered, tmp_path / "rl.jsonl", "rl")
+    export_jsonl(filtered, tmp_path / "rl.jsonl", "rl")
+
+
+def test_export_hf_honours_split(filtered: Path, tmp_path: Path) -> None:
+    import datasets
+
+    counts = export_hf(filtered, tmp_path / "hf_rl", split="rl")
+    loaded = datasets.load_from_disk(str(tmp_path / "hf_rl"))
+    assert set(loaded) == {"rl"} == set(counts)
+    assert counts["rl"] == sum(
+        r["split"] == "rl" for r in read_table(filtered / "qa", "qa").to_pylist()
+    )
+    with pytest.raises(ExportError, match="unknown split 'RL'"):
+        export_hf(filtered, tmp_path / "hf_x", split="RL")
+
+
+def test_export_cli_refusals_are_one_line(filtered: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("x")
+    (tmp_path / "list.txt").write_text("y")
+    cases = [
+        (["--format", "hf", "--out", str(precious)], "not a previous HF export"),
+        (["--format", "hf", "--out", str(tmp_path / "list.txt")], "is a file"),
+        (["--out", str(precious)], "is a folder"),
+    ]
+    for args, needle in cases:
+        res = _lvr_cli("datagen", "export", "--run", str(filtered), *args)
+        assert res.returncode == 2 and needle in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert (precious / "thesis.txt").exists() and (tmp_path / "list.txt").read_text() == "y"
+    assert "replaced" in _lvr_cli("datagen", "export", "--help").stdout
+    res = _lvr_cli(
+        "eval", "questions", "-b", "qa", "--data", str(filtered / "qa"), "--out", str(precious)
+    )
+    assert res.returncode == 2 and "is a folder" in res.stderr and "Traceback" not in res.stderr
+    assert "runs/R/filter/qa" not in _lvr_cli("eval", "questions", "--help").stdout
+
+
+def _lvr_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "lvr.cli", *args], env=env, text=True,
+                          capture_output=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

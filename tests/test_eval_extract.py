@@ -217,11 +217,19 @@ def test_numbered_options(response: str, label: str | None, rule: str) -> None:
 @pytest.mark.parametrize(
     "module",
     ["extract", "scoring", "benchmarks", "sources", "runner", "prompting", "options",
-     "official", "reasons", "recent_benchmarks", "vllm_backend"],
+     "official", "recent_benchmarks", "vllm_backend"],
 )  # fmt: skip  # judge's reading of verdicts moved to lvr.answers (tests/test_answers.py)
 def test_doctests(module: str) -> None:
     import importlib
 
     mod = importlib.import_module(f"lvr.eval.{module}")
     result = doctest.testmod(mod)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_reasons_doctests() -> None:
+    """Error grouping (lvr.reasons) is shared by lvr eval and lvr datagen."""
+    import lvr.reasons
+
+    result = doctest.testmod(lvr.reasons)
     assert result.failed == 0 and result.attempted > 0

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -308,6 +309,11 @@ class OpenAIBackend:
         self.limiter: Limiter = limiter or RateLimiter.for_share(
             self.opts.max_requests_per_minute, self.opts.max_tokens_per_minute
         )
+        if _has_userinfo(self.opts.base_url):
+            raise BackendError(
+                f"base_url {scrub(self.opts.base_url)} holds credentials (user:password@): remove "
+                "them and pass the key via the api_key option (or $LVR_API_KEY / $OPENAI_API_KEY)"
+            )
         # Resolved once, so that a bad (redacted) key fails before any row and errors can mask it.
         self._api_key = resolve_api_key(self.opts.api_key)
         self._url = self.opts.base_url.rstrip("/") + "/chat/completions"
@@ -373,6 +379,11 @@ class OpenAIBackend:
                 await asyncio.gather(*(worker() for _ in range(n_workers)))
         finally:
             await session.close()
+        if state.rejected:  # a wrong key fails every row: stop the run, not 10,000 rows later
+            raise BackendError(
+                f"{self.opts.base_url} rejected the API key ({self.scrub(state.rejected)}); set "
+                "the api_key option (or $LVR_API_KEY / $OPENAI_API_KEY) to a valid key"
+            )
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
@@ -385,7 +396,7 @@ class OpenAIBackend:
         bad = check_request(req)
         if bad:
             return Response(req.item_id, [], bad, 0, 0.0)
-        if breaker.tripped:
+        if breaker.tripped or breaker.rejected:
             self.last_stats.not_sent += 1
             return Response(req.item_id, [], breaker.message(self.opts.base_url), 0, 0.0)
         if req.images:  # JPEG encoding is CPU work: keep it off the event loop
@@ -414,6 +425,9 @@ class OpenAIBackend:
                                 prompt_tokens=billed[0], completion_tokens=billed[1])  # fmt: skip
             kinds[failure.kind] += 1
             self.last_stats.failures[failure.kind] += 1
+            if failure.kind in ("HTTP 401", "HTTP 403"):
+                breaker.rejected = one_line(failure.message, 160)
+                break
             if not failure.retryable or attempt > self.opts.max_retries:
                 break
             delay = backoff_delay(
@@ -451,6 +465,14 @@ class OpenAIBackend:
         return texts, failure, read_usage(data)
 
 
+def _has_userinfo(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return bool(parts.username or parts.password)
+    except ValueError:
+        return "@" in url.split("/")[2] if url.count("/") >= 2 else False
+
+
 def _error_line(last: Failure, kinds: Counter, attempts: int) -> str:
     """One line: 'HTTP 500: boom after 4 attempts [HTTP 429 x1, HTTP 500 x3]' (mix if mixed)."""
     plural = "attempt" if attempts == 1 else "attempts"
@@ -467,6 +489,7 @@ class _Breaker:
         self.threshold = threshold
         self.consecutive = 0
         self.tripped = False
+        self.rejected = ""  # the 401/403 answer once the server rejected the key
 
     def record(self, ok: bool, connection_only: bool = False) -> None:
         if ok or not connection_only:
@@ -477,6 +500,8 @@ class _Breaker:
             self.tripped = True
 
     def message(self, url: str) -> str:
+        if self.rejected:
+            return f"not sent: {url} rejected the API key ({self.rejected})"
         return (
             f"not sent: endpoint {url} unreachable ({self.consecutive} consecutive rows failed "
             "to connect); rerun to retry"

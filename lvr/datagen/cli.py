@@ -16,7 +16,8 @@ from typing import Any
 
 import typer
 
-from lvr.cli_options import ConfigOpt, RunOpt, SetOpt, ShowOpt
+from lvr.artifacts import read_table
+from lvr.cli_options import ConfigOpt, DatagenSetOpt, RunOpt, ShowOpt
 from lvr.config import resolve_cli_config
 from lvr.datagen import caption, qa, segment
 from lvr.datagen.config import DatagenConfig
@@ -27,6 +28,8 @@ from lvr.datagen.ray_executor import RayExecutor
 from lvr.datagen.runner import DatagenStage, Executor, run_datagen_stage
 from lvr.errors import LvrError
 from lvr.layout import RunLayout, check_layout
+from lvr.reasons import summarize_errors
+from lvr.stages import StageResult
 
 app = typer.Typer(
     help=(
@@ -110,6 +113,34 @@ def _run(
         f"{stage.name}: {result.shards_run} shards run, {result.shards_skipped} skipped; {tables} "
         f"in {layout.root}"
     )
+    _check_usable(stage, layout, result)
+
+
+class NothingUsableError(LvrError):
+    """A stage ran but every row it wrote is an error row: the next stage would have nothing."""
+
+
+def _check_usable(stage: DatagenStage[Any], layout: RunLayout, result: StageResult) -> None:
+    """Stop (non-zero exit) when a stage that had work wrote no row without an error.
+
+    Partial failures stay error rows (rerun retries them); a stage whose every row failed stops
+    the chain with the commonest reasons, so a dead endpoint or a wrong input list is never a
+    successful run with an empty dataset.
+    """
+    out = stage.tables[-1]
+    if result.shards_total == 0 or result.rows.get(out, 0) > result.errors.get(out, 0):
+        return
+    messages: list[str | None] = []
+    for table in stage.tables:
+        try:
+            messages += read_table(layout.table(table), table).column("error").to_pylist()
+        except (FileNotFoundError, LvrError, KeyError):
+            continue
+    why = summarize_errors(messages) if any(messages) else "no rows at all"
+    raise NothingUsableError(
+        f"{stage.name}: no usable {out} row ({result.rows.get(out, 0)} rows, all errors): {why}; "
+        f"fix the cause and rerun (error rows are retried), or `lvr inspect {layout.root}`"
+    )
 
 
 def _stage_command(
@@ -133,13 +164,19 @@ def _filter(cfg: DatagenConfig, layout: RunLayout, pass_rates: Path | None) -> N
     kept, rejected = result.rows.get("qa", 0), result.rows.get("qa_rejected", 0)
     note = " (outputs were current)" if result.skipped else ""
     typer.echo(f"filter: {kept} kept, {rejected} rejected{note} -> {layout.qa}")
+    by_rule = ", ".join(f"{k} {v}" for k, v in sorted(result.by_rule.items()))
     if result.by_rule:
-        typer.echo("  by rule: " + ", ".join(f"{k} {v}" for k, v in sorted(result.by_rule.items())))
+        typer.echo("  by rule: " + by_rule)
+    if kept == 0:
+        raise NothingUsableError(
+            f"filter: 0 questions kept of {kept + rejected} ({by_rule or 'no qa_raw rows'}); "
+            f"loosen the filter.* rule that rejects them or check qa_raw with `lvr inspect {layout.root}`"
+        )
 
 
 @app.command("segment")
 def segment_cmd(
-    config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
+    config: Path | None = ConfigOpt, sets: list[str] | None = DatagenSetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt,
     executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
@@ -150,7 +187,7 @@ def segment_cmd(
 
 @app.command("caption")
 def caption_cmd(
-    config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
+    config: Path | None = ConfigOpt, sets: list[str] | None = DatagenSetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
     executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
@@ -161,7 +198,7 @@ def caption_cmd(
 
 @app.command("qa")
 def qa_cmd(
-    config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
+    config: Path | None = ConfigOpt, sets: list[str] | None = DatagenSetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
     executor: str = ExecutorOpt, address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
@@ -172,7 +209,7 @@ def qa_cmd(
 
 @app.command("filter")
 def filter_cmd(
-    config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
+    config: Path | None = ConfigOpt, sets: list[str] | None = DatagenSetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     pass_rates: Path | None = PassRatesOpt,
 ) -> None:  # fmt: skip
     """Filter qa_raw into `qa` (sft / rl / eval splits) and `qa_rejected` (one job over all shards)."""
@@ -185,8 +222,13 @@ def filter_cmd(
 def export(
     run: Path = RunOpt,
     fmt: str = typer.Option("jsonl", "--format", help="jsonl (LongVideo-Reason records) or hf (datasets save_to_disk)."),
-    split: str | None = typer.Option(None, "--split", help="jsonl: sft, rl or eval (default: every row)."),
-    out: Path | None = typer.Option(None, "--out", help="Output file (jsonl) or folder (hf); default under <run>/export."),
+    split: str | None = typer.Option(None, "--split", help="sft, rl or eval (default: every row; hf: every split)."),
+    out: Path | None = typer.Option(
+        None, "--out",
+        help="Output file (jsonl) or folder (hf); default under <run>/export. Only a previous export "
+        "of the same format is replaced (hf: a folder holding dataset_dict.json, replaced as a "
+        "whole; jsonl: a file of records); a new or empty target is fine, anything else is refused.",
+    ),
     video_root: Path | None = typer.Option(None, "--video-root", help="Write video paths relative to this folder."),
 ) -> None:  # fmt: skip
     """Export the filtered questions as LongVideo-Reason JSONL or a Hugging Face dataset."""
@@ -197,7 +239,7 @@ def export(
         typer.echo(f"export: {n} records -> {target}")
     elif fmt == "hf":
         target = out or layout.export / "hf"
-        counts = export_hf(layout, target, video_root=video_root)
+        counts = export_hf(layout, target, video_root=video_root, split=split)
         typer.echo(f"export: {counts} -> {target}")
     else:
         raise LvrError(f"--format must be jsonl or hf, got {fmt!r}")
@@ -205,7 +247,7 @@ def export(
 
 @app.command("run")
 def run_all(
-    config: Path | None = ConfigOpt, sets: list[str] | None = SetOpt, show: bool = ShowOpt, run: Path = RunOpt,
+    config: Path | None = ConfigOpt, sets: list[str] | None = DatagenSetOpt, show: bool = ShowOpt, run: Path = RunOpt,
     shard: int = ShardOpt, num_shards: int = NumShardsOpt, quiet: bool = QuietOpt, retry: bool = RetryOpt,
     pass_rates: Path | None = PassRatesOpt, executor: str = ExecutorOpt,
     address: str | None = AddressOpt, workers: int = WorkersOpt,

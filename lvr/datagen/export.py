@@ -9,9 +9,14 @@ JSONL records have exactly the public LongVideo-Reason fields, in this order::
 multiple choice and the gold text for open questions; ``videos`` is relative to ``video_root``
 when one is given (a video outside it is an error, never an absolute path in disguise).
 
-The Hugging Face export is a ``DatasetDict`` (splits sft / rl / eval, always all three) saved with
-``save_to_disk``; it holds the same fields plus ``format`` and ``options``. Video paths stay
-strings: nothing is decoded.
+The Hugging Face export is a ``DatasetDict`` (splits sft / rl / eval, always all three, or only
+the one ``--split`` names) saved with ``save_to_disk``; it holds the same fields plus ``format``
+and ``options``. Video paths stay strings: nothing is decoded.
+
+An export never replaces something that is not a previous export: the JSONL target must be new,
+empty or a previous JSONL export (its first line a record with ``problem_id``); the HF target
+folder must be new, empty or a previous HF export (it holds ``dataset_dict.json``). Anything else
+is refused with one line.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ def export_jsonl(
         ExportError: Unfinished filter stage, unknown split, or a video outside ``video_root``.
         LayoutError: ``run`` was written by an older lvr (names the migration).
     """
-    rows = _qa_rows(run, split)
     out_path = Path(out_path)
+    check_jsonl_target(out_path)
+    rows = _qa_rows(run, split)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -75,26 +81,87 @@ def export_jsonl(
     return len(rows)
 
 
+def check_jsonl_target(out_path: Path) -> None:
+    """Refuse a JSONL target that is a folder, or a file that is not a previous JSONL export."""
+    if out_path.is_dir():
+        raise ExportError(
+            f"--out {out_path} is a folder; --format jsonl writes one file "
+            f"(e.g. --out {out_path / 'all.jsonl'})"
+        )
+    if out_path.exists() and not _is_jsonl_export(out_path):
+        raise ExportError(
+            f"--out {out_path} exists and is not a previous JSONL export; lvr does not overwrite "
+            "it: give a new file name"
+        )
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise ExportError(f"--out {out_path}: {out_path.parent} is a file, not a folder")
+
+
+def _is_jsonl_export(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(1 << 20)
+    except OSError:
+        return False
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "problem_id" in record
+
+
+def check_hf_target(out_dir: Path) -> None:
+    """Refuse an HF target that is a file, or a folder that is neither empty nor an HF export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(
+            f"--out {out_dir} is a file; --format hf writes a folder: give a new folder name"
+        )
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / HF_MARK).is_file():
+        raise ExportError(
+            f"--out {out_dir} holds files that are not a previous HF export (no {HF_MARK}); "
+            "lvr replaces the --out folder as a whole: give a new or empty folder"
+        )
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"--out {out_dir}: {parent} is a file, not a folder")
+            break
+
+
+HF_MARK = "dataset_dict.json"  # written by DatasetDict.save_to_disk
+
+
 def export_hf(
-    run: str | Path | RunLayout, out_dir: str | Path, video_root: str | Path | None = None
+    run: str | Path | RunLayout,
+    out_dir: str | Path,
+    video_root: str | Path | None = None,
+    split: str | None = None,
 ) -> dict[str, int]:
-    """Save a ``datasets.DatasetDict`` (sft / rl / eval) with ``save_to_disk``.
+    """Save a ``datasets.DatasetDict`` (sft / rl / eval, or only ``split``) with ``save_to_disk``.
 
     Args:
         run: The run folder (or its layout) whose ``qa`` table the filter wrote.
-        out_dir: Target folder; replaced as a whole (written next to it, then swapped in).
+        out_dir: Target folder: new, empty or a previous HF export (it holds
+            ``dataset_dict.json``), which is replaced as a whole (written next to it, then swapped
+            in). Anything else is refused.
         video_root: Make ``videos`` relative to this folder.
+        split: Only this split (one-split ``DatasetDict``); None = every split.
 
     Returns:
         Rows per split.
 
     Raises:
-        ExportError: Unfinished filter stage or a video outside ``video_root``.
+        ExportError: Unfinished filter stage, unknown split, a video outside ``video_root``, or
+            an ``out_dir`` that is a file or holds files that are not an HF export.
         LayoutError: ``run`` was written by an older lvr (names the migration).
     """
+    out_dir = Path(out_dir)
+    check_hf_target(out_dir)
+    rows = _qa_rows(run, split)
     import datasets
 
-    rows = _qa_rows(run, None)
     features = datasets.Features(
         {
             **{name: datasets.Value("string") for name in PUBLIC_FIELDS},
@@ -102,7 +169,11 @@ def export_hf(
             "options": datasets.Sequence(datasets.Value("string")),  # List in datasets>=4
         }
     )
-    names = [*SPLITS, *sorted({r["split"] for r in rows} - set(SPLITS))]
+    names = (
+        [split]
+        if split is not None
+        else [*SPLITS, *sorted({r["split"] for r in rows} - set(SPLITS))]
+    )
     by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for row, record in zip(rows, _records(rows, video_root), strict=True):
         by_split[row["split"]].append(
@@ -114,7 +185,7 @@ def export_hf(
             for name, items in by_split.items()
         }
     )
-    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.save_to_disk(str(tmp))

@@ -184,12 +184,12 @@ def _manifest(
 
 
 def _input_files(path: str | Path, name: str) -> list[Path]:
+    hint = " (run `lvr datagen qa` first)" if name == "qa_raw" else ""
     try:
         files = table_files(path, name)
     except FileNotFoundError as exc:
-        raise FilterError(str(exc)) from None
+        raise FilterError(f"{exc}{hint}") from None
     if not files:
-        hint = " (run `lvr datagen qa` first)" if name == "qa_raw" else ""
         raise FilterError(f"no {name} Parquet files under {path}{hint}")
     return files
 
@@ -238,8 +238,14 @@ def _load_inputs(con: Any, files: list[Path]) -> int:
 
 
 def _exact_schema(path: Path, schema: pa.Schema) -> bool:
-    """True when every column of ``schema`` is in the file with exactly its type."""
-    found = pq.read_schema(path)
+    """True when every column of ``schema`` is in the file with exactly its type.
+
+    An unreadable file is False: the slow path (``read_table``) then names it in one line.
+    """
+    try:
+        found = pq.read_schema(path)
+    except (OSError, pa.ArrowException):
+        return False
     return all(
         found.get_field_index(f.name) >= 0 and found.field(f.name).type.equals(f.type)
         for f in schema

@@ -29,8 +29,10 @@ def migrate_run(run: str | Path) -> list[str]:
         LayoutError: A destination of a move exists already (a run partly moved by hand).
     """
     layout = RunLayout(Path(run))
+    if not layout.root.exists():
+        raise LvrError(f"{layout.root} does not exist: nothing to migrate (check --run)")
     if not layout.root.is_dir():
-        raise LvrError(f"{layout.root} is not a run folder")
+        raise LvrError(f"{layout.root} is a file, not a run folder")
     lines = [f"moved {src} -> {dst}" for src, dst in migrate(layout.root)]
     for path in upgrade_captions(layout):
         lines.append(f"upgraded {path}: added {', '.join(_CAPTION_VIDEO_COLUMNS)}")

@@ -127,7 +127,8 @@ class DatagenStage(Generic[Item]):
         open_worker: ``(cfg, context) -> worker``; built once per run, after planning.
         transient_errors: Its error rows may pass on a retry (model calls), so finished shards
             holding errors are redone when asked (their successful calls are cache hits).
-        prepare: Runs first and may return a changed config (segment renders synthetic inputs).
+        prepare: Runs first (with the progress flag) and may return a changed config (segment
+            renders synthetic inputs).
         models: ``cfg -> (backend kind, backend options)`` of the model calls its worker makes
             through ``StageContext.models``; None for stages that call no model.
     """
@@ -139,7 +140,7 @@ class DatagenStage(Generic[Item]):
     plan: Callable[[DatagenConfig, dict[str, pa.Table]], list[Item]]
     open_worker: Callable[[DatagenConfig, StageContext], Worker[Item]]
     transient_errors: bool = False
-    prepare: Callable[[DatagenConfig, RunLayout], DatagenConfig] | None = None
+    prepare: Callable[[DatagenConfig, RunLayout, bool], DatagenConfig] | None = None
     models: Callable[[DatagenConfig], tuple[str, Mapping[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
@@ -183,7 +184,7 @@ def run_datagen_stage(
                        "drop --shard/--num-shards")  # fmt: skip
     layout = run if isinstance(run, RunLayout) else check_layout(run)
     if stage.prepare is not None:
-        cfg = stage.prepare(cfg, layout)
+        cfg = stage.prepare(cfg, layout, progress)
     target = Stage(layout, stage.name)
     shards, inputs = _plan(stage, cfg, target, shard, num_shards)
     if retry_errors and stage.transient_errors:

@@ -351,11 +351,11 @@ class Segmenter:
             self.pool.shutdown()
 
 
-def with_inputs(cfg: DatagenConfig, layout: RunLayout) -> DatagenConfig:
+def with_inputs(cfg: DatagenConfig, layout: RunLayout, progress: bool = False) -> DatagenConfig:
     """The config with ``input.source`` set to the rendered synthetic videos, when asked for."""
     if cfg.input.synthetic.videos <= 0:
         return cfg
-    source = render_synthetic(cfg.input, layout.inputs)
+    source = render_synthetic(cfg.input, layout.inputs, progress)
     return replace(cfg, input=replace(cfg.input, source=source))
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -40,7 +42,9 @@ class SyntheticInput:
 
     Attributes:
         videos: Number of videos to render (0 = off). They go to ``input.source`` (default
-            ``<run>/inputs``) with their sidecars, and are reused when already there.
+            ``<run>/inputs``) with their sidecars, and are reused when already there. lvr renders
+            only into a folder it owns: a new or empty one, or one it rendered into before
+            (marked by ``.lvr-synthetic``); a folder holding other files is refused.
         duration_s: Length of each video.
         width: Frame width.
         height: Frame height.
@@ -145,18 +149,69 @@ def resolve_inputs(cfg: InputConfig) -> Resolved:
     return res
 
 
-def render_synthetic(cfg: InputConfig, default_folder: Path) -> str:
+SYNTHETIC_MARK = ".lvr-synthetic"  # written into every folder synthetic videos are rendered into
+_SYNTHETIC_NAME = re.compile(r"synth_s\d+_\d{4}\.(mp4|json)")
+
+
+def render_synthetic(
+    cfg: InputConfig, default_folder: Path, progress: bool = False, console: Any = None
+) -> str:
     """Render ``cfg.synthetic.videos`` synthetic videos (cached) and return the folder holding them.
 
-    They go to ``cfg.source`` when set, else to ``default_folder`` (the run's ``inputs/``).
+    They go to ``cfg.source`` when set, else to ``default_folder`` (the run's ``inputs/``). The
+    folder must be one lvr owns (see :func:`claim_synthetic_folder`).
+
+    Raises:
+        InputError: The folder is a file, cannot be created, or holds files lvr did not render.
     """
     syn = cfg.synthetic
     folder = Path(cfg.source) if cfg.source else Path(default_folder)
-    # One encoder thread: x264 with 2 threads produced different bytes across runs under load,
-    # and video ids are content hashes.
-    make_videos(folder, syn.videos, seed=syn.seed, duration_s=syn.duration_s, width=syn.width,
-                height=syn.height, fps=syn.fps, encoder_threads=1)  # fmt: skip
+    claim_synthetic_folder(folder)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=not progress, console=console) as bar:  # fmt: skip
+        task = bar.add_task("render synthetic videos", total=syn.videos)
+        # One encoder thread: x264 with 2 threads produced different bytes across runs under
+        # load, and video ids are content hashes.
+        make_videos(folder, syn.videos, seed=syn.seed, duration_s=syn.duration_s, width=syn.width,
+                    height=syn.height, fps=syn.fps, encoder_threads=1,
+                    on_video=lambda _: bar.advance(task))  # fmt: skip
     return str(folder)
+
+
+def claim_synthetic_folder(folder: Path) -> None:
+    """Make ``folder`` a synthetic-video folder lvr owns, or refuse it in one line.
+
+    Owned: new (created here), empty, marked by :data:`SYNTHETIC_MARK`, or holding only files
+    named like lvr's synthetic videos and sidecars (a folder of an lvr that wrote no mark).
+    """
+    hint = "set input.synthetic.videos=0 to use them, or point input.source at an empty folder"
+    if folder.exists() and not folder.is_dir():
+        raise InputError(
+            f"input.source {folder} is a file; synthetic videos need a folder ({hint})"
+        )
+    if folder.is_dir() and not (folder / SYNTHETIC_MARK).is_file():
+        foreign = [
+            p.name
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and not _SYNTHETIC_NAME.fullmatch(p.name)
+        ]
+        if foreign:
+            raise InputError(
+                f"input.source {folder} holds files lvr did not render (e.g. {sorted(foreign)[0]}): "
+                f"{hint}"
+            )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SYNTHETIC_MARK).write_text(
+            "lvr renders synthetic videos into this folder (input.synthetic); "
+            "delete this file only together with the videos\n"
+        )
+    except OSError as exc:
+        raise InputError(
+            f"input.source {folder}: cannot create the synthetic video folder ({exc.strerror})"
+        ) from None
 
 
 def _walk(folder: Path) -> list[str]:

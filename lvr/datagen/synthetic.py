@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -463,7 +463,11 @@ def render_video(path: str | os.PathLike[str], spec: VideoSpec | None = None) ->
 
 
 def make_videos(
-    out_dir: str | os.PathLike[str], n: int, seed: int = 0, **spec_overrides: Any
+    out_dir: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    on_video: Callable[[Path], None] | None = None,
+    **spec_overrides: Any,
 ) -> list[Path]:
     """Render ``n`` synthetic videos into ``out_dir``, reusing those already there (a cache).
 
@@ -474,6 +478,7 @@ def make_videos(
         out_dir: Folder for the videos and sidecars (created if needed).
         n: Number of videos.
         seed: Base seed.
+        on_video: Called with each video's path once it is rendered or reused (progress).
         **spec_overrides: VideoSpec fields other than ``seed``.
 
     Returns:
@@ -487,6 +492,8 @@ def make_videos(
         if not _is_cached(path, asdict(spec)):
             render_video(path, spec)
         paths.append(path)
+        if on_video is not None:
+            on_video(path)
     return paths
 
 

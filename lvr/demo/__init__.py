@@ -41,8 +41,9 @@ from pathlib import Path
 
 import typer
 
-from lvr.cli_options import SetOpt, ShowOpt
+from lvr.cli_options import DemoSetOpt, ShowOpt
 from lvr.config import from_dict, to_yaml
+from lvr.errors import LvrError
 
 
 @dataclass
@@ -70,7 +71,7 @@ def demo(
     llm: bool = typer.Option(
         False, "--llm", help="Also let SmolLM2-135M (offline) write questions (+~45 s)."
     ),
-    sets: list[str] | None = SetOpt,
+    sets: list[str] | None = DemoSetOpt,
     show_config: bool = ShowOpt,
 ) -> None:
     """Run the whole chain on built-in synthetic data (datagen, filter, SFT, RL, eval, report).
@@ -83,6 +84,8 @@ def demo(
     if show_config:
         print(to_yaml(cfg), end="")
         return
+    if run.exists() and not run.is_dir():
+        raise LvrError(f"--run {run} is a file, not a run folder: give a folder")
     if fresh and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ results file) is skipped with a note, not read as questions.
 
 Sources and the fields read (``tests/fixtures/eval/`` holds one small file per format):
 
-- ``qa``: our own ``qa`` table (``runs/<run>/filter/qa``), rows with ``split == eval`` by default
+- ``qa``: our own ``qa`` table (``runs/<run>/qa``), rows with ``split == eval`` by default
   (``--split all`` for every row), or a ``qa_raw`` table (all rows; what the filter rates).
 - ``longvideo-reason``: LongVideo-Reason-eval JSON/JSONL rows ``problem_id``, ``problem`` (question
   with "\\nA. ...\\nB. ..." appended; options listed out of order are put back in label order),

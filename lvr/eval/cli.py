@@ -17,8 +17,9 @@ from pathlib import Path
 
 import typer
 
-from lvr.cli_options import ConfigOpt, RunOpt, SetOpt, ShowOpt
+from lvr.cli_options import ConfigOpt, EvalSetOpt, RunOpt, ShowOpt
 from lvr.config import ConfigError, resolve_cli_config
+from lvr.errors import LvrError
 from lvr.eval.config import EvalConfig
 
 app = typer.Typer(
@@ -84,7 +85,7 @@ def run_cmd(
     ),
     run: Path = RunOpt,
     config: Path | None = ConfigOpt,
-    sets: list[str] | None = SetOpt,
+    sets: list[str] | None = EvalSetOpt,
     show: bool = ShowOpt,
 ) -> None:
     """Evaluate a model on a benchmark: predictions, scores (strict + robust, CIs, floor), manifest.
@@ -117,15 +118,23 @@ def questions_cmd(
     as_qa: Path | None = typer.Option(
         None,
         "--as-qa",
-        help="Write the error-free questions as a qa table (e.g. runs/R/filter/qa) for lvr sft/rl.",
+        help="Write the error-free questions as a qa table (e.g. runs/R/qa) for lvr sft/rl.",
     ),
     qa_split: str = typer.Option("rl", "--qa-split", help="Split of the rows written by --as-qa."),
 ) -> None:
     """Load a benchmark through its adapter and print counts and error reasons (no model)."""
     from lvr.artifacts import write_parquet
     from lvr.eval.benchmarks import Source, load_questions
-    from lvr.eval.reasons import group_errors
+    from lvr.reasons import group_errors
 
+    if out is not None and out.is_dir():
+        raise LvrError(
+            f"--out {out} is a folder; give a Parquet file name (e.g. {out / 'questions.parquet'})"
+        )
+    if as_qa is not None and as_qa.suffix == ".parquet" and as_qa.is_dir():
+        raise LvrError(f"--as-qa {as_qa} is a folder named like a file; give a qa table folder")
+    if as_qa is not None and as_qa.suffix != ".parquet" and as_qa.is_file():
+        raise LvrError(f"--as-qa {as_qa} is a file; give a qa table folder (e.g. runs/R/qa)")
     src = Source(benchmark, data, video_dir, split)
     table = load_questions(src)
     groups = group_errors(table.column("error").to_pylist())

@@ -2,7 +2,7 @@
 
 Video-Holmes publishes a train split (1,551 questions with explanations) next to its test set;
 ``lvr eval questions --benchmark video-holmes --data train_Video-Holmes.json --video-dir V
---as-qa runs/R/filter/qa`` writes its error-free questions in the ``qa`` contract that
+--as-qa runs/R/qa`` writes its error-free questions in the ``qa`` contract that
 ``lvr.train.data.read_qa`` reads (``--set data.split=rl`` picks them). Numbered options are
 re-labelled with letters there: training prompts always letter their options.
 """

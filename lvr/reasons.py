@@ -2,7 +2,8 @@
 
 An error row names its video, path or value ("video not found: abc123 (looked under /data)"), so
 2,700 missing videos are 2,700 distinct messages. ``error_reason`` blanks out those specifics
-(quoted values, paths, ids after "video not found:", numbers but HTTP statuses) so that counting by reason says
+(quoted values, paths, ids after "video not found:", numbers but HTTP statuses) so that counting
+by reason says
 "2700 x video not found: … (looked under …)" — what the CLI, the run summary and the report show.
 """
 
