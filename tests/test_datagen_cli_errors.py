@@ -105,7 +105,7 @@ def test_every_call_failing_is_a_failed_run(two_videos: Path, tmp_path: Path) ->
     with fake_server(faults=FaultConfig(rate=1.0, kinds=("500",))) as server:
         res = _api_run(two_videos, tmp_path / "run", server.url)
     one_line(res, "caption: no usable captions row")
-    assert "HTTP N: injected failure" in res.stderr and "qa:" not in res.stdout
+    assert "HTTP 500: injected failure" in res.stderr and "qa:" not in res.stdout
     manifest = json.loads((tmp_path / "run" / "_stages" / "caption" / "manifest.json").read_text())
     assert manifest["errors"]["captions"] == manifest["rows"]["captions"] > 0  # rows are kept
 
