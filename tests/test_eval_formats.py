@@ -13,8 +13,8 @@ import pytest
 
 from lvr.eval.benchmarks import BenchmarkError, Source, load_questions
 from lvr.eval.options import from_any, gold_label, order_labelled
-from lvr.eval.reasons import error_reason, summarize_errors
 from lvr.eval.sources import flatten_nested, read_records, sniff_format
+from lvr.reasons import error_reason, summarize_errors
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 

@@ -119,7 +119,7 @@ def questions_cmd(
     """Load a benchmark through its adapter and print counts and error reasons (no model)."""
     from lvr.artifacts import write_parquet
     from lvr.eval.benchmarks import Source, load_questions
-    from lvr.eval.reasons import group_errors
+    from lvr.reasons import group_errors
 
     src = Source(benchmark, data, video_dir, split)
     table = load_questions(src)

@@ -15,8 +15,8 @@ import json
 import re
 from typing import Any
 
-from lvr.eval.reasons import error_reason, summarize_errors
 from lvr.eval.sources import BenchmarkError, Source, Spec, record_fields
+from lvr.reasons import error_reason, summarize_errors
 
 
 def _by_file(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

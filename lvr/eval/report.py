@@ -28,10 +28,10 @@ from lvr.errors import LvrError
 from lvr.eval.extract import extract_choice
 from lvr.eval.options import option_labels
 from lvr.eval.prompting import labels_of
-from lvr.eval.reasons import group_errors
 from lvr.eval.runner import load_eval_dirs
 from lvr.eval.scoring import floor_letter
 from lvr.layout import EvalRunLayout, RunLayout
+from lvr.reasons import group_errors
 
 SETTING_KEYS = ("frames", "fps", "max_pixels", "temperature", "top_p", "max_tokens", "prompt",
                 "prompt_version", "parser", "backend", "subtitles", "judge")  # fmt: skip

@@ -44,9 +44,9 @@ from lvr.eval.config import EvalConfig
 from lvr.eval.extract import PARSER_VERSION
 from lvr.eval.judge import judge_rows
 from lvr.eval.official import category_memberships, official_rows
-from lvr.eval.reasons import summarize_errors
 from lvr.eval.scoring import pass_rate_rows, score_base, score_rows
 from lvr.layout import EvalRunLayout, RunLayout
+from lvr.reasons import summarize_errors
 
 
 @dataclass

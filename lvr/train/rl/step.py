@@ -170,6 +170,7 @@ def draw_questions(run: RLRun, k: int) -> list[LoadedSample]:
                 _skip(run, questions.at(pos), failed[pos])
             else:
                 good.append(pos)
+    run.count("questions_used", len(good))  # global: every rank saw every group's failures
     per = k // topo.dp_size
     mine = good[topo.dp_rank * per : (topo.dp_rank + 1) * per]
     out = []
@@ -194,6 +195,7 @@ def _skip(run: RLRun, row: QARow, reason: str) -> None:
     """Count a dropped question and append why to `rl/skipped.jsonl` (every rank counts every
     DP group's drops, so the counters are global; the main rank writes)."""
     run.count("skipped_decode" if reason.startswith("decode") else "skipped_too_long")
+    run.skip_reasons.append(reason)
     if run.info.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         line = {"qa_id": row.qa_id, "video_path": row.video_path, "reason": reason}
