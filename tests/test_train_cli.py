@@ -279,7 +279,19 @@ def test_doctests() -> None:
 def test_sft_with_fewer_rows_than_one_step_fails_before_loading(
     good_qa, tmp_path, monkeypatch, capsys
 ):
-    sets = _sets(f"data.qa={good_qa}", "micro_batch=8")
+    for extra in ([], ["max_steps=3"]):
+        sets = _sets(f"data.qa={good_qa}", "micro_batch=8", *extra)
+        line = _error_line(*lvr(monkeypatch, capsys, "sft", "-c", SFT_CFG, "-r", tmp_path, *sets))
+        assert "5 qa rows with split 'sft' cannot fill one step of 8 samples" in line, line
+        assert not (tmp_path / "models").exists()  # refused before the tiny model is built
+
+
+def test_sft_stops_once_every_row_failed_and_saves_no_untrained_checkpoint(
+    broken_qa, tmp_path, monkeypatch, capsys
+):
+    sets = _sets(f"data.qa={broken_qa}", "max_steps=50", "save_every=1", "progress=false")
     line = _error_line(*lvr(monkeypatch, capsys, "sft", "-c", SFT_CFG, "-r", tmp_path, *sets))
-    assert "5 qa rows with split 'sft' make no full step of 8 samples" in line, line
-    assert not (tmp_path / "models").exists()
+    assert "every sample was skipped" in line, line
+    assert not list((tmp_path / "sft").glob("checkpoint-*"))
+    steps = (tmp_path / "sft/metrics.jsonl").read_text().splitlines()
+    assert len(steps) == 2  # 3 broken rows, 2 per step: stopped once each had failed

@@ -111,6 +111,7 @@ class SFTRun:
     counts: dict[str, int] = field(default_factory=dict)
     trained: int = 0  # samples trained on since this process started (all ranks)
     skip_reasons: list[str] = field(default_factory=list)  # since this process started (all ranks)
+    skipped_ids: set[str] = field(default_factory=set)  # qa_ids of those skips
 
 
 def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -139,13 +140,13 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         (layout.sft / SKIPPED_FILE).unlink(missing_ok=True)  # an attempt with no checkpoint
     rows = read_qa(cfg.data.qa or layout.qa, cfg.data.split)  # a bad table fails before loading
     global_batch = cfg.micro_batch * cfg.grad_accum * info.world_size
-    total = cfg.max_steps or cfg.epochs * (len(rows) // global_batch)
-    if total < 1:
+    if len(rows) < global_batch:  # plan_steps refuses it too, but only after the model loads
         raise TrainError(
-            f"{len(rows)} qa rows with split {cfg.data.split!r} make no full step of "
+            f"{len(rows)} qa rows with split {cfg.data.split!r} cannot fill one step of "
             f"{global_batch} samples (micro_batch x grad_accum x ranks); lower micro_batch or "
-            "grad_accum, or set max_steps"
+            "grad_accum"
         )
+    total = cfg.max_steps or cfg.epochs * (len(rows) // global_batch)
     bf16 = uses_bf16(cfg.precision, info.device)
     # LoRA on the plain path keeps the frozen base in bf16; everything else trains fp32 masters
     # (DeepSpeed casts to bf16 itself and keeps fp32 copies in the optimizer).
@@ -237,9 +238,12 @@ def _train_loop(
             logger.log(step + 1, metrics)
             bar.update(task, advance=1, loss=metrics.get("loss", float("nan")))
             last = step + 1 == len(plan)
+            untrained = start == 0 and run.trained == 0
+            if untrained and (last or len(run.skipped_ids) >= len(rows)):  # every row failed
+                raise nothing_trained("sft", run.out_dir, run.skip_reasons)
+            if untrained:
+                continue  # no checkpoint of an untrained model, not even an intermediate one
             if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                if start == 0 and run.trained == 0:  # never save an untrained model as a result
-                    raise nothing_trained("sft", run.out_dir, run.skip_reasons)
                 _save_checkpoint(run, step + 1)
 
 
@@ -355,6 +359,7 @@ def _record_skips(run: SFTRun, micro: list[list[LoadedSample]]) -> None:
         torch.distributed.all_gather_object(parts, lines)
         lines = [line for part in parts for line in part]
     run.skip_reasons.extend(line["reason"] for line in lines)
+    run.skipped_ids.update(line["qa_id"] for line in lines)
     if lines and run.info.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         with (run.out_dir / SKIPPED_FILE).open("a") as fh:
