@@ -105,12 +105,21 @@ def test_sft_with_some_videos_broken_reports_them_in_the_summary(
     assert manifest["skipped"]["samples"] >= 1
 
 
-def test_rl_with_every_video_broken_fails_after_one_step(broken_qa, tmp_path, monkeypatch, capsys):
+def test_rl_with_every_video_broken_fails_after_one_step(
+    broken_qa, good_qa, tmp_path, monkeypatch, capsys
+):
     run = tmp_path / "r"
     sets = _sets(f"data.qa={broken_qa}", "model.path=tiny", "steps=2", *RL_SMALL)
     line = _error_line(*lvr(monkeypatch, capsys, "rl", "-c", RL_CFG, "-r", run, *sets))
     assert "rl: every sample was skipped (" in line and "decode" in line, line
     assert not list((run / "rl").glob("checkpoint-*"))
+    # the same run folder with a table that works: a fresh start, no stale skips in its report
+    sets = _sets(f"data.qa={good_qa}", "data.split=sft", "model.path=tiny", "steps=1", *RL_SMALL)
+    code, out = lvr(monkeypatch, capsys, "rl", "-c", RL_CFG, "-r", run, *sets)
+    assert code == 0, out
+    manifest = json.loads((run / "rl/manifest.json").read_text())
+    counts = manifest["counts"]
+    assert manifest["skipped"]["samples"] == counts["skipped_decode"] + counts["skipped_too_long"]
 
 
 # --- 2. values out of range are refused when the config is built ---------------------------------

@@ -145,6 +145,7 @@ from lvr.mrsp.engines import check_vllm, make_rollout_engine
 from lvr.mrsp.topology import Node, build_topology, check_sp_in_node, dp_size_for
 from lvr.train import checkpoint
 from lvr.train.common import (
+    SKIPPED_FILE,
     MetricsLogger,
     TrainError,
     init_distributed,
@@ -176,6 +177,8 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     layout = check_run_folder(run_dir)
     ckpt = checkpoint.checkpoint_to_resume(layout.rl, resume)
     run = setup(cfg, layout, ckpt)
+    if ckpt is None and run.info.is_main:
+        (run.out_dir / SKIPPED_FILE).unlink(missing_ok=True)  # an attempt with no checkpoint
     start = state.resume(run, ckpt) if ckpt is not None else 0
     logger = MetricsLogger(
         run.out_dir, run.info.is_main, cfg.tensorboard, cfg.wandb_project or None,

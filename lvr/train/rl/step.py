@@ -38,7 +38,7 @@ from lvr.train.algos import (
     kl_penalty,
     policy_loss,
 )
-from lvr.train.common import Stopwatch, TrainError, uses_bf16
+from lvr.train.common import SKIPPED_FILE, Stopwatch, TrainError, uses_bf16
 from lvr.train.data import FrameSpec, LoadedSample, QARow, load_sample
 from lvr.train.rewards import compute_rewards
 from lvr.train.rl.state import Group, Prompt, RLRun, merged_weights
@@ -199,7 +199,7 @@ def _skip(run: RLRun, row: QARow, reason: str) -> None:
     if run.info.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         line = {"qa_id": row.qa_id, "video_path": row.video_path, "reason": reason}
-        with (run.out_dir / "skipped.jsonl").open("a") as fh:
+        with (run.out_dir / SKIPPED_FILE).open("a") as fh:
             fh.write(json.dumps(line) + "\n")
 
 
