@@ -67,6 +67,10 @@ def from_dict(cls: type[T], data: dict[str, Any], overrides: list[str] | None = 
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(
+            f"config file {path} is a directory; pass a YAML file (e.g. configs/sft/tiny_cpu.yaml)"
+        )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -119,6 +123,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         kwargs[key] = _coerce(hints[key], value, prefix + key)
     try:
         return cls(**kwargs)
+    except ConfigError:  # a value check of the class itself: its message is the whole story
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 

@@ -264,6 +264,23 @@ def check_layout(root: str | Path) -> RunLayout:
     return layout
 
 
+def check_run_folder(root: str | Path) -> RunLayout:
+    """The layout of a run folder that a stage writes into (`lvr sft`, `lvr rl`).
+
+    Raises:
+        LayoutError: ``root`` (or the nearest existing folder above it) is a file, or the run is
+            in the older layout (the `check_layout` line naming the migration).
+    """
+    path = Path(root)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LayoutError(
+            f"run folder {path} is not a folder ({existing} is a file); pass a run folder with "
+            "--run, e.g. runs/<name>"
+        )
+    return check_layout(path)
+
+
 def migrate(root: str | Path) -> list[tuple[Path, Path]]:
     """Move a run of the older layout into the current one; returns the moves made.
 

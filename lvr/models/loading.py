@@ -22,9 +22,14 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lvr.errors import LvrError
 
-class ModelLoadError(ValueError):
-    """A model source that is not a model folder, or a hub id that cannot be fetched."""
+
+class ModelLoadError(LvrError, ValueError):
+    """A model source that is not a model folder, or a hub id that cannot be fetched.
+
+    A user mistake (a wrong `model.path`, no network): the CLI prints its message on one line.
+    """
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -38,12 +38,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
     A folder counts only when its `trainer_state.json` exists (written last).
     """
+    found = [(step, p) for step, p in _checkpoint_folders(out_dir) if (p / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def _checkpoint_folders(out_dir: Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-<step>` folder under `out_dir`, finished or not, with its step."""
     found = []
     for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return found
 
 
 def checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
@@ -56,8 +62,15 @@ def checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
     if resume:
         return ckpt
     if ckpt is not None:
+        newest = max(_checkpoint_folders(out_dir))[1]
+        unfinished = (
+            f" (the latest finished one; {newest.name} is unfinished: no {STATE_FILE})"
+            if newest != ckpt
+            else ""
+        )
         raise TrainError(
-            f"{out_dir} already holds {ckpt.name}; pass --resume to continue it or use another --run"
+            f"{out_dir} already holds {ckpt.name}{unfinished}; pass --resume to continue it or "
+            "use another --run"
         )
     return None
 
@@ -217,13 +230,41 @@ def load_plain_state(ckpt: Path, model: torch.nn.Module, optimizer: Any, schedul
     scheduler.load_state_dict(saved["scheduler"])
 
 
-def resume_trainer_state(ckpt: Path, info: DistInfo) -> dict[str, Any]:
-    """The checkpoint's trainer state (same world size required) with this rank's RNG restored.
+def check_same_model(ckpt: Path, model: torch.nn.Module) -> None:
+    """Refuse to resume `ckpt` into a model of another type (e.g. qwen3_vl over qwen2_5_vl).
 
     Raises:
-        TrainError: Another world size, or no RNG state for this rank.
+        TrainError: The checkpoint's `config.json` names another `model_type` than `model`'s.
+    """
+    path = Path(ckpt) / "config.json"
+    mine = getattr(getattr(model, "config", None), "model_type", None)
+    if not path.is_file() or mine is None:
+        return
+    theirs = json.loads(path.read_text()).get("model_type")
+    if theirs and theirs != mine:
+        raise TrainError(
+            f"{ckpt} holds a {theirs} model but model.path loads a {mine} model; resume with the "
+            "model.path the run was started with, or start a new --run"
+        )
+
+
+def resume_trainer_state(
+    ckpt: Path, info: DistInfo, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """The checkpoint's trainer state (same world size required) with this rank's RNG restored.
+
+    Args:
+        ckpt: The checkpoint to resume.
+        info: This process.
+        model: The model about to receive the checkpoint's weights (checked to be of the same
+            type, so a different family is named as such, before any weight is compared).
+
+    Raises:
+        TrainError: Another world size or model type, or no RNG state for this rank.
     """
     state = read_trainer_state(ckpt, info.world_size)
+    if model is not None:
+        check_same_model(ckpt, model)
     path = Path(ckpt) / "training_state" / f"rng_rank{info.rank:05d}.pt"
     if not path.is_file():
         raise TrainError(

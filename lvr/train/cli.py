@@ -54,14 +54,26 @@ def _last(manifest: dict[str, Any], key: str) -> float:
     return float(manifest.get("last_metrics", {}).get(key, float("nan")))
 
 
+def _skipped(m: dict[str, Any]) -> str:
+    """The tail of a summary line for a run that skipped some samples ("" when none)."""
+    skipped = m.get("skipped") or {}
+    if not skipped.get("samples"):
+        return ""
+    where = Path(m["final_checkpoint"]).parent / "skipped.jsonl"
+    return f"; {skipped['samples']} samples skipped ({skipped['reasons']}; see {where})"
+
+
 def _sft_summary(m: dict[str, Any]) -> str:
-    return f"sft done: {m['steps']} steps, loss {_last(m, 'loss'):.4f}, checkpoint {m['final_checkpoint']}"
+    return (
+        f"sft done: {m['steps']} steps, loss {_last(m, 'loss'):.4f}, "
+        f"checkpoint {m['final_checkpoint']}{_skipped(m)}"
+    )
 
 
 def _rl_summary(m: dict[str, Any]) -> str:
     return (
         f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps), "
-        f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}"
+        f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}{_skipped(m)}"
     )
 
 

@@ -33,10 +33,44 @@ import torch
 import torch.distributed as dist
 
 from lvr.errors import LvrError
+from lvr.reasons import summarize_errors
 
 
 class TrainError(LvrError):
     """A training setup the user must fix (bad checkpoint, missing DeepSpeed config, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Skipped samples (both recipes append them to <stage>/skipped.jsonl)
+# ---------------------------------------------------------------------------------------------
+
+SKIPPED_FILE = "skipped.jsonl"
+
+
+def nothing_trained(stage: str, out_dir: Path, reasons: list[str]) -> TrainError:
+    """The error of a run whose every sample was skipped: the reasons grouped and counted.
+
+    Raised before a checkpoint of the untrained model is written.
+
+    >>> str(nothing_trained("sft", Path("r/sft"), ["decode: video not found: /a.mp4"] * 2))
+    'sft: every sample was skipped (2 x decode: video not found: …), nothing trained and no checkpoint written; one line per sample in r/sft/skipped.jsonl'
+    """
+    return TrainError(
+        f"{stage}: every sample was skipped ({summarize_errors(reasons)}), nothing trained and "
+        f"no checkpoint written; one line per sample in {Path(out_dir) / SKIPPED_FILE}"
+    )
+
+
+def skipped_summary(out_dir: Path) -> dict[str, Any]:
+    """What `<stage>/skipped.jsonl` holds: the number of skipped samples and their reasons.
+
+    Returns:
+        ``{"samples": n, "reasons": "3 x ...; 1 x ..."}`` (``{"samples": 0, ...}`` without skips).
+    """
+    path = Path(out_dir) / SKIPPED_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    reasons = [json.loads(line).get("reason") for line in lines if line.strip()]
+    return {"samples": len(reasons), "reasons": summarize_errors(reasons) if reasons else ""}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,10 +99,24 @@ class DistInfo:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """Return the device to train on ("auto": CUDA when available, else CPU)."""
+    """Return the device to train on ("auto": CUDA when available, else CPU).
+
+    Raises:
+        TrainError: A CUDA device was asked for but none is usable (one line, no torch trace).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(
+                f"device={device} but no CUDA GPU is usable here (torch.cuda.is_available() is "
+                "False); use device=cpu or device=auto"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise TrainError(f"device={device} but only {count} CUDA GPU(s) are visible")
+    return dev
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

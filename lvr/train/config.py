@@ -6,15 +6,43 @@ the schedule) and the top-level run keys (`micro_batch`, `seed`, `precision`, `s
 `keep_last`...). Each recipe adds only its own knobs: `SFTConfig` (epochs, grad_accum, DeepSpeed,
 batching), `RLConfig` (rollout, algorithm, rewards, MR-SP). Kept free of torch, so the CLI parses
 and prints configs fast. Defaults: SFT's are common practice, RL's are the paper's.
+
+Every numeric knob is range-checked when the config is built (`__post_init__`), so a bad value
+is a one-line `ConfigError` naming the key, the value and the allowed range before any model
+loads.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from lvr.config import ConfigError
+
 # LoRA on every linear layer of the language model (attention and MLP).
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raise the one-line `ConfigError` for `key` unless `ok`.
+
+    >>> _require("epochs", -1, -1 >= 1, ">= 1")
+    Traceback (most recent call last):
+    ...
+    lvr.config.ConfigError: config key 'epochs' must be >= 1; got -1
+    """
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {allowed}; got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    _require(key, value, value >= low, f">= {low}")
+
+
+def _share(key: str, value: float) -> None:
+    _require(key, value, 0.0 <= value <= 1.0, "in [0, 1]")
 
 
 @dataclass
@@ -35,6 +63,12 @@ class ModelSection:
     gradient_checkpointing: bool = False
     attn_implementation: str = "auto"  # auto | sdpa | flash_attention_2 | eager
 
+    def __post_init__(self) -> None:
+        _at_least("model.lora_r", self.lora_r, 1)
+        _require("model.lora_alpha", self.lora_alpha, self.lora_alpha > 0, "> 0")
+        ok = 0.0 <= self.lora_dropout < 1.0
+        _require("model.lora_dropout", self.lora_dropout, ok, "in [0, 1)")
+
 
 @dataclass
 class DataSection:
@@ -48,6 +82,13 @@ class DataSection:
     max_pixels: int = 0  # per-frame pixel cap applied when decoding (lvr.media); 0 = as decoded
     max_seq_len: int = 8192  # prompt + video + target tokens; longer samples use fewer frames
     mode: Literal["think", "direct"] = "think"
+
+    def __post_init__(self) -> None:
+        _at_least("data.frames", self.frames, 1)
+        _require("data.fps", self.fps, self.fps >= 0, ">= 0 (0 = a fixed frame count)")
+        _at_least("data.min_frames", self.min_frames, 1)
+        _require("data.max_pixels", self.max_pixels, self.max_pixels >= 0, ">= 0 (0 = no cap)")
+        _at_least("data.max_seq_len", self.max_seq_len, 1)
 
 
 @dataclass
@@ -64,6 +105,16 @@ class OptimSection:
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0  # decay floor, as a share of lr
     grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _require("optim.lr", self.lr, self.lr > 0, "> 0")
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        _require("optim.betas", self.betas, ok, "two numbers in [0, 1)")
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _share("optim.warmup_ratio", self.warmup_ratio)
+        _share("optim.min_lr_ratio", self.min_lr_ratio)
+        _require("optim.grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0 = no clipping)")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps for a run of `total_steps` optimizer steps.
@@ -90,6 +141,14 @@ class RunSection:
     tensorboard: bool = False
     wandb_project: str = ""
 
+    def __post_init__(self) -> None:
+        _at_least("micro_batch", self.micro_batch, 1)
+        _require("seed", self.seed, 0 <= self.seed < 2**32, "in [0, 2**32)")
+        ok = _DEVICE.fullmatch(self.device) is not None
+        _require("device", self.device, ok, "auto, cpu, cuda or cuda:<index>")
+        _require("save_every", self.save_every, self.save_every >= 0, ">= 0 (0 = only at the end)")
+        _require("keep_last", self.keep_last, self.keep_last >= 0, ">= 0 (0 = keep all)")
+
 
 # ---------------------------------------------------------------------------------------------
 # lvr sft
@@ -103,6 +162,10 @@ class SFTDataSection(DataSection):
     group_by_length: bool = True
     num_workers: int = 0  # DataLoader workers decoding ahead of the GPU
     cache_samples: bool = False  # keep built samples in memory across epochs (small data only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -123,6 +186,12 @@ class SFTConfig(RunSection):
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
     deepspeed: str = ""  # ZeRO JSON (configs/deepspeed/zero2.json); "" = plain torch (DDP)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("grad_accum", self.grad_accum, 1)
+        _at_least("epochs", self.epochs, 1)
+        _require("max_steps", self.max_steps, self.max_steps >= 0, ">= 0 (0 = run epochs)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +223,13 @@ class RolloutSection:
     # enforce_eager. In YAML a mapping; on the command line `--set rollout.vllm.dtype=bfloat16`.
     vllm: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        ok = self.n >= 2
+        _require("rollout.n", self.n, ok, ">= 2 (group-relative advantages need a group)")
+        _require("rollout.temperature", self.temperature, self.temperature > 0, "> 0")
+        _require("rollout.top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _at_least("rollout.max_new_tokens", self.max_new_tokens, 1)
+
 
 @dataclass
 class AlgoSection:
@@ -175,6 +251,15 @@ class AlgoSection:
     update_epochs: int = 1
     dynamic_sampling: bool = False
     max_gen_batches: int = 3  # draws per step when refilling (dynamic sampling)
+
+    def __post_init__(self) -> None:
+        _require("algo.clip_low", self.clip_low, 0 <= self.clip_low < 1, "in [0, 1)")
+        _at_least("algo.clip_high", self.clip_high, 0)
+        ok = self.dual_clip == 0 or self.dual_clip > 1
+        _require("algo.dual_clip", self.dual_clip, ok, "0 (off) or > 1")
+        _at_least("algo.kl_coef", self.kl_coef, 0)
+        _at_least("algo.update_epochs", self.update_epochs, 1)
+        _at_least("algo.max_gen_batches", self.max_gen_batches, 1)
 
 
 @dataclass
@@ -219,3 +304,10 @@ class RLConfig(RunSection):
     sp_size: int = 0
     steps: int = 100  # RL steps
     reuse_embeddings: bool = True  # False re-encodes the video for every use (benchmark baseline)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("rollout_batch", self.rollout_batch, 1)
+        _at_least("update_batch", self.update_batch, 1)
+        _require("sp_size", self.sp_size, self.sp_size >= 0, ">= 0 (0 = one SP group of all ranks)")
+        _at_least("steps", self.steps, 1)

@@ -34,7 +34,10 @@ Deliberate simplifications:
   tokens are nearly constant, and counting them exactly would mean decoding every video up front.
 - A micro-batch whose every video fails to decode is covered by a zero-weight forward of the
   rank's other samples of the step (DeepSpeed/DDP need the same number of backward calls on
-  every rank); a step whose videos all fail is skipped (counted as `steps_skipped`).
+  every rank); a step whose videos all fail is skipped (counted as `steps_skipped`). A run that
+  trained on no sample at all (every video broken, every row too long) is an error naming the
+  reasons, raised before a checkpoint of the untrained model is written; a run that skipped
+  some samples finishes and its manifest (`skipped`) and summary line count them by reason.
 - Resuming needs the same world size (per-rank RNG state and ZeRO partitions).
 - LoRA checkpoints export merged weights (for eval/vLLM) and keep the adapter state for resume.
 """
@@ -53,12 +56,13 @@ import torch.nn.functional as functional
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lvr.config import to_dict
-from lvr.layout import RunLayout
+from lvr.layout import check_run_folder
 from lvr.models import family
 from lvr.models.batching import collate
 from lvr.models.inputs import IGNORE_INDEX
 from lvr.train import checkpoint
 from lvr.train.common import (
+    SKIPPED_FILE,
     DistInfo,
     MetricsLogger,
     TrainError,
@@ -67,7 +71,9 @@ from lvr.train.common import (
     deepspeed_config,
     init_deepspeed_distributed,
     init_distributed,
+    nothing_trained,
     seed_everything,
+    skipped_summary,
     uses_bf16,
 )
 from lvr.train.config import SFTConfig
@@ -103,6 +109,9 @@ class SFTRun:
     ddp: Any = None  # DistributedDataParallel wrapper on the plain multi-process path
     bf16: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    trained: int = 0  # samples trained on since this process started (all ranks)
+    skip_reasons: list[str] = field(default_factory=list)  # since this process started (all ranks)
+    skipped_ids: set[str] = field(default_factory=set)  # qa_ids of those skips
 
 
 def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -117,24 +126,32 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         The manifest dict (also written to `sft/manifest.json`).
 
     Raises:
-        TrainError: A bad setup, or `<run>/sft/` holds checkpoints and `resume` is False.
+        TrainError: A bad setup, `<run>/sft/` holds checkpoints and `resume` is False, or every
+            sample was skipped (no checkpoint of an untrained model is written).
+        LayoutError: `run_dir` is a file or a run in the older layout.
     """
-    layout = RunLayout(Path(run_dir))
+    layout = check_run_folder(run_dir)
     info = init_distributed(cfg.device)
     if cfg.deepspeed:
         init_deepspeed_distributed(info)
     seed_everything(cfg.seed)
     ckpt = checkpoint.checkpoint_to_resume(layout.sft, resume)
     if ckpt is None and info.is_main:
-        (layout.sft / "skipped.jsonl").unlink(missing_ok=True)  # an attempt with no checkpoint
+        (layout.sft / SKIPPED_FILE).unlink(missing_ok=True)  # an attempt with no checkpoint
+    rows = read_qa(cfg.data.qa or layout.qa, cfg.data.split)  # a bad table fails before loading
+    global_batch = cfg.micro_batch * cfg.grad_accum * info.world_size
+    if len(rows) < global_batch:  # plan_steps refuses it too, but only after the model loads
+        raise TrainError(
+            f"{len(rows)} qa rows with split {cfg.data.split!r} cannot fill one step of "
+            f"{global_batch} samples (micro_batch x grad_accum x ranks); lower micro_batch or "
+            "grad_accum"
+        )
+    total = cfg.max_steps or cfg.epochs * (len(rows) // global_batch)
     bf16 = uses_bf16(cfg.precision, info.device)
     # LoRA on the plain path keeps the frozen base in bf16; everything else trains fp32 masters
     # (DeepSpeed casts to bf16 itself and keeps fp32 copies in the optimizer).
     dtype = torch.bfloat16 if bf16 and cfg.model.lora and not cfg.deepspeed else torch.float32
     model, processor, _ = load_policy(cfg.model, layout, info, dtype)
-    rows = read_qa(cfg.data.qa or layout.qa, cfg.data.split)
-    global_batch = cfg.micro_batch * cfg.grad_accum * info.world_size
-    total = cfg.max_steps or cfg.epochs * (len(rows) // global_batch)
     lengths = text_lengths(processor, rows, cfg.data.mode)
     plan = plan_steps(lengths, global_batch, total, cfg.seed, cfg.data.group_by_length)
     run = _setup_training(cfg, info, layout.sft, model, processor, total, bf16)
@@ -153,6 +170,7 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         "start_step": start,
         "engine": "deepspeed" if run.ds_engine is not None else ("ddp" if run.ddp else "torch"),
         "counts": _cumulative(run),
+        "skipped": skipped_summary(run.out_dir) if info.is_main else {},
         "final_checkpoint": str(checkpoint.checkpoint_dir(run.out_dir, total)),
         "last_metrics": (logger.rows() or [{}])[-1] if info.is_main else {},
         "seconds": round(time.time() - began, 3),
@@ -220,6 +238,11 @@ def _train_loop(
             logger.log(step + 1, metrics)
             bar.update(task, advance=1, loss=metrics.get("loss", float("nan")))
             last = step + 1 == len(plan)
+            untrained = start == 0 and run.trained == 0
+            if untrained and (last or len(run.skipped_ids) >= len(rows)):  # every row failed
+                raise nothing_trained("sft", run.out_dir, run.skip_reasons)
+            if untrained:
+                continue  # no checkpoint of an untrained model, not even an intermediate one
             if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 _save_checkpoint(run, step + 1)
 
@@ -305,13 +328,15 @@ def _train_step(run: SFTRun, micro: list[list[LoadedSample]]) -> dict[str, float
             n_samples += len(mb)
     grad_norm = _optimizer_step(run)
     seconds = time.time() - began
+    samples = all_reduce_sum(n_samples, info)
+    run.trained += int(samples)
     return {
         "loss": all_reduce_sum(loss_sum, info) / n_global,
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": all_reduce_sum(tokens, info) / max(seconds, 1e-9),
         "video_tokens_per_sample": video_tokens / max(1, n_samples),
-        "samples": all_reduce_sum(n_samples, info),
+        "samples": samples,
         "step_s": seconds,
         **_cumulative(run),
     }
@@ -333,9 +358,11 @@ def _record_skips(run: SFTRun, micro: list[list[LoadedSample]]) -> None:
         parts: list[Any] = [None] * run.info.world_size
         torch.distributed.all_gather_object(parts, lines)
         lines = [line for part in parts for line in part]
+    run.skip_reasons.extend(line["reason"] for line in lines)
+    run.skipped_ids.update(line["qa_id"] for line in lines)
     if lines and run.info.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        with (run.out_dir / "skipped.jsonl").open("a") as fh:
+        with (run.out_dir / SKIPPED_FILE).open("a") as fh:
             fh.writelines(json.dumps(line) + "\n" for line in lines)
 
 
@@ -440,7 +467,7 @@ def _save_checkpoint(run: SFTRun, step: int) -> Path:
 
 def _resume(run: SFTRun, ckpt: Path) -> int:
     """Restore weights, optimizer, scheduler, counters and RNG from `ckpt`; return its step."""
-    state = checkpoint.resume_trainer_state(ckpt, run.info)
+    state = checkpoint.resume_trainer_state(ckpt, run.info, _policy(run))
     if run.ds_engine is not None:
         run.ds_engine.load_checkpoint(str(ckpt / "training_state" / "deepspeed"), tag="state")
     else:

@@ -121,7 +121,9 @@ Deliberate simplifications:
 - Each vLLM engine shares its SP leader's training GPU (no separate rollout workers), and weights
   reach it through host memory after each RL step (no CUDA IPC / NCCL weight broadcast).
 - A video that fails to decode drops its question from the step (counted, logged to
-  `rl/skipped.jsonl`), never replaced by another video.
+  `rl/skipped.jsonl`), never replaced by another video. A run whose first step finds no usable
+  question (the draw tries the whole table) stops with the reasons counted, before any
+  checkpoint; the manifest (`skipped`) and the summary line count the skips of a finished run.
 """
 
 from __future__ import annotations
@@ -136,17 +138,20 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lvr.config import to_dict
-from lvr.layout import RunLayout
+from lvr.layout import RunLayout, check_run_folder
 from lvr.models.inputs import end_of_turn_ids
 from lvr.mrsp.encode import EmbeddingCache
 from lvr.mrsp.engines import check_vllm, make_rollout_engine
 from lvr.mrsp.topology import Node, build_topology, check_sp_in_node, dp_size_for
 from lvr.train import checkpoint
 from lvr.train.common import (
+    SKIPPED_FILE,
     MetricsLogger,
     TrainError,
     init_distributed,
+    nothing_trained,
     seed_everything,
+    skipped_summary,
     uses_bf16,
 )
 from lvr.train.config import RLConfig
@@ -164,11 +169,16 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     `run_dir/rl/` receives `metrics.jsonl` (one line per step), `checkpoint-NNNNNN/` folders and
     `manifest.json`, which is also returned. With `resume`, the latest finished checkpoint there
     is continued exactly (weights, optimizer, scheduler, question cursor, RNG); without it a
-    folder that already holds checkpoints raises `TrainError`, as does a config that cannot run.
+    folder that already holds checkpoints raises `TrainError`, as does a config that cannot run
+    and a run whose every question is skipped (decode failure, too long): it fails after its
+    first step, which tried the whole table, and writes no checkpoint. A run folder that is a
+    file or in the older layout raises `LayoutError` before anything loads.
     """
-    layout = RunLayout(Path(run_dir))
+    layout = check_run_folder(run_dir)
     ckpt = checkpoint.checkpoint_to_resume(layout.rl, resume)
     run = setup(cfg, layout, ckpt)
+    if ckpt is None and run.info.is_main:
+        (run.out_dir / SKIPPED_FILE).unlink(missing_ok=True)  # an attempt with no checkpoint
     start = state.resume(run, ckpt) if ckpt is not None else 0
     logger = MetricsLogger(
         run.out_dir, run.info.is_main, cfg.tensorboard, cfg.wandb_project or None,
@@ -181,6 +191,8 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
         task = bar.add_task("rl", total=cfg.steps, completed=start, reward=float("nan"))
         for step in range(start, cfg.steps):
             metrics = rl_step(run, step)
+            if start == 0 and not run.counts.get("questions_used"):  # a step tries every row
+                raise nothing_trained("rl", run.out_dir, run.skip_reasons)
             logger.log(step + 1, metrics)
             bar.update(task, advance=1, reward=metrics.get("reward/mean", float("nan")))
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
@@ -193,6 +205,7 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
         "resumed_from": str(ckpt) if ckpt else None,
         "start_step": start,
         "counts": run.counters(),
+        "skipped": skipped_summary(run.out_dir) if run.info.is_main else {},
         "final_checkpoint": str(checkpoint.checkpoint_dir(run.out_dir, cfg.steps)),
         "last_metrics": (logger.rows() or [{}])[-1] if run.info.is_main else {},
         "seconds": round(time.time() - began, 3),

@@ -96,7 +96,8 @@ class RLRun:
     pad_id: int
     eos_ids: list[int]
     opt_steps: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # COUNTERS, plus questions_used
+    skip_reasons: list[str] = field(default_factory=list)  # why questions were dropped (global)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -132,7 +133,7 @@ def save(run: RLRun, step: int) -> Path:
 
 def resume(run: RLRun, ckpt: Path) -> int:
     """Restore weights, optimizer, scheduler, cursor, counters and RNG; return the step."""
-    state = checkpoint.resume_trainer_state(ckpt, run.info)
+    state = checkpoint.resume_trainer_state(ckpt, run.info, run.model)
     checkpoint.load_plain_state(ckpt, run.policy, run.optimizer, run.scheduler)
     run.questions.cursor, run.opt_steps = int(state["cursor"]), int(state["opt_steps"])
     run.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})

@@ -38,7 +38,7 @@ from lvr.train.algos import (
     kl_penalty,
     policy_loss,
 )
-from lvr.train.common import Stopwatch, TrainError, uses_bf16
+from lvr.train.common import SKIPPED_FILE, Stopwatch, TrainError, uses_bf16
 from lvr.train.data import FrameSpec, LoadedSample, QARow, load_sample
 from lvr.train.rewards import compute_rewards
 from lvr.train.rl.state import Group, Prompt, RLRun, merged_weights
@@ -170,6 +170,7 @@ def draw_questions(run: RLRun, k: int) -> list[LoadedSample]:
                 _skip(run, questions.at(pos), failed[pos])
             else:
                 good.append(pos)
+    run.count("questions_used", len(good))  # global: every rank saw every group's failures
     per = k // topo.dp_size
     mine = good[topo.dp_rank * per : (topo.dp_rank + 1) * per]
     out = []
@@ -194,10 +195,11 @@ def _skip(run: RLRun, row: QARow, reason: str) -> None:
     """Count a dropped question and append why to `rl/skipped.jsonl` (every rank counts every
     DP group's drops, so the counters are global; the main rank writes)."""
     run.count("skipped_decode" if reason.startswith("decode") else "skipped_too_long")
+    run.skip_reasons.append(reason)
     if run.info.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         line = {"qa_id": row.qa_id, "video_path": row.video_path, "reason": reason}
-        with (run.out_dir / "skipped.jsonl").open("a") as fh:
+        with (run.out_dir / SKIPPED_FILE).open("a") as fh:
             fh.write(json.dumps(line) + "\n")
 
 
