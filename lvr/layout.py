@@ -253,8 +253,13 @@ def check_layout(root: str | Path) -> RunLayout:
         LayoutError: ``root`` is a file, or holds stage folders of the layout before `RunLayout`.
     """
     layout = RunLayout(Path(root))
-    if layout.root.exists() and not layout.root.is_dir():
-        raise LayoutError(f"--run {layout.root} is a file, not a run folder: give a folder")
+    # The run or the nearest existing folder above it (a stage creates the rest) must be a folder.
+    existing = next((p for p in (layout.root, *layout.root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LayoutError(
+            f"--run {layout.root}: {existing} is a file, not a run folder: pass a folder, e.g. "
+            "runs/<name>"
+        )
     old = old_layout_paths(layout.root)
     if old:
         raise LayoutError(
@@ -262,23 +267,6 @@ def check_layout(root: str | Path) -> RunLayout:
             f"to the current layout with `lvr datagen migrate --run {layout.root}`"
         )
     return layout
-
-
-def check_run_folder(root: str | Path) -> RunLayout:
-    """The layout of a run folder that a stage writes into (`lvr sft`, `lvr rl`).
-
-    Raises:
-        LayoutError: ``root`` (or the nearest existing folder above it) is a file, or the run is
-            in the older layout (the `check_layout` line naming the migration).
-    """
-    path = Path(root)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise LayoutError(
-            f"run folder {path} is not a folder ({existing} is a file); pass a run folder with "
-            "--run, e.g. runs/<name>"
-        )
-    return check_layout(path)
 
 
 def migrate(root: str | Path) -> list[tuple[Path, Path]]:

@@ -56,7 +56,7 @@ import torch.nn.functional as functional
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lvr.config import to_dict
-from lvr.layout import check_run_folder
+from lvr.layout import check_layout
 from lvr.models import family
 from lvr.models.batching import collate
 from lvr.models.inputs import IGNORE_INDEX
@@ -130,7 +130,7 @@ def run_sft(cfg: SFTConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             sample was skipped (no checkpoint of an untrained model is written).
         LayoutError: `run_dir` is a file or a run in the older layout.
     """
-    layout = check_run_folder(run_dir)
+    layout = check_layout(run_dir)
     info = init_distributed(cfg.device)
     if cfg.deepspeed:
         init_deepspeed_distributed(info)

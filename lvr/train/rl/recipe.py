@@ -138,7 +138,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lvr.config import to_dict
-from lvr.layout import RunLayout, check_run_folder
+from lvr.layout import RunLayout, check_layout
 from lvr.models.inputs import end_of_turn_ids
 from lvr.mrsp.encode import EmbeddingCache
 from lvr.mrsp.engines import check_vllm, make_rollout_engine
@@ -174,7 +174,7 @@ def run_rl(cfg: RLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     first step, which tried the whole table, and writes no checkpoint. A run folder that is a
     file or in the older layout raises `LayoutError` before anything loads.
     """
-    layout = check_run_folder(run_dir)
+    layout = check_layout(run_dir)
     ckpt = checkpoint.checkpoint_to_resume(layout.rl, resume)
     run = setup(cfg, layout, ckpt)
     if ckpt is None and run.info.is_main:
