@@ -314,17 +314,17 @@ def check_table_file(path: Path, name: str) -> None:
 
 
 def _read_schema(path: Path) -> pa.Schema:
-    try:
-        return pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise SchemaError(
-            f"{path} is not a readable Parquet file ({exc}); remove or replace it"
-        ) from None
+    return _readable(pq.read_schema, path)
 
 
 def _read_file(path: Path) -> pa.Table:
+    return _readable(pq.read_table, path)
+
+
+def _readable(read: Any, path: Path) -> Any:
+    """``read(path)``; a file that is not Parquet (garbage, cut short) is one line naming it."""
     try:
-        return pq.read_table(path)
+        return read(path)
     except (OSError, pa.ArrowException) as exc:
         raise SchemaError(
             f"{path} is not a readable Parquet file ({exc}); remove or replace it"

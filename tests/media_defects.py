@@ -13,6 +13,8 @@
 - ``dropped_frame_mkv``: a missing timestamp, so the declared rate ends the video where its last
   frame starts.
 - ``hevc_mp4``: H.265 (decord returned shifted frames on H.265).
+- ``bframe_video``: H.264/H.265 with B-frames whose frame ``i`` has any timestamp (variable rate,
+  gaps, a late last frame, open GOPs), in any container.
 """
 
 from __future__ import annotations
@@ -145,6 +147,41 @@ def _h264(
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(picture(i, width, height), format="rgb24")
             frame.pts = pts_of[i] if pts_of else i
+            out.mux(st.encode(frame))
+        out.mux(st.encode(None))
+    return path
+
+
+BFRAMES = "keyint=12:min-keyint=12:scenecut=0:bframes=3"
+
+
+def bframe_video(
+    path: Path,
+    pts: list[int],
+    time_base: Fraction | None = None,
+    fmt: str | None = None,
+    codec: str = "libx264",
+    params: str = BFRAMES,
+    **options: str,
+) -> Path:
+    """96x64 frames ``picture(i)`` (GOP 12, 3 B-frames unless ``params`` says otherwise), frame ``i``
+    at ``pts[i]`` in ``time_base`` (default: the 1/25 s of the encoder); ``options`` go to the
+    muxer."""
+    with av.open(str(path), "w", format=fmt, options=options) as out:
+        st = out.add_stream(codec, rate=25)
+        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
+        if time_base:
+            st.time_base = st.codec_context.time_base = time_base
+        st.codec_context.options = (
+            {"x264-params": params}
+            if codec == "libx264"
+            else {"x265-params": f"{params}:log-level=error"}
+        )
+        for i, t in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(picture(i, 96, 64), format="rgb24")
+            frame.pts = t
+            if time_base:
+                frame.time_base = time_base
             out.mux(st.encode(frame))
         out.mux(st.encode(None))
     return path

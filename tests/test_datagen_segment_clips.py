@@ -21,23 +21,7 @@ from lvr.media import load_index
 
 def encode(path: Path, pts: list[int], fmt: str | None, codec: str = "libx264") -> Path:
     """GOP 12 with B-frames; frame ``i`` at ``pts[i]`` ms."""
-    tb = Fraction(1, 1000)
-    with av.open(str(path), "w", format=fmt) as out:
-        st = out.add_stream(codec, rate=25)
-        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
-        st.time_base = st.codec_context.time_base = tb
-        gop = "keyint=12:min-keyint=12:scenecut=0:bframes=3"
-        st.codec_context.options = (
-            {"x264-params": gop}
-            if codec == "libx264"
-            else {"x265-params": f"{gop}:log-level=error"}
-        )
-        for i, t in enumerate(pts):
-            frame = av.VideoFrame.from_ndarray(media_defects.picture(i, 96, 64), format="rgb24")
-            frame.pts, frame.time_base = t, tb
-            out.mux(st.encode(frame))
-        out.mux(st.encode(None))
-    return path
+    return media_defects.bframe_video(path, pts, Fraction(1, 1000), fmt, codec)
 
 
 def decode(path: Path) -> tuple[list[float], list[np.ndarray]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import media_defects
 import numpy as np
 import pytest
@@ -24,17 +23,7 @@ def h264(
     path: Path, pts: list[int], time_base: Fraction, fmt: str | None = None, **opts: str
 ) -> Path:
     """H.264 (GOP 12, 3 B-frames) whose frame ``i`` has timestamp ``pts[i]`` in ``time_base``."""
-    with av.open(str(path), "w", format=fmt, options=opts) as out:
-        st = out.add_stream("libx264", rate=25)
-        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
-        st.time_base = st.codec_context.time_base = time_base
-        st.codec_context.options = {"x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=3"}
-        for i, t in enumerate(pts):
-            frame = av.VideoFrame.from_ndarray(media_defects.picture(i, 96, 64), format="rgb24")
-            frame.pts, frame.time_base = t, time_base
-            out.mux(st.encode(frame))
-        out.mux(st.encode(None))
-    return path
+    return media_defects.bframe_video(path, pts, time_base, fmt, **opts)
 
 
 @pytest.fixture(scope="module")

@@ -24,27 +24,14 @@ BACKENDS = [
     "pyav",
     pytest.param("decord", marks=pytest.mark.skipif(not decord_available(), reason="no decord")),
 ]
-X264 = "keyint=12:min-keyint=12:scenecut=0:bframes=3"
+X264 = media_defects.BFRAMES
 
 
 def h264(
     path: Path, pts: list[int], fmt: str | None = None, x264: str = X264, tb: Fraction | None = None
 ) -> Path:
     """H.264 frames ``picture(i)`` with the given pts (in ``tb``, default 1/25 s), 96x64."""
-    with av.open(str(path), "w", format=fmt) as out:
-        st = out.add_stream("libx264", rate=25)
-        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
-        if tb:
-            st.time_base = st.codec_context.time_base = tb
-        st.codec_context.options = {"x264-params": x264}
-        for i, p in enumerate(pts):
-            f = av.VideoFrame.from_ndarray(media_defects.picture(i, 96, 64), format="rgb24")
-            f.pts = p
-            if tb:
-                f.time_base = tb
-            out.mux(st.encode(f))
-        out.mux(st.encode(None))
-    return path
+    return media_defects.bframe_video(path, pts, tb, fmt, params=x264)
 
 
 def decoded(path: Path) -> tuple[list[float], list[int]]:
