@@ -232,7 +232,7 @@ def test_fixture_copy_is_layout_independent(tmp_path: Path, bench_videos: Path) 
 
 
 def test_srt_cues_that_are_numbers_are_text(tmp_path: Path) -> None:
-    from lvr.eval.benchmarks import read_srt
+    from lvr.eval.subtitles import read_srt
 
     srt = tmp_path / "a.srt"
     srt.write_text(

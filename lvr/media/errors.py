@@ -25,3 +25,9 @@ class VideoDecodeError(Exception):
 
     def __str__(self) -> str:
         return f"cannot decode video {self.path}: {self.reason}"
+
+
+def short_reason(e: BaseException) -> str:
+    """``"<Type>: <reason>"`` of an FFmpeg error (its messages repeat the path; keep the reason)."""
+    msg = getattr(e, "strerror", None) or str(e)
+    return f"{type(e).__name__}: {msg}"

@@ -36,7 +36,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from lvr.media.errors import VideoDecodeError
+from lvr.media.counting import from_demux, leading_frames
+from lvr.media.errors import VideoDecodeError, short_reason
 from lvr.media.mp4box import composition_offsets
 from lvr.media.orientation import UPRIGHT, Orientation, display_matrix, from_matrix
 
@@ -145,7 +146,7 @@ def open_container(path: str | os.PathLike[str]) -> av.container.InputContainer:
     try:
         return av.open(str(p), metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        raise VideoDecodeError(path, f"not a readable media file ({_short(e)})") from e
+        raise VideoDecodeError(path, f"not a readable media file ({short_reason(e)})") from e
 
 
 def video_streams(container: av.container.InputContainer) -> list[av.video.stream.VideoStream]:
@@ -197,22 +198,6 @@ def video_stream(
     )
 
 
-def _short(e: BaseException) -> str:
-    """FFmpeg messages repeat the path; keep the reason."""
-    msg = getattr(e, "strerror", None) or str(e)
-    return f"{type(e).__name__}: {msg}"
-
-
-def _leading_frames(dec_pts: np.ndarray, key: np.ndarray) -> bool:
-    """Whether a keyframe has frames after it in decode order that are shown before it (open GOP).
-
-    Decoders that seek to a keyframe and count frames from it (decord) misnumber such files.
-    """
-    after_min = np.minimum.accumulate(dec_pts[::-1])[::-1]  # [n] smallest pts from here on
-    d = np.flatnonzero(key[:-1])
-    return bool((after_min[d + 1] < dec_pts[d]).any())
-
-
 def _presentation(dec_pts: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, ...] | None:
     """(pts, keyframes, seek_ts, open_gop) from decode-order pts and key flags, or None when two
     frames share a pts. A keyframe's frame number is its rank in presentation order."""
@@ -221,7 +206,7 @@ def _presentation(dec_pts: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, ...
         return None
     kf_pts = dec_pts[key.astype(bool)]
     keyframes = np.searchsorted(pts, np.sort(kf_pts)).astype(np.int64)
-    return pts, keyframes, pts[keyframes], np.bool_(_leading_frames(dec_pts, key.astype(bool)))
+    return pts, keyframes, pts[keyframes], np.bool_(leading_frames(dec_pts, key.astype(bool)))
 
 
 def _from_container_index(
@@ -274,110 +259,6 @@ def _from_container_index(
     return (*table, np.int64(step))
 
 
-# Containers whose packets carry no stored presentation timestamp (FFmpeg's parser guesses them).
-_GUESSED_PTS_FORMATS = frozenset({"avi", "h264", "hevc", "m4v", "mpegvideo", "h263", "vc1"})
-_VOP = b"\x00\x00\x01\xb6"  # MPEG-4 part 2 picture (VOP) start code
-_PACKED_SCAN_PACKETS = 64  # packed B-frames show in the first GOP or never
-
-
-def _packed_bframes(data: bytes) -> bool:
-    """Whether an MPEG-4 part 2 packet is DivX/Xvid "packed": two pictures in one chunk, or the
-    ``DivX...p`` user data that tells FFmpeg the stream is packed."""
-    if data.count(_VOP) > 1:
-        return True
-    at = data.find(b"DivX")
-    if at < 0:
-        return False
-    vop = data.find(_VOP, at)
-    tag = data[at : vop if vop > at else at + 32].rstrip(b"\x00")
-    return tag.endswith(b"p")
-
-
-def _read_packets(
-    container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
-) -> tuple[list[tuple[int | None, bool]], bool, bool]:
-    """(rows of (pts or dts or None, keyframe) in decode order, reordered, packed).
-
-    Packets before the first keyframe are left out: a stream cut mid-GOP (a capture or a split
-    MPEG-TS) decodes nothing before it, and a frame that does not decode must not be numbered.
-    """
-    rows: list[tuple[int | None, bool, int]] = []
-    guessed = container.format.name.split(",")[0] in _GUESSED_PTS_FORMATS
-    reordered = packed = False
-    mpeg4, seen = st.codec_context.name == "mpeg4", 0
-    try:
-        for pkt in container.demux(st):
-            if pkt.size == 0 or pkt.is_discard:
-                continue
-            seen += 1
-            if not rows and not pkt.is_keyframe:
-                continue
-            reordered = reordered or pkt.pts is None or pkt.pts != pkt.dts
-            if guessed and mpeg4 and len(rows) < _PACKED_SCAN_PACKETS and not packed:
-                packed = _packed_bframes(bytes(pkt))
-            t = pkt.pts if pkt.pts is not None else pkt.dts
-            rows.append((t, pkt.is_keyframe, pkt.duration or 0))
-    except av.error.FFmpegError as e:
-        raise VideoDecodeError(path, f"demuxing failed after {seen} packets ({_short(e)})") from e
-    if not rows:
-        raise VideoDecodeError(
-            path, "video stream has no keyframe" if seen else "video stream has no frames"
-        )
-    return rows, guessed and reordered, guessed and packed
-
-
-def _interpolated(
-    rows: list[tuple[int | None, bool, int]], st: av.video.stream.VideoStream, path: str
-) -> tuple[np.ndarray, ...]:
-    """(pts, keyframes, seek_ts, open_gop) for a stream whose packets are only partly stamped.
-
-    FFmpeg stamps only the first frame of each PES packet of H.264 in MPEG program streams, so the
-    frames are numbered in decoder output order (the caller marks the index counted) and their
-    times are spread at the stream's frame rate from the first stamp.
-    """
-    rate = st.average_rate or st.guessed_rate or st.base_rate
-    if not rate:
-        raise VideoDecodeError(path, "packets carry no timestamps and no frame rate is declared")
-    step = 1 / (Fraction(rate) * Fraction(st.time_base or Fraction(1, 90000)))  # ticks per frame
-    t0 = next((t for t, _, _ in rows if t is not None), 0)
-    pts = np.array([t0 + round(i * step) for i in range(len(rows))], np.int64)
-    keyframes = np.flatnonzero([k for _, k, _ in rows]).astype(np.int64)
-    return pts, keyframes, pts[keyframes], np.bool_(False), np.int64(round(step))
-
-
-def _last_duration(st: av.video.stream.VideoStream, pts: np.ndarray, packet: int) -> int:
-    """How long the last frame is shown (ticks; 0 unknown): the stream's declared duration beyond
-    its last frame where that is plausible (MP4's track duration), else its packet's duration. With
-    B-frames a packet's duration is a decode-order step, not how long that picture is shown."""
-    if st.duration and len(pts) > 1:
-        beyond = int(st.duration) - int(pts[-1] - pts[0])
-        if 0 < beyond <= int(np.diff(pts).max()):
-            return beyond
-    return int(packet)
-
-
-def _from_demux(
-    container: av.container.InputContainer, st: av.video.stream.VideoStream, path: str
-) -> tuple[tuple[np.ndarray, ...], bool]:
-    """((pts, keyframes, seek_ts, open_gop), counted) by reading every packet of the stream once.
-
-    ``counted`` is True when the decoder's output timestamps cannot be matched to this index (see
-    the module docstring): a container without stored timestamps whose packets show reordering,
-    missing timestamps or packed B-frames.
-    """
-    rows, reordered, packed = _read_packets(container, st, path)
-    if any(t is None for t, _, _ in rows):
-        return _interpolated(rows, st, path), True
-    arr = np.array(rows, np.int64)  # [n, 3] (pts, key, duration) in decode order
-    arr = arr[arr[:, 0] >= arr[0, 0]]  # leading frames of a GOP whose start is cut off: dropped
-    order = np.argsort(arr[:, 0], kind="stable")
-    pts, key = arr[order, 0], arr[order, 1].astype(bool)
-    keyframes = np.flatnonzero(key).astype(np.int64)
-    open_gop = np.bool_(_leading_frames(arr[:, 0], arr[:, 1].astype(bool)))
-    last_duration = _last_duration(st, pts, arr[order[-1], 2])
-    return (pts, keyframes, pts[keyframes], open_gop, last_duration), reordered or packed
-
-
 # "The start of the file" as a seek target, in AV_TIME_BASE units (about -12.7 days): below any
 # timestamp FFmpeg produces. seek(0) is not the start where timestamps are negative (MPEG-TS whose
 # 33-bit clock wraps: FFmpeg unwraps the frames before the wrap to negative pts, and seek(0) lands
@@ -420,7 +301,7 @@ def _first_frame(
             if fed > 300:
                 break
     except av.error.FFmpegError as e:
-        raise VideoDecodeError(path, f"the first frame does not decode ({_short(e)})") from e
+        raise VideoDecodeError(path, f"the first frame does not decode ({short_reason(e)})") from e
     raise VideoDecodeError(path, f"no frame decodes from the first {fed} packets of the stream")
 
 
@@ -507,7 +388,7 @@ def _build_index(path: str) -> VideoIndex:
         source = "container"
         if table is None:
             source = "demux"  # nothing consumed yet: probing packets are replayed by demux()
-            table, counted = _from_demux(container, st, path)
+            table, counted = from_demux(container, st, path)
         pts, keyframes, seek_ts, open_gop, last_duration = table
         if source == "demux":
             _check_declared_duration(container, st, pts, path)
