@@ -38,13 +38,17 @@ def test_core_install_runs_datagen_against_an_api_without_torch(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     with fake_server() as server:
         opts = f"{{base_url: '{server.url}', concurrency: 4}}"
+        # The default config's question kinds: the fake server's schema-filled answers to the
+        # demo config's questions are all rejected (open answers that are a bare letter, options
+        # that repeat), and a stage without one usable row fails the run.
         sets = [
+            "input.synthetic.videos=3", "input.synthetic.duration_s=8", "input.synthetic.width=96",
+            "input.synthetic.height=64", "input.synthetic.fps=12",
             "caption.backend=openai", "caption.model=fake-model", "caption.frames=2",
             f"caption.options={opts}", "qa.backend=openai", "qa.model=fake-model",
-            f"qa.options={opts}", "qa.questions_per_video=2",
+            f"qa.options={opts}", "qa.questions_per_video=2", "filter.min_reasoning_chars=1",
         ]  # fmt: skip
-        args = [str(venv / "bin" / "lvr"), "datagen", "run", "--config",
-                str(REPO / "configs/datagen/demo.yaml"), "--run", str(run), "-q"]  # fmt: skip
+        args = [str(venv / "bin" / "lvr"), "datagen", "run", "--run", str(run), "-q"]
         for item in sets:
             args += ["--set", item]
         out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
