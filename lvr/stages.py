@@ -178,6 +178,12 @@ def _error_count(table: pa.Table) -> int:
     return table.num_rows - table.column("error").null_count
 
 
+def progress_bar(enabled: bool, console: Any = None) -> Progress:
+    """The bar of a long job over counted items: description, bar, done/total, elapsed time."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), disable=not enabled, console=console)  # fmt: skip
+
+
 def run_stage(
     stage: Stage,
     shards: Sequence[Shard],
@@ -211,13 +217,7 @@ def run_stage(
             raise ValueError("run_stage needs fn or execute")
         execute = partial(_run_here, stage, fn)
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not progress,
-        ) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task(description or stage.name, total=len(todo))
             for _ in execute(todo):
                 bar.advance(task)

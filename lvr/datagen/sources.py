@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from lvr.datagen.synthetic import make_videos
 from lvr.errors import LvrError
+from lvr.stages import progress_bar
 
 VIDEO_EXTENSIONS = [
     ".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".ts", ".mts", ".m2ts", ".flv", ".mpg",
@@ -167,10 +168,7 @@ def render_synthetic(
     syn = cfg.synthetic
     folder = Path(cfg.source) if cfg.source else Path(default_folder)
     claim_synthetic_folder(folder)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress, console=console) as bar:  # fmt: skip
+    with progress_bar(progress, console) as bar:
         task = bar.add_task("render synthetic videos", total=syn.videos)
         # One encoder thread: x264 with 2 threads produced different bytes across runs under
         # load, and video ids are content hashes.
