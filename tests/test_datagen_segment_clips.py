@@ -177,3 +177,27 @@ def test_range_without_frames_is_an_error_row(tmp_path: Path) -> None:
         == "clip file not written: range [2.000, 7.000) s holds no frame of the video"
     )
     assert sorted(p.name for p in out.iterdir()) == [Path(rows[0]["clip_path"]).name]
+
+
+def test_segment_stage_writes_clip_files_for_every_codec(tmp_path: Path) -> None:
+    """Through the stage: every clip row of a VP8, a packed-B-frame AVI and an MPEG-PS H.264 source
+    names a file of the right kind, and none has an error."""
+    from lvr.artifacts import read_table
+    from lvr.config import load_config
+    from lvr.datagen.config import DatagenConfig
+    from lvr.datagen.segment import run_segment
+    from lvr.layout import RunLayout
+
+    src = tmp_path / "in"
+    src.mkdir()
+    want = {"vp8.webm": ".webm", "packed.avi": ".lossless.mp4", "h264.mpg": ".lossless.mp4"}
+    for name in want:
+        OTHER_CODECS[name][0](src / name)
+    sets = [f"input.source={src}", "segment.stride_s=0.5", "segment.write_clips=true"]
+    run_segment(load_config(DatagenConfig, None, sets), tmp_path / "run", progress=False)
+    clips = read_table(RunLayout(tmp_path / "run").clips).to_pylist()
+    assert {Path(c["video_path"]).name for c in clips} == set(want)
+    for c in clips:
+        assert c["error"] is None, c["error"]
+        assert c["clip_path"].endswith(want[Path(c["video_path"]).name]), c["clip_path"]
+        assert Path(c["clip_path"]).is_file()
