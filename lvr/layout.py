@@ -11,7 +11,7 @@ it), the bookkeeping of the sharded stages, and the training, evaluation and cac
       pass_rates/               eval --passes K: per-question pass rates (filter input)
       _stages/<stage>/          _done/<shard>.json completion markers, manifest*.json
       inputs/                   rendered synthetic input videos (``input.synthetic``)
-      clip_files/               clip MP4s cut by stream copy (``segment.write_clips``)
+      clip_files/               clip files (``segment.write_clips``, see ``lvr.datagen.clip_files``)
       cache/                    model-call caches (requests*.sqlite, judge), embedding caches
       models/                   models built for the run (the tiny offline VLMs)
       sft/ rl/                  checkpoint-NNNNNN/, metrics.jsonl/.parquet, manifest.json
@@ -157,7 +157,7 @@ class RunLayout:
 
     @property
     def clip_files(self) -> Path:
-        """Clip MP4s of ``segment.write_clips`` (``segment/clip_files/`` in a migrated run)."""
+        """Clip files of ``segment.write_clips`` (``segment/clip_files/`` in a migrated run)."""
         return self._kept_legacy(self.root / "clip_files", self.root / "segment" / "clip_files")
 
     @staticmethod

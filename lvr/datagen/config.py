@@ -93,8 +93,11 @@ class SegmentConfig:
         verify_decode: Decode every frame of every video once (the shot detector's fast scan), so
             that clips never cover time that does not decode: a video that stops decoding part-way
             gets clips up to there and an error row for the rest. ``shots`` always decodes.
-        write_clips: Also write each clip as a file by stream copy (no re-encoding; the file starts at
-            the keyframe at or before the clip start).
+        write_clips: Also write each clip as a file (``clip_path``): by stream copy where it keeps
+            every frame (the file starts at the keyframe at or before the clip start; ``.mp4``,
+            ``.webm`` for VP8, ``.mkv`` or ``.mov`` by codec), else re-encoded losslessly to
+            exactly the clip's frames (``.lossless.mp4``/``.mkv``). See
+            :mod:`lvr.datagen.clip_files`.
         clip_dir: Folder for clip files (default ``<run>/clip_files``).
         id_threads: Threads that hash files into video ids (I/O bound).
         workers: Processes that decode videos in parallel for ``shots``/``verify_decode``/``write_clips`` (0 = one
