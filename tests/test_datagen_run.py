@@ -133,7 +133,8 @@ def test_show_config_and_user_errors(tmp_path: Path) -> None:
     assert "method: shots" in shown.stdout and "backend: template" in shown.stdout
     bad = lvr("datagen", "segment", "--set", "segment.stide_s=3", check=False)
     assert bad.returncode == 2 and "segment.stride_s" in bad.stderr
-    missing = lvr("datagen", "caption", "--run", str(tmp_path / "nothing"), check=False)
+    missing = lvr("datagen", "caption", "--run", str(tmp_path / "nothing"), "--set", "caption.model=m",
+                  check=False)  # fmt: skip
     assert missing.returncode == 2 and "lvr datagen segment" in missing.stderr
     shard = lvr(
         "datagen",

@@ -25,7 +25,7 @@ from lvr.datagen.export import export_hf, export_jsonl
 from lvr.datagen.filter import run_filter
 from lvr.datagen.migrate import migrate_run
 from lvr.datagen.ray_executor import RayExecutor
-from lvr.datagen.runner import DatagenStage, Executor, run_datagen_stage
+from lvr.datagen.runner import DatagenStage, Executor, check_stages, run_datagen_stage
 from lvr.errors import LvrError
 from lvr.layout import RunLayout, check_layout
 from lvr.reasons import summarize_errors
@@ -153,6 +153,7 @@ def _stage_command(
     if cfg is None:
         return None
     layout = check_layout(run)
+    check_stages(stages, cfg)  # a bad qa setting stops `run` now, not after segment and caption
     with _executor(executor, address, workers, shard, num_shards) as ex:
         for stage in stages:
             _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
