@@ -82,6 +82,9 @@ class _Override:
     raw: str
     parsed: Any
 
+    def __repr__(self) -> str:  # messages quote a value as the user's YAML reads it
+        return repr(self.parsed)
+
     def for_type(self, tp: Any) -> Any:
         """The value ``tp`` should see."""
         text = self.raw.strip()
@@ -122,14 +125,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
-        ) from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {path} must hold a mapping of keys, got {type(data).__name__}"
         )
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line saying what is wrong in a YAML text and where (1-based line and column).
+
+    The first line of PyYAML's message ("mapping values are not allowed here") names no place;
+    the place is on a later line, which a one-line error would drop.
+    """
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = " (quote a text that holds ': ')" if "mapping values are not allowed" in problem else ""
+    return f"{where}{problem}{hint}"
 
 
 def _parse_scalar(raw: str) -> Any:

@@ -15,7 +15,7 @@ import yaml
 from backend_server import fake_server
 
 from lvr.artifacts import read_table
-from lvr.config import ConfigError, from_dict, to_yaml
+from lvr.config import ConfigError, from_dict, load_config, to_yaml
 from lvr.datagen import caption, qa, segment
 from lvr.datagen.config import DatagenConfig
 from lvr.datagen.runner import run_datagen_stage
@@ -127,6 +127,30 @@ def test_set_takes_text_keys_as_written() -> None:
     assert (cfg.caption.prompt_version, cfg.qa.model) == ("1.10", "0123")
     assert cfg.filter.seed == "quoted: kept" and cfg.filter.policy is None  # YAML quotes, null
     assert cfg.caption.options == {"concurrency": 4} and cfg.qa.seed == 7  # other types: YAML
+    with pytest.raises(ConfigError, match=r"expects a list, got \{'0': \{'share': 0.2\}\}"):
+        _cfg("qa.categories.0.share=0.2")  # messages show values, not the override's insides
+
+
+def test_extensions_without_a_dot_still_find_the_videos(one_video: Path, tmp_path: Path) -> None:
+    # Before, `[mp4]` made every video an error row ("extension .mp4 is not in input.extensions").
+    cfg = _cfg(f"input.source={one_video}", "input.extensions=[MP4, mkv]", "segment.stride_s=2",
+               "segment.verify_decode=false")  # fmt: skip
+    assert cfg.input.extensions == [".mp4", ".mkv"]
+    run_datagen_stage(segment.STAGE, cfg, tmp_path / "run", progress=False)
+    videos = read_table(tmp_path / "run" / "videos", "videos").to_pylist()
+    assert len(videos) == 1 and videos[0]["error"] is None
+
+
+def test_yaml_mistakes_name_their_line(tmp_path: Path) -> None:
+    # PyYAML's first message line, all that was shown, names no place in the file.
+    bad = tmp_path / "cooking.yaml"
+    bad.write_text("qa:\n  categories:\n    - name: étape\n      instruction: Ask: why\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 23: mapping values .*\(quote a text"):
+        load_config(DatagenConfig, bad)
+    prompt = _prompt_file(tmp_path, "x")
+    prompt.write_text("version: v1\nuser: |\n  ok\n\tbad tab\n")
+    with pytest.raises(LvrError, match=r"not valid YAML: line 4, column 1"):
+        run_datagen_stage(qa.STAGE, _cfg("qa.model=m", f"qa.prompt={prompt}"), tmp_path / "run")
 
 
 def test_show_config_keeps_unicode_readable() -> None:

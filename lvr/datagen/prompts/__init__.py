@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from lvr.config import yaml_problem
 from lvr.errors import LvrError
 
 PROMPT_DIR = Path(__file__).parent
@@ -130,8 +131,10 @@ def load_prompt(name: str) -> Prompt:
         )
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise PromptError(f"cannot read prompt {path}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise PromptError(f"cannot read prompt {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise PromptError(f"prompt {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict) or not data.get("version") or not data.get("user"):
         raise PromptError(
             f"prompt {path} must be a mapping with 'version' and 'user' (and optional 'system')"
