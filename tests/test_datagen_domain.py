@@ -153,6 +153,15 @@ def test_yaml_mistakes_name_their_line(tmp_path: Path) -> None:
         run_datagen_stage(qa.STAGE, _cfg("qa.model=m", f"qa.prompt={prompt}"), tmp_path / "run")
 
 
+def test_datagen_help_says_how_to_start_a_domain() -> None:
+    from typer.testing import CliRunner
+
+    from lvr.datagen.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output.split())
+    assert "configs/datagen/sports.yaml" in text and "Adding a domain" in text, text
+
+
 def test_show_config_keeps_unicode_readable() -> None:
     text = to_yaml(_cfg())
     assert "name: étape" in text and "食材: 0.4" in text and "\\x" not in text and "\\u" not in text

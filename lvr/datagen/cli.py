@@ -35,7 +35,10 @@ app = typer.Typer(
     help=(
         "Turn folders of long videos into a LongVideo-Reason-style reasoning QA dataset: "
         "segment -> caption -> qa -> filter -> export (all resumable, one Parquet folder per "
-        "table under --run)."
+        "table under --run). A new video domain is a YAML config (clip lengths, caption prompt, "
+        "question categories, model endpoints): copy configs/datagen/sports.yaml, see "
+        "docs/datagen.md 'Adding a domain'; `lvr datagen run --config F --show-config` prints "
+        "every key, and `run` checks prompts and model settings before any work."
     ),
     no_args_is_help=True,
 )
