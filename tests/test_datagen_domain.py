@@ -63,7 +63,7 @@ def _bad_settings(tmp_path: Path) -> list[tuple[object, list[str], str]]:
     return [
         (qa.STAGE, [*MODEL, "qa.options.base_urll=http://x/v1"], "did you mean 'qa.options.base_url'"),
         (caption.STAGE, [*MODEL, "caption.options.concurrency=many"], "'caption.options.concurrency' expects an integer"),
-        (qa.STAGE, [*MODEL, "qa.prompt=/nonexistent/qa.yaml"], "unknown prompt '/nonexistent/qa.yaml'"),
+        (qa.STAGE, [*MODEL, "qa.prompt=cooking_qa.yaml"], "'cooking_qa.yaml' (no such file from "),
         (qa.STAGE, [*MODEL, f"qa.prompt={no_captions}"], "must use $captions"),
         (qa.STAGE, ["caption.model=m"], "qa.backend=openai needs qa.model"),
         (qa.STAGE, ["qa.backend=template"], "qa.categories has ['étape', '食材']"),

@@ -126,8 +126,12 @@ def load_prompt(name: str) -> Prompt:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PROMPT_DIR / f"{name}.yaml"
     if not path.is_file():
+        # A file name is read from the current directory, not from the config file's folder.
+        where = (
+            f" (no such file from {Path.cwd()})" if Path(name).suffix in (".yaml", ".yml") else ""
+        )
         raise PromptError(
-            f"unknown prompt {name!r}; built-in: {', '.join(available())} (or a .yaml path)"
+            f"unknown prompt {name!r}{where}; built-in: {', '.join(available())} (or a .yaml path)"
         )
     try:
         data = yaml.safe_load(path.read_text())
