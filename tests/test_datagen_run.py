@@ -158,6 +158,11 @@ def test_presets_load_and_open_with_their_command(preset: Path) -> None:
     assert first.startswith("# lvr datagen ") and f"configs/datagen/{preset.name}" in first
     cfg = load_config(DatagenConfig, preset)
     assert cfg.qa.categories and cfg.segment.max_clip_s > 0
+    from lvr.datagen import caption, qa
+    from lvr.datagen.runner import check_stages
+
+    # prompts, options, models: what `lvr datagen run` checks before any work
+    check_stages([caption.STAGE, qa.STAGE], cfg)
 
 
 def test_presets_cover_the_domains() -> None:
