@@ -44,6 +44,12 @@ def one_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return src
 
 
+def _lvr(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "lvr.cli", *args], env=env, cwd=REPO, text=True,
+                          capture_output=True)  # fmt: skip
+
+
 def _prompt_file(tmp_path: Path, user: str) -> Path:
     path = tmp_path / "my_qa.yaml"
     path.write_text(yaml.safe_dump({"version": "cooking-qa-v1", "user": user}, allow_unicode=True))
@@ -89,14 +95,32 @@ def test_run_stops_on_a_bad_qa_prompt_before_segmenting(one_video: Path, tmp_pat
     run = tmp_path / "run"
     sets = [f"input.source={one_video}", CATEGORIES, SHARES, "caption.model=m", "qa.model=m",
             f"qa.prompt={prompt}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    res = subprocess.run([sys.executable, "-m", "lvr.cli", "datagen", "run", "--run", str(run), "-q",
-                          *[a for s in sets for a in ("--set", s)]],
-                         env=env, cwd=REPO, text=True, capture_output=True)  # fmt: skip
+    res = _lvr("datagen", "run", "--run", str(run), "-q", *[a for s in sets for a in ("--set", s)])
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     assert "uses $dish, which this stage does not fill" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not run.exists() and "segment:" not in res.stdout  # nothing was segmented
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "filter.policy=my_policy.sql"], "filter policy file my_policy.sql does not exist"),
+        (["--pass-rates", "no_pass_rates"], "no_pass_rates is neither a Parquet file nor a table folder (--pass-rates"),
+    ],
+)  # fmt: skip
+def test_run_stops_on_a_missing_filter_file_before_segmenting(
+    one_video: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    # The filter runs last: these used to stop the chain after segment, caption and qa.
+    run = tmp_path / "run"
+    sets = [f"input.source={one_video}", CATEGORIES, SHARES, "caption.model=m", "qa.model=m"]
+    res = _lvr("datagen", "run", "--run", str(run), "-q", *args,
+               *[a for s in sets for a in ("--set", s)])  # fmt: skip
+    assert res.returncode != 0 and needle in res.stderr and "Traceback" not in res.stderr, (
+        res.stderr
+    )
+    assert not run.exists() and "segment:" not in res.stdout
 
 
 def test_caption_prompt_and_prompt_text_together_is_an_error() -> None:
