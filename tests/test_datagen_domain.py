@@ -75,6 +75,8 @@ def _bad_settings(tmp_path: Path) -> list[tuple[object, list[str], str]]:
         (qa.STAGE, ["qa.backend=template"], "qa.categories has ['étape', '食材']"),
         (qa.STAGE, ["qa.backend=template", "qa.categories=[{name: temporal, share: 1}]",
                     "filter.category_shares={}", "qa.template_kinds=[frist_color]"], "frist_color"),
+        (caption.STAGE, ["caption.backend=hf", "caption.model=/nonexistent/my-vlm"],
+         "model folder not found: /nonexistent/my-vlm"),
         (caption.STAGE, ["caption.backend=annotations", "caption.annotations=/nonexistent.json"],
          "caption.annotations /nonexistent.json does not exist"),
     ]  # fmt: skip

@@ -91,7 +91,7 @@ class StageContext:
 
 
 def require_model(section: str, backend: str, model: str) -> None:
-    """Stop when a section names a model backend but no model.
+    """Stop when a section names a model backend but no model, or a local folder that is not there.
 
     Raises:
         LvrError: One line saying what to set.
@@ -101,6 +101,10 @@ def require_model(section: str, backend: str, model: str) -> None:
             f"{section}.backend={backend} needs {section}.model (the served name, or a local "
             "folder for the hf backend)"
         )
+    if backend == "hf":  # a mistyped folder fails now, not when the first shard loads the model
+        from lvr.models.loading import resolve_source  # torch: only for local models
+
+        resolve_source(model)
 
 
 class Executor(Protocol):
