@@ -91,7 +91,7 @@ class _Override:
         quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
         if quoted or not _is_text_type(tp) or (self.parsed is None and _allows_none(tp)):
             return self.parsed  # YAML quotes are the user's own escape; null stays null
-        return self.raw
+        return text  # as typed, less the spaces around it (as YAML drops them)
 
 
 def _plain(value: Any) -> Any:

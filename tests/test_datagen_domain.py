@@ -147,7 +147,7 @@ def test_a_category_with_filter_share_zero_is_a_config_error() -> None:
 def test_set_takes_text_keys_as_written() -> None:
     # Read as YAML, these lost everything from '#', became a mapping, 1.1 and 83 (octal).
     cfg = _cfg("caption.prompt_text=Describe dish #1 in detail: {pan, knife}, price $5",
-               "caption.prompt_version=1.10", "qa.model=0123", "filter.seed='quoted: kept'",
+               "caption.prompt_version=1.10", "qa.model= 0123 ", "filter.seed='quoted: kept'",
                "filter.policy=null", "caption.options.concurrency=4", "qa.seed=7")  # fmt: skip
     assert cfg.caption.prompt_text == "Describe dish #1 in detail: {pan, knife}, price $5"
     assert (cfg.caption.prompt_version, cfg.qa.model) == ("1.10", "0123")
