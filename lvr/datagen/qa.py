@@ -278,7 +278,7 @@ class LLMWriter:
             if fmt == "mc"
             else "question, reasoning, answer, evidence"
         )
-        messages = self.prompt.messages(
+        messages = self.prompt.messages(  # the names of QA_PLACEHOLDERS (check_settings)
             captions=render_captions(list(it.captions)), duration=fmt_s(it.duration_s or 0.0),
             category=cat, instruction=self.instructions.get(cat, ""), format_rules=_FORMAT_RULES[fmt],
             fields=fields,
