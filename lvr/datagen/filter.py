@@ -184,7 +184,10 @@ def _manifest(
 
 
 def _input_files(path: str | Path, name: str) -> list[Path]:
-    hint = " (run `lvr datagen qa` first)" if name == "qa_raw" else ""
+    hint = {
+        "qa_raw": " (run `lvr datagen qa` first)",
+        "pass_rates": " (--pass-rates takes the pass_rates table of `lvr eval --passes K`)",
+    }.get(name, "")
     try:
         files = table_files(path, name)
     except FileNotFoundError as exc:
@@ -192,6 +195,20 @@ def _input_files(path: str | Path, name: str) -> list[Path]:
     if not files:
         raise FilterError(f"no {name} Parquet files under {path}{hint}")
     return files
+
+
+def check_filter(cfg: FilterConfig, pass_rates: str | Path | None = None) -> None:
+    """What would stop the filter, checked before ``lvr datagen run`` segments anything.
+
+    The filter runs last: a misspelled ``filter.policy`` or ``--pass-rates`` path used to stop
+    the chain only after segment, caption and qa had done (and paid for) all their work.
+
+    Raises:
+        FilterError: A missing policy file or pass_rates table.
+    """
+    _policy(cfg)
+    if pass_rates is not None:
+        _input_files(pass_rates, "pass_rates")
 
 
 def _policy(cfg: FilterConfig) -> tuple[str, str]:
