@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -129,3 +130,51 @@ def test_migrate_rewrites_empty_shards_an_older_lvr_wrote(tmp_path: Path) -> Non
     counts = reader_counts(folder, tmp_path / "hf1")
     assert counts == dict.fromkeys(counts, 1), counts
     assert other.read_bytes() == before and migrate_run(run) == []
+
+
+def _qa_rows(videos: Path, n: int, generator: str) -> pa.Table:
+    rows = []
+    for i in range(n):
+        (videos / f"v{i}.mp4").touch()
+        rows.append({"qa_id": f"q{i}", "video_id": f"v{i}", "video_path": str(videos / f"v{i}.mp4"),
+                     "category": "temporal", "format": "mc", "question": f"Which first {i}?",
+                     "options": ["a", "b", "c", "d"], "answer": "A", "generator": generator,
+                     "split": "eval"})  # fmt: skip
+    return rows_to_table(rows, "qa")
+
+
+def test_as_qa_never_mixes_into_a_table_the_filter_wrote(tmp_path: Path) -> None:
+    """`--as-qa` writes shard 00000 only: into the filter's 2 shards it would have left 00001."""
+    from typer.testing import CliRunner
+
+    from lvr.cli import app
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    bench = tmp_path / "bench" / "qa"
+    write_parquet(bench / "00000.parquet", _qa_rows(videos, 3, "template:v1"), "qa")
+    filtered = tmp_path / "run" / "qa"
+    for k in range(2):
+        write_parquet(filtered / f"0000{k}.parquet", _qa_rows(videos, 2, "template:v1"), "qa")
+
+    def as_qa(folder: Path) -> Any:
+        args = [
+            "eval",
+            "questions",
+            "--benchmark",
+            "qa",
+            "--data",
+            str(bench),
+            "--as-qa",
+            str(folder),
+        ]
+        return CliRunner().invoke(app, args)
+
+    res = as_qa(filtered)
+    assert "already holds a table (2 Parquet file(s)" in str(res.exception), res.output
+    assert read_table(filtered, "qa").column("generator").to_pylist() == ["template:v1"] * 4
+    fresh = tmp_path / "fresh" / "qa"
+    for _ in range(2):  # a new folder, then its own earlier output: written, then replaced
+        res = as_qa(fresh)
+        assert res.exit_code == 0 and "3 qa rows (split rl)" in res.output, res.output
+    assert read_table(fresh, "qa").column("generator").to_pylist() == ["benchmark:qa"] * 3
