@@ -262,6 +262,19 @@ def _write_file(table: pa.Table, path: Path) -> None:
         pass  # the footer alone: schema (with the lvr.table metadata), no row group
 
 
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files of `write_parquet` that killed writers left in ``folder``.
+
+    Readers that take a whole folder and not a ``*.parquet`` glob (``pl.read_parquet(folder)``,
+    DuckDB ``folder/*``) fail on such a file. Only for a folder that one writer fills at a time
+    (an eval folder, the filter's tables), after it wrote: another writer's file may be in flight.
+    """
+    stale = sorted(folder.glob(".*.parquet.tmp-*")) if folder.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def has_empty_row_group(path: Path) -> bool:
     """Whether a Parquet file holds a row group of 0 rows (lvr wrote its empty shards so before)."""
     meta = _readable(pq.read_metadata, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvr.artifacts import SCHEMAS, read_table, rows_to_table, write_parquet
+from lvr.config import load_config
 from lvr.datagen.migrate import migrate_run
 from lvr.datagen.synthetic import VideoSpec, render_video
 from lvr.testing.bad_files import write_bad_files
@@ -178,3 +180,39 @@ def test_as_qa_never_mixes_into_a_table_the_filter_wrote(tmp_path: Path) -> None
         res = as_qa(fresh)
         assert res.exit_code == 0 and "3 qa rows (split rl)" in res.output, res.output
     assert read_table(fresh, "qa").column("generator").to_pylist() == ["benchmark:qa"] * 3
+
+
+def _stale_temp(folder: Path, shard: str) -> Path:
+    """A temp file as a writer killed mid-`write_parquet` leaves it (another process id)."""
+    tmp = folder / f".{shard}.parquet.tmp-999999"
+    tmp.write_bytes(b"PAR1 half a file")
+    return tmp
+
+
+def test_filter_and_eval_remove_temp_files_killed_writers_left(
+    run_with_error_shards: Path, tmp_path: Path
+) -> None:
+    """`pl.read_parquet(folder)` refused a folder holding one; a glob of `*.parquet` never saw it."""
+    from lvr.datagen.config import DatagenConfig
+    from lvr.datagen.filter import run_filter
+    from lvr.eval.config import EvalConfig
+    from lvr.eval.runner import run_eval
+    from lvr.testing.fake_server import FakeOpenAIServer
+
+    run = tmp_path / "run"
+    shutil.copytree(run_with_error_shards, run)
+    stale = [_stale_temp(run / "qa", "00009"), _stale_temp(run / "qa_rejected", "00000")]
+    with pytest.raises(pl.exceptions.InvalidOperationError, match="different file extensions"):
+        pl.read_parquet(run / "qa")
+    run_filter(run, load_config(DatagenConfig, None, SETS).filter, force=True)
+    assert not any(p.exists() for p in stale)
+    assert pl.read_parquet(run / "qa").height == read_table(run / "qa", "qa").num_rows
+
+    with FakeOpenAIServer() as server:
+        cfg = EvalConfig(model="openai:fake-model", benchmark="qa", base_url=server.url,
+                         frames=[2], bootstrap=10, split="all", limit=2)  # fmt: skip
+        out = run_eval(cfg, run, progress=False)[0].out_dir
+        stale = [_stale_temp(out / t, "00001") for t in ("questions", "predictions", "scores")]
+        run_eval(cfg, run, progress=False)  # a rerun: every answer reused, the folder rewritten
+    assert not any(p.exists() for p in stale)
+    assert pl.read_parquet(out / "predictions").height == 2
