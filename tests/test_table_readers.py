@@ -4,6 +4,9 @@ count what ``lvr inspect`` and `lvr.artifacts.read_table` count.
 
 The run has shards of every kind: broken videos give error-only ``videos`` shards and ``clips``,
 ``captions`` and ``qa_raw`` shards without rows; the filter writes more shards than it keeps rows.
+Also: `lvr datagen migrate` rewrites the empty shards older runs hold, ``--as-qa`` never mixes
+its shard into a table of other shards, and the writers that rewrite a whole table folder (filter,
+eval) leave no temp file of a killed earlier writer there.
 """
 
 from __future__ import annotations
