@@ -21,7 +21,8 @@ it), the bookkeeping of the sharded stages, and the training, evaluation and cac
 Runs written before this layout (stage folders ``segment/``, ``caption/``, ``qa/qa_raw``,
 ``filter/qa``) are recognised: `check_layout` names the one command that moves them
 (``lvr datagen migrate --run R``), and `migrate` does the moves (the command also gives old
-``captions`` shards the columns they gained: ``lvr.datagen.migrate``). Files that the tables
+``captions`` shards the columns they gained and rewrites old empty shards without their empty row
+group: ``lvr.datagen.migrate``). Files that the tables
 name by path (``synthetic_videos/``, ``segment/clip_files/``) stay where they are:
 `RunLayout.inputs` and `RunLayout.clip_files` resolve to them in such a run, so its rows stay
 valid and nothing reruns.

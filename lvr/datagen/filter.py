@@ -49,6 +49,7 @@ from lvr.artifacts import (
     fingerprint,
     package_versions,
     read_table,
+    remove_temp_files,
     table_files,
 )
 from lvr.config import config_hash, to_dict
@@ -491,6 +492,8 @@ def _write_tables(
         for path in folder.glob("*"):
             if path.stem not in names and not path.name.startswith("."):
                 path.unlink()
+    for table in TABLES:  # a killed filter's files of shards this job does not have
+        remove_temp_files(stage.table_dir(table))
     return count
 
 
