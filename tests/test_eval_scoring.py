@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -128,3 +129,48 @@ def test_passes_average_per_question_and_pass_rates() -> None:
     assert by_id["half"]["pass_rate"] == 0.5 and by_id["hard"]["pass_rate"] == 0.0
     assert "broken" not in by_id and excluded == {"broken": "video: missing"}
     rows_to_table(rates, "pass_rates")  # schema-valid
+
+
+# --- audit of the reported intervals (references computed by hand, not with lvr's functions) ---
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def _hand_wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score interval written out from the textbook formula."""
+    p = k / n
+    center = (k + Z95**2 / 2) / (n + Z95**2)
+    half = Z95 * n**0.5 / (n + Z95**2) * (p * (1 - p) + Z95**2 / (4 * n)) ** 0.5
+    return center - half, center + half
+
+
+def _overall_ci(k: int, n: int) -> tuple[float, float]:
+    """The reported robust CI of an evaluation with k of n questions right (one pass)."""
+    rows = [_pred(f"q{i:03d}", "A", "A" if i < k else "B") for i in range(n)]
+    s = _scores(rows)[("robust", "overall", "all")]
+    return s["ci_low"], s["ci_high"]
+
+
+def test_ci_of_all_right_or_all_wrong_is_not_zero_width() -> None:
+    # The percentile bootstrap printed 100.0 [100.0, 100.0] for 10 of 10 right.
+    low, high = _overall_ci(10, 10)
+    assert low == pytest.approx(10 / (10 + Z95**2), abs=1e-9)  # Wilson at k = n: n / (n + z^2)
+    assert high == pytest.approx(1.0)
+    low, high = _overall_ci(0, 10)
+    assert (low, high) == (pytest.approx(0.0), pytest.approx(Z95**2 / (10 + Z95**2)))
+    for k, n in ((4, 5), (9, 10), (1, 3)):
+        assert _overall_ci(k, n) == pytest.approx(_hand_wilson(k, n), abs=1e-9)
+
+
+@pytest.mark.parametrize(("n", "p"), [(10, 0.95), (30, 0.97)])
+def test_ci_exact_coverage_near_one_at_small_n(n: int, p: float) -> None:
+    """Exact coverage: sum of binomial P(k) over the k whose reported interval holds p.
+
+    The percentile bootstrap covered 40% (n=10, p=0.95) and 59% (n=30, p=0.97) of the time.
+    """
+    cover = 0.0
+    for k in range(n + 1):
+        low, high = _overall_ci(k, n)
+        if low <= p <= high:
+            cover += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+    assert cover > 0.9

@@ -7,7 +7,7 @@ Modules (imported on use; this package imports nothing so that ``lvr --help`` st
 - ``extract``: ``extract_choice`` (ranked, documented rules), ``strict_match``, ``format_ok``.
 - ``prompting``: question + frames -> backend request (prompts shared with SFT/RL), rows.
 - ``judge``: optional Yes/No LLM judge for open-ended answers.
-- ``scoring``: accuracies, bootstrap CIs, constant-letter floor, pass rates; ``official``: the
+- ``scoring``: accuracies, Wilson/bootstrap CIs, constant-letter floor, pass rates; ``official``: the
   benchmark-specific rules (Video-MME-v2 grouped non-linear score, LVBench multi-label types).
 - ``reasons``: error messages grouped by reason; ``export``: questions -> a ``qa`` table.
 - ``vllm_backend``: offline batched vLLM generation for ``--backend vllm``.

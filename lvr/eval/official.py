@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lvr.eval.scoring import bootstrap_ci, floor_letter
+from lvr.eval.scoring import floor_letter, mean_ci
 
 # Score of an unbroken prefix of L right answers, per logic structure.
 _CHAIN_SCORES = {
@@ -225,7 +225,7 @@ def _row(
     seed: int,
 ) -> dict[str, Any]:
     values = np.array([scores[v] for v in members], dtype=np.float64)  # [G]
-    low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    low, high = mean_ci(values, n_boot=n_boot, seed=seed)
     return {
         **base,
         "metric": metric,

@@ -2,7 +2,7 @@
 
 Written to ``runs/<run>/eval/report.md``, ``report.html`` and ``plots/*.png`` (matplotlib, Agg):
 
-- a summary table: robust accuracy with its 95% CI next to the strict (official) accuracy, the
+- a summary table: robust accuracy with its 95% CI (Wilson, or bootstrap over questions) next to the strict (official) accuracy, the
   format rate, the accuracy over answered questions, the error count and the constant-letter floor;
 - the settings table (frames, fps, max pixels, sampling, prompt, parser) — a score is only
   meaningful with them;
@@ -334,8 +334,9 @@ NOTES = (
     "backend failure, malformed benchmark row) count as wrong. 'answered only' drops them. "
     "'strict' is the official comparison (the <answer> text must equal the gold letter exactly); "
     "'robust' uses lvr's ranked extraction (never a random letter). 'floor' is the accuracy of "
-    "always answering the benchmark's most common gold letter. CIs: percentile bootstrap over "
-    "questions (seeded). MLVU's headline is the mean of per-task accuracies (macro); "
+    "always answering the benchmark's most common gold letter. 95% CIs over questions: Wilson "
+    "score interval when every question scores 0 or 1 (one pass), else percentile bootstrap "
+    "(seeded; K passes give fractional per-question values; macro: stratified). MLVU's headline is the mean of per-task accuracies (macro); "
     "Video-MME-v2's is its grouped non-linear score (nonlinear, over groups of 4 questions). "
     "Errors are grouped by reason (ids and paths blanked)."
 )

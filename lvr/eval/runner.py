@@ -5,7 +5,7 @@ Layout of one evaluation (one benchmark, one model, one frame budget)::
     runs/<run>/eval/<benchmark>-<model-tag>-f<frames>/
         questions/00000.parquet     the adapter's output (malformed rows carry an error)
         predictions/00000.parquet   one row per question per pass
-        scores/00000.parquet        metrics x groups with bootstrap CIs and the floor
+        scores/00000.parquet        metrics x groups with 95% CIs and the floor
         pass_rates/00000.parquet    with --passes K > 1 (for `lvr datagen filter`)
         manifest.json               config, settings, counts, versions, notes
 

@@ -1,4 +1,4 @@
-"""Scores from predictions: accuracies per group, bootstrap CIs, the constant-letter floor.
+"""Scores from predictions: accuracies per group, 95% CIs, the constant-letter floor.
 
 Denominators (the headline is the honest one):
 
@@ -8,8 +8,13 @@ Denominators (the headline is the honest one):
 - ``robust_answered`` / ``strict_answered``: over the questions without any error row only, to
   tell "the model is wrong" from "the pipeline failed".
 
-With ``K`` passes per question (sampling), a question's value is its mean over passes and the
-bootstrap resamples questions (not passes), so the CI reflects question sampling only.
+Intervals (``mean_ci``): when every per-question value is 0 or 1 (one pass, or K passes that all
+agree), the Wilson score interval over the n questions; otherwise (K passes giving fractional
+values) the percentile bootstrap over questions. The percentile bootstrap of 0/1 values collapses
+to a zero-width [1, 1] when every question is right (its true coverage at n = 10, p = 0.95 is 40%,
+not 95%); Wilson's never does. With ``K`` passes per question (sampling), a question's value is its
+mean over passes and the bootstrap resamples questions (not passes), so the CI reflects question
+sampling only. ``macro`` rows keep the stratified bootstrap.
 
 ``floor`` is the accuracy of always answering the benchmark's most common gold letter (computed
 once per benchmark, then measured in every group): LongVideo-Reason-eval's skew makes "always B"
@@ -20,8 +25,10 @@ accuracies (MLVU's official number), with a stratified bootstrap (resample withi
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -57,6 +64,44 @@ def bootstrap_ci(
         return None, None
     means = _boot_means(x, n_boot, np.random.default_rng(seed))  # [n_boot]
     return _percentiles(means, level)
+
+
+def wilson_ci(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (successes out of n, n >= 1).
+
+    Used for 0/1 scores instead of the percentile bootstrap: it stays inside [0, 1], is never
+    zero-width (all right still leaves room below 1) and keeps near-nominal coverage at small n
+    and at p near 0 or 1, where the bootstrap of 0/1 values degenerates.
+
+    >>> [round(v, 4) for v in wilson_ci(10, 10)]
+    [0.7225, 1.0]
+    """
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    p = successes / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mean_ci(
+    values: Sequence[float] | np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | tuple[None, None]:
+    """CI of a mean of per-question scores: Wilson when all are 0/1, else percentile bootstrap.
+
+    ``n_boot`` 0 still means "no interval" (the ``bootstrap: 0`` setting), for either method.
+
+    >>> [round(v, 3) for v in mean_ci([1.0] * 9 + [0.0])]
+    [0.596, 0.982]
+    >>> mean_ci([1.0, 0.0], n_boot=0)
+    (None, None)
+    """
+    x = np.asarray(values, dtype=np.float64)  # [n]
+    if x.size == 0 or n_boot < 1:
+        return None, None
+    if np.all((x == 0.0) | (x == 1.0)):
+        return wilson_ci(float(x.sum()), int(x.size), level)
+    return bootstrap_ci(x, n_boot=n_boot, seed=seed, level=level)
 
 
 def _boot_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -250,7 +295,7 @@ def _score_row(
     values, keep = _metric_values(q, metric)
     sel = mask & keep
     x = values[sel]
-    low, high = bootstrap_ci(x, n_boot=n_boot, seed=seed)
+    low, high = mean_ci(x, n_boot=n_boot, seed=seed)
     floor = None if metric == "format" or not sel.any() else float(hit[sel].mean())
     return {
         "metric": metric,
