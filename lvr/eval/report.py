@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from lvr.eval.extract import extract_choice
 from lvr.eval.options import option_labels
 from lvr.eval.prompting import labels_of
 from lvr.eval.runner import load_eval_dirs
-from lvr.eval.scoring import floor_letter
+from lvr.eval.scoring import floor_letter, pct_text
 from lvr.layout import EvalRunLayout, RunLayout
 from lvr.reasons import group_errors
 
@@ -82,7 +83,12 @@ def load_entry(folder: Path) -> Entry:
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
+    return "n/a" if x is None else pct_text(x)
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders embedded numbers by value: ``-f16`` before ``-f128`` (not after)."""
+    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name) if t)
 
 
 def _ci(s: dict[str, Any] | None) -> str:
@@ -338,7 +344,8 @@ NOTES = (
     "score interval when every question scores 0 or 1 (one pass), else percentile bootstrap "
     "(seeded; K passes give fractional per-question values; macro: stratified). MLVU's headline is the mean of per-task accuracies (macro); "
     "Video-MME-v2's is its grouped non-linear score (nonlinear, over groups of 4 questions). "
-    "Errors are grouped by reason (ids and paths blanked)."
+    "Errors are grouped by reason (ids and paths blanked). Percentages have one decimal, ties "
+    "rounded half up; evaluations are listed by name with numbers in numeric order (f16 < f128)."
 )
 
 
@@ -361,7 +368,8 @@ def write_report(run: Path) -> list[Path]:
     out = layout.eval
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    entries = [load_entry(d) for d in dirs]
+    # Folder names sort "-f128" before "-f16"; order evaluations by the numbers in their names.
+    entries = sorted((load_entry(d) for d in dirs), key=lambda e: _natural_key(e.name))
     sections: list[tuple[str, list[tuple[str, Any]]]] = []  # (title, [(kind, payload)])
     pngs: list[Path] = []
     frames_png = plot_frames(entries, plots / "accuracy_vs_frames.png")

@@ -47,7 +47,7 @@ from lvr.eval.config import EvalConfig
 from lvr.eval.extract import PARSER_VERSION
 from lvr.eval.judge import judge_rows
 from lvr.eval.official import category_memberships, official_rows
-from lvr.eval.scoring import pass_rate_rows, score_base, score_rows
+from lvr.eval.scoring import pass_rate_rows, pct_text, score_base, score_rows
 from lvr.layout import EvalRunLayout, RunLayout, check_layout
 from lvr.reasons import summarize_errors
 
@@ -442,7 +442,7 @@ def describe(results: Sequence[EvalResult]) -> list[str]:
     """Summary lines per evaluation for the CLI (errors grouped by reason, not per video)."""
     lines = []
     for r in results:
-        acc = "n/a" if r.headline is None else f"{100 * r.headline:.1f}%"
+        acc = "n/a" if r.headline is None else f"{pct_text(r.headline)}%"
         lines.append(
             f"{r.out_dir}: {r.questions} questions, asked {r.asked} (reused {r.reused}), "
             f"error rows {r.errors}, robust accuracy {acc} (errors count as wrong)"

@@ -28,6 +28,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from statistics import NormalDist
 from typing import Any
 
@@ -149,6 +150,20 @@ def macro_bootstrap_ci(
     names = sorted(set(g.tolist()))
     per_group = np.stack([_boot_means(x[g == name], n_boot, rng) for name in names])  # [G, n_boot]
     return _percentiles(per_group.mean(axis=0), level)
+
+
+def pct_text(x: float) -> str:
+    """A score in [0, 1] as a percent with one decimal, ties half up on the decimal value.
+
+    ``f"{100 * x:.1f}"`` rounded exact binary ties half to even (81.25 -> "81.2") but a tie that
+    float arithmetic nudged upward half up (0.7235 -> "72.4"): two conventions in one table. The
+    shortest repr of ``x`` is the decimal it stands for (k/n), so it is rounded instead.
+
+    >>> pct_text(13 / 16), pct_text(0.7235), pct_text(1 / 3)
+    ('81.3', '72.4', '33.3')
+    """
+    pct = Decimal(repr(float(x))) * 100
+    return str(pct.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
 
 
 def floor_letter(answers: Sequence[str | None], formats: Sequence[str | None]) -> str | None:
