@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from lvr.artifacts import rows_to_table, write_parquet
-from lvr.eval.report import load_entry, summary_table, write_report
+from lvr.eval.report import load_entry, paired_table, summary_table, write_report
 from lvr.eval.runner import load_eval_dirs
 from lvr.eval.scoring import score_predictions
 from lvr.layout import RunLayout
@@ -55,3 +57,39 @@ def test_frame_sweep_is_listed_by_frame_count(tmp_path: Path) -> None:
     summary = md.split("### Settings")[0]
     order = [summary.index(f"| b-m-f{f} |") for f in (16, 32, 64, 128)]
     assert order == sorted(order)
+
+
+def test_paired_difference_of_two_models_on_the_same_questions(tmp_path: Path) -> None:
+    # A: 100 of 200 right. B: the same 100 plus 12 more (56%). The per-model intervals overlap
+    # (about +-7 points each), but every discordant question favours B: the paired difference
+    # is 6 points with sd sqrt(0.06 * 0.94) per question, and McNemar's exact p is 2 / 2**12.
+    right_a = [i < 100 for i in range(200)]
+    right_b = [i < 112 for i in range(200)]
+    write_eval(tmp_path, "b-a-f8", right_a, model="a")
+    write_eval(tmp_path, "b-b-f8", right_b, model="b")
+    entries = [load_entry(d) for d in load_eval_dirs(tmp_path)]
+    summary = {r[0]: r[3] for r in summary_table(entries)[1]}
+    low_b = float(summary["b-b-f8"].split("[")[1].split(",")[0])
+    high_a = float(summary["b-a-f8"].split(", ")[1].rstrip("]"))
+    assert low_b < high_a  # the unpaired reading: "overlapping, no difference"
+    head, rows = paired_table(entries, n_boot=4000)
+    assert len(rows) == 1
+    a, b, n, diff, only_a, only_b, p = rows[0]
+    assert (a, b, n, only_a, only_b) == ("b-a-f8", "b-b-f8", "200", "0", "12")
+    assert diff.startswith("+6.0 [")
+    low, high = (float(v) for v in diff.split("[")[1].rstrip("]").split(", "))
+    half = 100 * 1.96 * (0.06 * 0.94 / 200) ** 0.5  # 3.3 points, normal approximation by hand
+    assert abs((high - low) / 2 - half) < 0.5 and low > 0
+    assert float(p) == pytest.approx(2 / 2**12, rel=1e-3)
+    md = write_report(tmp_path)[0].read_text()
+    assert "Paired differences" in md and "| b-a-f8 | b-b-f8 | 200 |" in md
+
+
+def test_paired_difference_uses_only_common_questions_and_one_benchmark(tmp_path: Path) -> None:
+    write_eval(tmp_path, "b-a-f8", [True, False, True, False])
+    write_eval(tmp_path, "b-b-f8", [True, True])  # q000, q001 only (a --limit 2 run)
+    entries = [load_entry(d) for d in load_eval_dirs(tmp_path)]
+    rows = paired_table(entries, n_boot=200)[1]
+    assert [r[2:4] for r in rows] == [["2", "+50.0 [0.0, +100.0]"]]
+    entries[1].manifest["benchmark"] = "other"
+    assert paired_table(entries, n_boot=200)[1] == []

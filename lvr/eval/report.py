@@ -6,6 +6,8 @@ Written to ``runs/<run>/eval/report.md``, ``report.html`` and ``plots/*.png`` (m
   format rate, the accuracy over answered questions, the error count and the constant-letter floor;
 - the settings table (frames, fps, max pixels, sampling, prompt, parser) — a score is only
   meaningful with them;
+- paired differences: B - A for every two evaluations of one benchmark on their common
+  questions (paired CI, discordant counts, exact McNemar p);
 - per evaluation: accuracy per category with CI bars, per duration bucket, the confusion matrix of
   predicted vs gold letters (with "none" for unparsed answers and "error" for failed rows), which
   extraction rule fired how often, and the error reasons;
@@ -24,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from lvr.artifacts import read_table
+from lvr.artifacts import read_table, rows_to_table
 from lvr.errors import LvrError
 from lvr.eval.extract import extract_choice
 from lvr.eval.options import option_labels
 from lvr.eval.prompting import labels_of
 from lvr.eval.runner import load_eval_dirs
-from lvr.eval.scoring import floor_letter, pct_text
+from lvr.eval.scoring import floor_letter, paired_difference, pct_text, per_question
 from lvr.layout import EvalRunLayout, RunLayout
 from lvr.reasons import group_errors
 
@@ -273,6 +275,45 @@ def summary_table(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _robust_by_question(e: Entry) -> dict[str, float]:
+    """qa_id -> robust score (mean over passes, an error row as wrong): the headline's values."""
+    if not e.predictions:
+        return {}
+    q = per_question(rows_to_table(e.predictions, "predictions"))
+    return dict(zip(q["qa_id"].tolist(), q["robust"].tolist(), strict=True))
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else ("+" if x > 0 else "") + pct_text(x)
+
+
+def paired_table(entries: list[Entry], n_boot: int = 1000) -> tuple[list[str], list[list[str]]]:
+    """B - A robust accuracy for every two evaluations of one benchmark, on their common questions.
+
+    Paired: the CI resamples questions with both evaluations' answers together (see
+    ``scoring.paired_difference``); non-overlapping per-model CIs are not the test.
+    """
+    head = ["A", "B", "common questions", "robust B - A [paired 95% CI]", "only A right",
+            "only B right", "McNemar exact p"]  # fmt: skip
+    values = [_robust_by_question(e) for e in entries]
+    rows = []
+    for i, a in enumerate(entries):
+        for j in range(i + 1, len(entries)):
+            b = entries[j]
+            if a.manifest.get("benchmark") != b.manifest.get("benchmark"):
+                continue
+            d = paired_difference(values[i], values[j], n_boot=n_boot)
+            if d is None:
+                continue
+            ci = (
+                "" if d["ci_low"] is None else f" [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+            )
+            p = "n/a" if d["p"] is None else f"{d['p']:.3g}"
+            rows.append([a.name, b.name, str(d["n"]), _signed(d["diff"]) + ci,
+                         str(d["only_a"]), str(d["only_b"]), p])  # fmt: skip
+    return head, rows
+
+
 def settings_table(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
     """Frame budget, sampling, prompt and parser of every evaluation."""
     head = ["evaluation", *SETTING_KEYS, "passes"]
@@ -349,6 +390,16 @@ NOTES = (
 )
 
 
+PAIRED = (
+    "B - A is the difference of robust accuracy (question-weighted, errors as wrong, passes "
+    "averaged) over the questions both evaluations hold. Its 95% CI is a paired percentile "
+    "bootstrap over those questions; 'only A/B right' count the discordant questions (with "
+    "passes: A/B scored higher), and the p-value is the two-sided exact McNemar test on them (0/1 "
+    "scores only). Two models' separate CIs overlapping does not mean their difference is not "
+    "significant: on the same questions, use this table."
+)
+
+
 def write_report(run: Path) -> list[Path]:
     """Write ``report.md``, ``report.html`` and plots for every evaluation under ``run/eval``.
 
@@ -375,6 +426,10 @@ def write_report(run: Path) -> list[Path]:
     frames_png = plot_frames(entries, plots / "accuracy_vs_frames.png")
     top: list[tuple[str, Any]] = [("p", NOTES), ("table", summary_table(entries))]
     top += [("h3", "Settings"), ("table", settings_table(entries))]
+    paired = paired_table(entries)
+    if paired[1]:
+        top += [("h3", "Paired differences (same benchmark, common questions)"), ("p", PAIRED)]
+        top += [("table", paired)]
     if frames_png:
         pngs.append(frames_png)
         top += [("h3", "Accuracy vs frames"), ("img", frames_png)]

@@ -152,6 +152,63 @@ def macro_bootstrap_ci(
     return _percentiles(per_group.mean(axis=0), level)
 
 
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: binomial(only_a + only_b, 1/2) on the discordant pairs.
+
+    >>> mcnemar_exact_p(0, 5)
+    0.0625
+    >>> mcnemar_exact_p(3, 3)
+    1.0
+    """
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_difference(
+    a: dict[str, float], b: dict[str, float], n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any] | None:
+    """B - A on the questions both evaluations scored, with a paired CI.
+
+    The two accuracies share their questions, so their difference varies far less than two
+    independent intervals suggest (a question easy for one model is easy for the other):
+    comparing the per-model CIs for overlap is the unpaired, too-conservative reading. Here the
+    per-question differences are resampled together (paired percentile bootstrap over
+    questions), and for 0/1 scores the exact McNemar test is given on the discordant questions.
+
+    Args:
+        a: qa_id -> per-question score of evaluation A (errors as 0, passes averaged).
+        b: The same for evaluation B.
+        n_boot: Bootstrap resamples (0: no interval).
+        seed: Bootstrap seed.
+
+    Returns:
+        ``n`` (common questions), ``diff``, ``ci_low``, ``ci_high``, ``only_a`` / ``only_b``
+        (questions only A / only B got right; fractional scores: A / B scored higher) and
+        ``p`` (exact McNemar; None unless every score is 0 or 1); None without common questions.
+    """
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        return None
+    xa = np.array([a[i] for i in ids], dtype=np.float64)  # [n]
+    xb = np.array([b[i] for i in ids], dtype=np.float64)  # [n]
+    d = xb - xa  # [n]
+    low, high = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    only_a, only_b = int((d < 0).sum()), int((d > 0).sum())
+    binary = bool(np.all(np.isin(xa, (0.0, 1.0))) and np.all(np.isin(xb, (0.0, 1.0))))
+    return {
+        "n": len(ids),
+        "diff": float(d.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "only_a": only_a,
+        "only_b": only_b,
+        "p": mcnemar_exact_p(only_a, only_b) if binary else None,
+    }
+
+
 def pct_text(x: float) -> str:
     """A score in [0, 1] as a percent with one decimal, ties half up on the decimal value.
 
