@@ -16,21 +16,25 @@ from lvr.layout import RunLayout
 
 
 def _row(qa_id: str, answer: str, extracted: str | None, frames: int, model: str = "m",
-         error: str | None = None) -> dict:  # fmt: skip
+         error: str | None = None, k: int = 4, pass_index: int = 0) -> dict:  # fmt: skip
     correct = error is None and extracted == answer
     return {
-        "qa_id": qa_id, "benchmark": "b", "model": model, "pass_index": 0,
+        "qa_id": qa_id, "benchmark": "b", "model": model, "pass_index": pass_index,
         "category": "temporal", "duration_bucket": "short", "format": "mc",
-        "options": ["w", "x", "y", "z"], "answer": answer, "response": "r", "extracted": extracted,
+        "options": [f"o{j}" for j in range(k)], "answer": answer, "response": "r", "extracted": extracted,
         "correct": correct, "strict_correct": correct, "format_ok": error is None,
         "frames": frames, "latency_s": 0.1,
         "settings": json.dumps({"frames": frames, "hash": "h"}), "error": error,
     }  # fmt: skip
 
 
-def write_eval(run: Path, name: str, right: list[bool], frames: int = 8, model: str = "m") -> None:
+def write_eval(run: Path, name: str, right: list[bool], frames: int = 8, model: str = "m",
+               rows: list[dict] | None = None) -> None:  # fmt: skip
     """One evaluation folder as ``lvr eval run`` lays it out: question i is right iff right[i]."""
-    rows = [_row(f"q{i:03d}", "A", "A" if ok else "B", frames, model) for i, ok in enumerate(right)]
+    if rows is None:
+        rows = [
+            _row(f"q{i:03d}", "A", "A" if ok else "B", frames, model) for i, ok in enumerate(right)
+        ]
     pred = rows_to_table(rows, "predictions")
     paths = RunLayout(run).eval_run(name)
     write_parquet(paths.predictions / "00000.parquet", pred, "predictions")
@@ -93,3 +97,13 @@ def test_paired_difference_uses_only_common_questions_and_one_benchmark(tmp_path
     assert [r[2:4] for r in rows] == [["2", "+50.0 [0.0, +100.0]"]]
     entries[1].manifest["benchmark"] = "other"
     assert paired_table(entries, n_boot=200)[1] == []
+
+
+def test_chance_level_averages_one_over_k_per_question(tmp_path: Path) -> None:
+    # Two 2-option, one 5-option and one 8-option question, each answered in 2 passes:
+    # chance = (1/2 + 1/2 + 1/5 + 1/8) / 4 = 33.125%, not the 25% of "four options".
+    rows = [_row(f"q{i}", "A", "A", 8, k=k, pass_index=p)
+            for i, k in enumerate((2, 2, 5, 8)) for p in range(2)]  # fmt: skip
+    write_eval(tmp_path, "b-m-f8", [], rows=rows)
+    head, table = summary_table([load_entry(d) for d in load_eval_dirs(tmp_path)])
+    assert table[0][head.index("chance (mean 1/k)")] == "33.1"

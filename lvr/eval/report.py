@@ -251,10 +251,24 @@ def _floor_letter(e: Entry) -> str | None:
     return floor_letter([r["answer"] for r in e.predictions], [r["format"] for r in e.predictions])
 
 
+def chance_level(e: Entry) -> float | None:
+    """Expected accuracy of a uniform random guess: the mean over questions of 1/k_q.
+
+    k_q is the number of options of question q, so a benchmark mixing 4- and 5-option (or up to
+    8-option) questions does not read 25%; an open-ended question counts 0 (no guess to make).
+    Each question counts once, whatever its number of passes.
+    """
+    per_q: dict[str, float] = {}
+    for r in e.predictions:
+        k = len(r["options"] or [])
+        per_q[r["qa_id"]] = 1.0 / k if r["format"] == "mc" and k else 0.0
+    return float(np.mean(list(per_q.values()))) if per_q else None
+
+
 def summary_table(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
     """Headline numbers, one row per evaluation."""
     head = ["evaluation", "n", "errors", "robust [95% CI]", "strict (official)", "format",
-            "robust, answered only", "floor", "floor letter"]  # fmt: skip
+            "robust, answered only", "floor", "floor letter", "chance (mean 1/k)"]  # fmt: skip
     rows = []
     for e in entries:
         group = e.manifest.get("headline_group", "overall")
@@ -270,6 +284,7 @@ def summary_table(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
                 _pct((e.score("robust_answered", group) or {}).get("accuracy")),
                 _pct(robust["floor"] if robust else None),
                 str(_floor_letter(e)),
+                _pct(chance_level(e)),
             ]
         )
     return head, rows
@@ -378,10 +393,16 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 
 NOTES = (
     "Headline accuracy counts every question; rows with errors (missing video, decode failure, "
-    "backend failure, malformed benchmark row) count as wrong. 'answered only' drops them. "
+    "backend failure, malformed benchmark row, judge failure) count as wrong. An answer the "
+    "extraction cannot read (no offered letter, a hedge such as 'B or C') is wrong in every "
+    "column: 'answered only' drops the error rows, not unparsed answers. With K passes a "
+    "question scores its mean over passes (an errored pass as 0) and 'answered only' drops a "
+    "question with any errored pass. "
     "'strict' is the official comparison (the <answer> text must equal the gold letter exactly); "
     "'robust' uses lvr's ranked extraction (never a random letter). 'floor' is the accuracy of "
-    "always answering the benchmark's most common gold letter. 95% CIs over questions: Wilson "
+    "always answering the benchmark's most common gold letter; 'chance' the expected accuracy of "
+    "a uniform random guess, the mean over questions of 1/(options of that question) (open-ended "
+    "questions 0). 95% CIs over questions: Wilson "
     "score interval when every question scores 0 or 1 (one pass), else percentile bootstrap "
     "(seeded; K passes give fractional per-question values; macro: stratified). MLVU's headline is the mean of per-task accuracies (macro); "
     "Video-MME-v2's is its grouped non-linear score (nonlinear, over groups of 4 questions). "
@@ -395,7 +416,8 @@ PAIRED = (
     "averaged) over the questions both evaluations hold. Its 95% CI is a paired percentile "
     "bootstrap over those questions; 'only A/B right' count the discordant questions (with "
     "passes: A/B scored higher), and the p-value is the two-sided exact McNemar test on them (0/1 "
-    "scores only). Two models' separate CIs overlapping does not mean their difference is not "
+    "scores only). With no discordant question the bootstrap interval is [0, 0]; read the "
+    "counts and p then. Two models' separate CIs overlapping does not mean their difference is not "
     "significant: on the same questions, use this table."
 )
 
