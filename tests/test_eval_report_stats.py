@@ -107,3 +107,16 @@ def test_chance_level_averages_one_over_k_per_question(tmp_path: Path) -> None:
     write_eval(tmp_path, "b-m-f8", [], rows=rows)
     head, table = summary_table([load_entry(d) for d in load_eval_dirs(tmp_path)])
     assert table[0][head.index("chance (mean 1/k)")] == "33.1"
+
+
+def test_grouped_headline_is_named_and_has_no_question_chance(tmp_path: Path) -> None:
+    # Video-MME-v2's headline is its nonlinear score over groups of 4 questions: its n counts
+    # groups and a per-question 1/k chance is not its floor. The row was named like an accuracy.
+    write_eval(tmp_path, "b-m-f8", [True, False, True, True])
+    entry = load_entry(load_eval_dirs(tmp_path)[0])
+    entry.manifest["headline_group"] = "nonlinear"
+    overall = entry.score("robust", "overall")
+    entry.scores.append({**overall, "group_by": "nonlinear", "group": "overall", "n": 1})
+    head, rows = summary_table([entry])
+    assert rows[0][0] == "b-m-f8 (nonlinear)" and rows[0][1] == "1"
+    assert rows[0][head.index("chance (mean 1/k)")] == "n/a"

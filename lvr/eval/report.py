@@ -275,7 +275,8 @@ def summary_table(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
         robust = e.score("robust", group)
         rows.append(
             [
-                e.name + (" (macro)" if group == "macro" else ""),
+                # Every non-question-weighted headline is named (n counts groups for nonlinear).
+                e.name + ("" if group == "overall" else f" ({group})"),
                 str(robust["n"]) if robust else "0",
                 str(robust["errors"]) if robust else "0",
                 _ci(robust),
@@ -284,7 +285,7 @@ def summary_table(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
                 _pct((e.score("robust_answered", group) or {}).get("accuracy")),
                 _pct(robust["floor"] if robust else None),
                 str(_floor_letter(e)),
-                _pct(chance_level(e)),
+                _pct(chance_level(e) if group == "overall" else None),  # of an accuracy only
             ]
         )
     return head, rows
@@ -402,10 +403,11 @@ NOTES = (
     "'robust' uses lvr's ranked extraction (never a random letter). 'floor' is the accuracy of "
     "always answering the benchmark's most common gold letter; 'chance' the expected accuracy of "
     "a uniform random guess, the mean over questions of 1/(options of that question) (open-ended "
-    "questions 0). 95% CIs over questions: Wilson "
+    "questions 0; n/a beside a macro or nonlinear headline). 95% CIs over questions: Wilson "
     "score interval when every question scores 0 or 1 (one pass), else percentile bootstrap "
-    "(seeded; K passes give fractional per-question values; macro: stratified). MLVU's headline is the mean of per-task accuracies (macro); "
-    "Video-MME-v2's is its grouped non-linear score (nonlinear, over groups of 4 questions). "
+    "(seeded; K passes give fractional per-question values; macro: stratified). MLVU's headline "
+    "is the mean of per-task accuracies (macro); Video-MME-v2's is its grouped non-linear score "
+    "(nonlinear, over groups of 4 questions; n and errors count groups). "
     "Errors are grouped by reason (ids and paths blanked). Percentages have one decimal, ties "
     "rounded half up; evaluations are listed by name with numbers in numeric order (f16 < f128)."
 )
