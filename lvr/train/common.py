@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from lvr.artifacts import atomic_write_bytes
 from lvr.errors import LvrError
 from lvr.reasons import summarize_errors
 
@@ -71,6 +72,36 @@ def skipped_summary(out_dir: Path) -> dict[str, Any]:
     lines = path.read_text().splitlines() if path.is_file() else []
     reasons = [json.loads(line).get("reason") for line in lines if line.strip()]
     return {"samples": len(reasons), "reasons": summarize_errors(reasons) if reasons else ""}
+
+
+def skips_in(counts: dict[str, Any]) -> int:
+    """How many lines `<stage>/skipped.jsonl` held when a checkpoint saved these counters.
+
+    Both recipes write one line per skipped sample and count it as ``skipped_decode`` or
+    ``skipped_too_long`` (summed over ranks), so a checkpoint's counters say how long the file
+    was at that step, even in checkpoints written before this function existed.
+
+    >>> skips_in({"skipped_decode": 2.0, "skipped_too_long": 1, "truncated": 5})
+    3
+    """
+    return int(counts.get("skipped_decode", 0)) + int(counts.get("skipped_too_long", 0))
+
+
+def truncate_skipped(out_dir: Path, keep: int) -> None:
+    """On resume, keep the first `keep` lines of `<stage>/skipped.jsonl` (those of the steps the
+    checkpoint holds).
+
+    The steps after the checkpoint run again and append their skips again; without this a
+    resumed run's file, manifest and summary line would count them twice. A line cut short by
+    a kill lies past `keep` (the checkpoint was finished after it) and goes too. The file is
+    replaced atomically, so a kill here loses nothing.
+    """
+    path = Path(out_dir) / SKIPPED_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > keep:
+        atomic_write_bytes(path, "".join(lines[:keep]).encode())
 
 
 # ---------------------------------------------------------------------------------------------
