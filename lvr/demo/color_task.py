@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lvr.artifacts import content_id, rows_to_table, write_parquet
+from lvr.artifacts import atomic_write_bytes, content_id, rows_to_table, write_parquet
 from lvr.datagen.synthetic import (
     read_sidecar,
     refresh_facts,
@@ -176,7 +176,9 @@ def _annotate(path: Path, first_color: str | None) -> None:
     for clip in side["clips"]:
         clip["caption"] = clip["caption"].replace(f"A {truth} ", f"A {said} ", 1)
     side["annotator"] = f"took {truth} for {said}" if first_color else None
-    sidecar_path(path).write_text(json.dumps(refresh_facts(side), indent=1))
+    # Atomic: a kill or a full disk mid-write left an empty or cut sidecar next to a finished
+    # video, which every later `lvr demo` took as rendered and then failed to read.
+    atomic_write_bytes(sidecar_path(path), json.dumps(refresh_facts(side), indent=1).encode())
 
 
 def _mislabeled(colors: list[str]) -> dict[str, Any]:
