@@ -150,7 +150,7 @@ def test_sft_sigterm_between_checkpoints_resumes_to_the_uninterrupted_result(
     assert lvr(*args, "-r", full).returncode == 0
     summary = [line for line in resumed.stdout.splitlines() if line.startswith("sft done:")]
     assert summary and "; 1 samples skipped (1 x decode" in summary[0], resumed.stdout
-    assert summary[0].startswith("sft done: 8 steps (resumed from checkpoint-000004, step 4)")
+    assert summary[0].startswith("sft done: 8 steps, resumed from checkpoint-000004 at step 4,")
     _same(_outcome(run, "sft"), _outcome(full, "sft"))
 
 
@@ -176,7 +176,7 @@ def test_rl_sigkill_between_checkpoints_resumes_to_the_uninterrupted_result(
     resumed = lvr(*args, "-r", run, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert lvr(*args, "-r", full).returncode == 0
-    assert "rl done: 6 steps (resumed from checkpoint-000003, step 3)" in resumed.stdout
+    assert "optimizer steps), resumed from checkpoint-000003 at step 3, reward" in resumed.stdout
     ours, theirs = _outcome(run, "rl"), _outcome(full, "rl")
     assert theirs["counts"]["skipped_decode"] >= 2  # steps 2 and 4 drew the bad video
     _same(ours, theirs)

@@ -315,9 +315,9 @@ def test_resumed_sft_says_where_it_took_over(good_qa, tmp_path, monkeypatch, cap
                  "keep_last=0", "data.frames=4", "data.max_pixels=3136")  # fmt: skip
     code, out = lvr(monkeypatch, capsys, "sft", "-c", SFT_CFG, "-r", tmp_path, *sets)
     assert code == 0, out
-    assert "(resumed from" not in next(x for x in out.splitlines() if x.startswith("sft done:"))
+    assert ", resumed from" not in next(x for x in out.splitlines() if x.startswith("sft done:"))
     shutil.rmtree(tmp_path / "sft/checkpoint-000002")  # killed before step 2's checkpoint
     code, out = lvr(monkeypatch, capsys, "sft", "-c", SFT_CFG, "-r", tmp_path, *sets, "--resume")
     assert code == 0, out
     summary = next(x for x in out.splitlines() if x.startswith("sft done:"))
-    assert summary.startswith("sft done: 2 steps (resumed from checkpoint-000001, step 1), loss")
+    assert summary.startswith("sft done: 2 steps, resumed from checkpoint-000001 at step 1, loss")

@@ -68,7 +68,7 @@ def _resumed(m: dict[str, Any]) -> str:
     done by an earlier, interrupted invocation, and this line says so."""
     if not m.get("resumed_from"):
         return ""
-    return f" (resumed from {Path(m['resumed_from']).name}, step {m['start_step']})"
+    return f", resumed from {Path(m['resumed_from']).name} at step {m['start_step']}"
 
 
 def _sft_summary(m: dict[str, Any]) -> str:
@@ -80,7 +80,7 @@ def _sft_summary(m: dict[str, Any]) -> str:
 
 def _rl_summary(m: dict[str, Any]) -> str:
     return (
-        f"rl done: {m['steps']} steps{_resumed(m)} ({m['optimizer_steps']} optimizer steps), "
+        f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps){_resumed(m)}, "
         f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}{_skipped(m)}"
     )
 
