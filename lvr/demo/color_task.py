@@ -9,12 +9,11 @@ ground truth); ``lvr datagen`` shows the general pipeline on richer videos.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from lvr.artifacts import atomic_write_bytes, content_id, rows_to_table, write_parquet
+from lvr.artifacts import atomic_write_json, content_id, rows_to_table, write_parquet
 from lvr.datagen.synthetic import (
     read_sidecar,
     refresh_facts,
@@ -178,7 +177,7 @@ def _annotate(path: Path, first_color: str | None) -> None:
     side["annotator"] = f"took {truth} for {said}" if first_color else None
     # Atomic: a kill or a full disk mid-write left an empty or cut sidecar next to a finished
     # video, which every later `lvr demo` took as rendered and then failed to read.
-    atomic_write_bytes(sidecar_path(path), json.dumps(refresh_facts(side), indent=1).encode())
+    atomic_write_json(sidecar_path(path), refresh_facts(side))
 
 
 def _mislabeled(colors: list[str]) -> dict[str, Any]:
