@@ -245,8 +245,43 @@ def write_parquet(path: Path, table: pa.Table, name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     meta = {**(table.schema.metadata or {}), b"lvr.table": name.encode()}
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    _write_file(table.replace_schema_metadata(meta), tmp)
     os.replace(tmp, path)
+
+
+def _write_file(table: pa.Table, path: Path) -> None:
+    """Write one Parquet file; a table without rows gets no row group at all.
+
+    Shards without rows are common (a shard of broken videos has no clips, a filter shard may
+    keep nothing). ``pq.write_table`` gives such a file one row group of 0 rows, which Hugging
+    Face ``datasets`` cannot read ("BatchSize must be greater than 0, got 0"): it scans each row
+    group in batches of the group's size. A file with the schema and no row group reads as 0 rows
+    in every reader (DuckDB, Polars, pyarrow, pandas, datasets).
+    """
+    if table.num_rows:
+        pq.write_table(table, path)
+        return
+    with pq.ParquetWriter(path, table.schema):
+        pass  # the footer alone: schema (with the lvr.table metadata), no row group
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files of `write_parquet` that killed writers left in ``folder``.
+
+    Readers that take a whole folder and not a ``*.parquet`` glob (``pl.read_parquet(folder)``,
+    DuckDB ``folder/*``) fail on such a file. Only for a folder that one writer fills at a time
+    (an eval folder, the filter's tables), after it wrote: another writer's file may be in flight.
+    """
+    stale = sorted(folder.glob(".*.parquet.tmp-*")) if folder.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def has_empty_row_group(path: Path) -> bool:
+    """Whether a Parquet file holds a row group of 0 rows (lvr wrote its empty shards so before)."""
+    meta = _readable(pq.read_metadata, path)
+    return any(meta.row_group(i).num_rows == 0 for i in range(meta.num_row_groups))
 
 
 def conform(table: pa.Table, name: str, source: str = "<table>") -> pa.Table:

@@ -51,8 +51,12 @@ def load_config(
     return from_dict(cls, _read_yaml(Path(path)) if path is not None else {}, overrides)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], overrides: list[str] | None = None) -> T:
+def from_dict(
+    cls: type[T], data: dict[str, Any], overrides: list[str] | None = None, prefix: str = ""
+) -> T:
     """Build ``cls`` from a nested mapping (as a YAML file would hold), then ``key=value`` overrides.
+
+    ``prefix`` is where the mapping sits in a larger config (``caption.options.``), for messages.
 
     Raises:
         ConfigError: On unknown keys or wrong types, as :func:`load_config`.
@@ -62,8 +66,53 @@ def from_dict(cls: type[T], data: dict[str, Any], overrides: list[str] | None = 
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value")
-        _set_dotted(data, key.strip(), _parse_scalar(raw))
-    return _build(cls, data, prefix="")
+        _set_dotted(data, key.strip(), _Override(raw, _parse_scalar(raw)))
+    return _build(cls, data, prefix=prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A ``--set`` value: the text as typed and its YAML reading; the key's type picks one.
+
+    A text key takes the text as written: read as YAML, ``prompt_text=Describe dish #1`` lost
+    everything from ``#`` (a comment), ``prompt_version=1.10`` became ``1.1``, ``model=0123``
+    became ``83`` (octal), all silently. Other keys (numbers, lists, sections) take the YAML value.
+    """
+
+    raw: str
+    parsed: Any
+
+    def __repr__(self) -> str:  # messages quote a value as the user's YAML reads it
+        return repr(self.parsed)
+
+    def for_type(self, tp: Any) -> Any:
+        """The value ``tp`` should see."""
+        text = self.raw.strip()
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        if quoted or not _is_text_type(tp) or (self.parsed is None and _allows_none(tp)):
+            return self.parsed  # YAML quotes are the user's own escape; null stays null
+        return text  # as typed, less the spaces around it (as YAML drops them)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with the ``--set`` values inside untyped mappings as YAML read them."""
+    if isinstance(value, _Override):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _is_text_type(tp: Any) -> bool:
+    """``str`` or ``Path``, or an optional one (``str | None``)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return bool(args) and all(a in (str, Path) for a in args)
+    return tp in (str, Path)
+
+
+def _allows_none(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -76,14 +125,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
-        ) from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {path} must hold a mapping of keys, got {type(data).__name__}"
         )
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line saying what is wrong in a YAML text and where (1-based line and column).
+
+    The first line of PyYAML's message ("mapping values are not allowed here") names no place;
+    the place is on a later line, which a one-line error would drop.
+    """
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = " (quote a text that holds ': ')" if "mapping values are not allowed" in problem else ""
+    return f"{where}{problem}{hint}"
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -98,6 +158,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     for part in parts[:-1]:
         child = node.get(part)
+        if isinstance(child, _Override):  # a section set whole earlier (--set qa={...})
+            child = node[part] = child.parsed
         if not isinstance(child, dict):
             child = node[part] = {}
         node = child
@@ -138,9 +200,11 @@ def _unknown_key_message(key: str, valid: list[str], prefix: str) -> str:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Check/convert one value against a type hint; raise ConfigError naming ``key``."""
+    if isinstance(value, _Override):
+        value = value.for_type(tp)
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -172,7 +236,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
-        return dict(value)
+        return _plain(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(
@@ -232,8 +296,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def to_yaml(cfg: Any) -> str:
-    """The effective config as YAML (what ``--show-config`` prints)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The effective config as YAML (what ``--show-config`` prints).
+
+    Non-ASCII text stays as written (a French category name reads ``étape``, not ``"\\xE9tape"``),
+    so the printed config can be compared with the file and pasted back.
+    """
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def config_hash(cfg: Any) -> str:

@@ -11,7 +11,7 @@ it), the bookkeeping of the sharded stages, and the training, evaluation and cac
       pass_rates/               eval --passes K: per-question pass rates (filter input)
       _stages/<stage>/          _done/<shard>.json completion markers, manifest*.json
       inputs/                   rendered synthetic input videos (``input.synthetic``)
-      clip_files/               clip MP4s cut by stream copy (``segment.write_clips``)
+      clip_files/               clip files (``segment.write_clips``, see ``lvr.datagen.clip_files``)
       cache/                    model-call caches (requests*.sqlite, judge), embedding caches
       models/                   models built for the run (the tiny offline VLMs)
       sft/ rl/                  checkpoint-NNNNNN/, metrics.jsonl/.parquet, manifest.json
@@ -21,7 +21,8 @@ it), the bookkeeping of the sharded stages, and the training, evaluation and cac
 Runs written before this layout (stage folders ``segment/``, ``caption/``, ``qa/qa_raw``,
 ``filter/qa``) are recognised: `check_layout` names the one command that moves them
 (``lvr datagen migrate --run R``), and `migrate` does the moves (the command also gives old
-``captions`` shards the columns they gained: ``lvr.datagen.migrate``). Files that the tables
+``captions`` shards the columns they gained and rewrites old empty shards without their empty row
+group: ``lvr.datagen.migrate``). Files that the tables
 name by path (``synthetic_videos/``, ``segment/clip_files/``) stay where they are:
 `RunLayout.inputs` and `RunLayout.clip_files` resolve to them in such a run, so its rows stay
 valid and nothing reruns.
@@ -157,7 +158,7 @@ class RunLayout:
 
     @property
     def clip_files(self) -> Path:
-        """Clip MP4s of ``segment.write_clips`` (``segment/clip_files/`` in a migrated run)."""
+        """Clip files of ``segment.write_clips`` (``segment/clip_files/`` in a migrated run)."""
         return self._kept_legacy(self.root / "clip_files", self.root / "segment" / "clip_files")
 
     @staticmethod

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from lvr.datagen.synthetic import VideoSpec, render_color_order_video, render_video, write_bad_files
+from lvr.datagen.synthetic import VideoSpec, render_video
+from lvr.demo.color_task import render_color_order_video
+from lvr.testing.bad_files import write_bad_files
 
 # 6 s, 144 frames, 160x120, a keyframe at least every 12 frames, 1.5-2.5 s scenes: several GOPs and
 # cuts, rendered in ~0.1 s.

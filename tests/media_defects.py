@@ -15,6 +15,7 @@
 - ``hevc_mp4``: H.265 (decord returned shifted frames on H.265).
 - ``bframe_video``: H.264/H.265 with B-frames whose frame ``i`` has any timestamp (variable rate,
   gaps, a late last frame, open GOPs), in any container.
+- ``any_codec_video``: any encoder PyAV has (VP8, AV1, DivX 3, WMV, raw...) in any container.
 """
 
 from __future__ import annotations
@@ -182,6 +183,30 @@ def bframe_video(
             frame.pts = t
             if time_base:
                 frame.time_base = time_base
+            out.mux(st.encode(frame))
+        out.mux(st.encode(None))
+    return path
+
+
+def any_codec_video(
+    path: Path,
+    codec: str,
+    fmt: str | None = None,
+    n: int = 40,
+    size: tuple[int, int] = (96, 64),
+    pix_fmt: str = "yuv420p",
+    b_frames: int = 0,
+    **options: str,
+) -> Path:
+    """``n`` frames ``picture(i)`` at 25 fps, GOP 10, encoded by ``codec`` (encoder ``options``)."""
+    with av.open(str(path), "w", format=fmt) as out:
+        st = out.add_stream(codec, rate=25)
+        st.width, st.height, st.pix_fmt = *size, pix_fmt
+        st.codec_context.gop_size, st.codec_context.max_b_frames = 10, b_frames
+        st.codec_context.options = options
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(picture(i, *size), format="rgb24")
+            frame.pts = i
             out.mux(st.encode(frame))
         out.mux(st.encode(None))
     return path

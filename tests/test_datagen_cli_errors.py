@@ -127,7 +127,7 @@ def test_list_of_missing_videos_is_a_failed_run(tmp_path: Path) -> None:
     listing.write_text(f"{tmp_path / 'gone1.mp4'}\n{tmp_path / 'gone2.mp4'}\n")
     res = lvr("datagen", "run", "--run", str(tmp_path / "run"), "-q", "--set",
               f"input.source={listing}", "--set", "caption.backend=annotations", "--set",
-              "caption.annotations=sidecar")  # fmt: skip
+              "caption.annotations=sidecar", "--set", "qa.model=m")  # fmt: skip
     one_line(res, "segment: no usable clips row")
 
 

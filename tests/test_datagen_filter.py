@@ -542,6 +542,20 @@ def test_export_hf_round_trip(filtered: Path, tmp_path: Path) -> None:
     assert datasets.load_from_disk(str(tmp_path / "hf"))["rl"][0]["videos"].startswith("/videos/")
 
 
+def test_export_hf_with_an_empty_split(tmp_path: Path) -> None:
+    # One video: its questions all land in one split. The empty splits crashed the export with a
+    # datasets traceback ("Keys mismatch") instead of being written empty.
+    import datasets
+
+    write_raw(tmp_path, many_rows(1, 2, ["temporal"]))
+    run_filter(tmp_path, FilterConfig(**LOOSE))
+    counts = export_hf(tmp_path, tmp_path / "hf")
+    assert sorted(counts.values()) == [0, 0, 2]
+    loaded = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert {k: len(v) for k, v in loaded.items()} == counts
+    assert all(v.features == loaded["sft"].features for v in loaded.values())
+
+
 def test_export_refuses_unfinished_stage(filtered: Path, tmp_path: Path) -> None:
     manifest = filtered / "_stages" / "filter" / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "running"}))

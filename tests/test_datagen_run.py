@@ -133,7 +133,8 @@ def test_show_config_and_user_errors(tmp_path: Path) -> None:
     assert "method: shots" in shown.stdout and "backend: template" in shown.stdout
     bad = lvr("datagen", "segment", "--set", "segment.stide_s=3", check=False)
     assert bad.returncode == 2 and "segment.stride_s" in bad.stderr
-    missing = lvr("datagen", "caption", "--run", str(tmp_path / "nothing"), check=False)
+    missing = lvr("datagen", "caption", "--run", str(tmp_path / "nothing"), "--set", "caption.model=m",
+                  check=False)  # fmt: skip
     assert missing.returncode == 2 and "lvr datagen segment" in missing.stderr
     shard = lvr(
         "datagen",
@@ -157,6 +158,11 @@ def test_presets_load_and_open_with_their_command(preset: Path) -> None:
     assert first.startswith("# lvr datagen ") and f"configs/datagen/{preset.name}" in first
     cfg = load_config(DatagenConfig, preset)
     assert cfg.qa.categories and cfg.segment.max_clip_s > 0
+    from lvr.datagen import caption, qa
+    from lvr.datagen.runner import check_stages
+
+    # prompts, options, models: what `lvr datagen run` checks before any work
+    check_stages([caption.STAGE, qa.STAGE], cfg)
 
 
 def test_presets_cover_the_domains() -> None:

@@ -24,8 +24,9 @@ from lvr.datagen.shots import (
     stride_clips,
 )
 from lvr.datagen.sources import InputError, resolve_inputs
-from lvr.datagen.synthetic import VideoSpec, read_sidecar, render_video, write_bad_files
+from lvr.datagen.synthetic import VideoSpec, read_sidecar, render_video
 from lvr.media import probe
+from lvr.testing.bad_files import write_bad_files
 
 SMALL = {
     "duration_s": 6.0,

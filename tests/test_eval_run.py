@@ -14,12 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from lvr.artifacts import SCHEMAS, read_table, rows_to_table, write_parquet
-from lvr.datagen.synthetic import VideoSpec, render_video, write_bad_files
+from lvr.datagen.synthetic import VideoSpec, render_video
 from lvr.errors import LvrError
 from lvr.eval.config import EvalConfig, JudgeConfig
 from lvr.eval.extract import PARSER_VERSION
 from lvr.eval.runner import run_eval
 from lvr.layout import RunLayout
+from lvr.testing.bad_files import write_bad_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIX = Path(__file__).parent / "fixtures" / "eval"

@@ -163,7 +163,11 @@ def test_segment_stage_over_the_whole_folder(tmp_path: Path) -> None:
     from lvr.datagen.config import DatagenConfig
     from lvr.datagen.segment import run_segment
 
-    cfg = load_config(DatagenConfig, None, [f"input.source={VIDEO}", "segment.stride_s=5"])
+    cfg = load_config(
+        DatagenConfig,
+        None,
+        [f"input.source={VIDEO}", "segment.stride_s=5", "segment.write_clips=true"],
+    )
     run_segment(cfg, tmp_path, progress=False)
     layout = RunLayout(tmp_path)
     videos = {r["path"]: r for r in read_table(layout.videos).to_pylist()}
@@ -176,6 +180,7 @@ def test_segment_stage_over_the_whole_folder(tmp_path: Path) -> None:
         mine = sorted((c for c in clips if c["video_path"] == str(VIDEO / name)),
                       key=lambda c: c["start_s"])  # fmt: skip
         assert all(c["error"] is None for c in mine), (name, [c["error"] for c in mine])
+        assert all(Path(c["clip_path"]).is_file() for c in mine), name
         assert mine[0]["start_s"] == 0.0 and mine[-1]["end_s"] == pytest.approx(info.duration_s)
 
 
@@ -220,23 +225,29 @@ def _decoded(path: Path, upto: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", CLIPS)
 def test_clip_file_holds_every_frame_of_its_range(name: str, tmp_path: Path) -> None:
-    """Stream-copied clip files (segment stage) hold every frame of their range, in order; seen
-    failing on an HEVC MP4 whose key packets are not the index's keyframes."""
-    from lvr.datagen.segment import _copy_range
+    """Clip files (segment stage) hold every frame of their range, in order, whatever the codec:
+    stream copied from the keyframe before the range, or re-encoded (``.lossless.*``) to exactly the
+    range. Seen failing on an HEVC MP4 whose key packets are not the index's keyframes, and on VP8
+    and AV1 sources, which MP4 clip files could not take."""
+    from lvr.artifacts import clip_id
+    from lvr.datagen.clip_files import write_clip_files
 
     path = VIDEO / name
     try:
         index = load_index(path)
     except VideoDecodeError:
         pytest.skip("not readable by lvr.media (covered above)")
-    if index.info.codec not in ("h264", "hevc", "vp9") or index.counted:
-        pytest.skip(f"{index.info.codec} is not copied into MP4 here")
     s = round(0.4 * index.info.duration_s, 3)
     e = min(s + 1.5, index.info.duration_s)
     want = np.flatnonzero((index.times_s >= s - 1e-3) & (index.times_s < e - 1e-3))
-    _copy_range(str(path), tmp_path / "clip.mp4", s, e)
+    row = {"clip_id": clip_id("v", s, e), "start_s": s, "end_s": e, "error": None,
+           "clip_path": None}  # fmt: skip
+    write_clip_files(str(path), [row], tmp_path)
+    assert row["error"] is None, row["error"]
     ref = _decoded(path, int(want[-1]) + 1)
-    clip = _decoded(tmp_path / "clip.mp4", 10**9)
+    clip = _decoded(Path(row["clip_path"]), 10**9)
+    if ".lossless." in Path(row["clip_path"]).name:
+        assert len(clip) == len(want), "a re-encoded clip holds exactly its range"
     first = [o for o, a in enumerate(clip) if np.array_equal(a, ref[want[0]])]
     assert first, f"frame {want[0]} (the range's first) is not in the clip"
     got = clip[first[0] : first[0] + len(want)]

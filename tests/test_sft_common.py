@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import errno
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -93,6 +95,21 @@ def test_metrics_log_cut_short_by_a_full_disk_still_resumes(tmp_path):
     assert [r["step"] for r in resumed.rows()] == list(range(1, done))
     resumed.log(done, {"loss": 0.5})
     assert [r["step"] for r in resumed.rows()] == list(range(1, done + 1))
+
+
+def test_metrics_parquet_keeps_a_metric_that_later_steps_add(tmp_path):
+    """RL logs `no_signal` only on steps without a learning signal, never on the first one."""
+    log = common.MetricsLogger(tmp_path)
+    log.log(1, {"loss": 0.5, "lr": 1e-4})
+    log.log(2, {"no_signal": 1.0, "lr": 1e-4})
+    log.log(3, {"loss": 0.25, "lr": 2e-4})
+    log.close()
+    frame = pl.read_parquet(tmp_path / "metrics.parquet")
+    assert frame.columns == ["step", "loss", "lr", "no_signal"]
+    assert frame["no_signal"].to_list() == [None, 1.0, None]
+    assert frame["loss"].to_list() == [0.5, None, 0.25]
+    assert frame.to_dicts()[1] == {"step": 2, "loss": None, "lr": 1e-4, "no_signal": 1.0}
+    assert doctest.testmod(common).failed == 0  # metrics_table's example
 
 
 def test_checkpoint_restores_rng_and_needs_the_same_world(tmp_path):

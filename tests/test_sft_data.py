@@ -37,6 +37,16 @@ def test_read_qa_keeps_split_and_sorts(setup):
         data.read_qa(qa, "rl")
 
 
+def test_read_qa_names_a_jsonl_export_instead_of_asking_to_delete_it(tmp_path):
+    # `lvr datagen export` output given as data.qa: it used to be "not a readable Parquet file
+    # ...; remove or replace it", pointing at deleting the user's export.
+    export = tmp_path / "sft.jsonl"
+    export.write_text('{"problem_id": "q1", "problem": "Which?", "answer": "<answer>A</answer>"}\n')
+    with pytest.raises(data.DataError, match=r"is a JSONL export.*data.qa to the run's qa folder"):
+        data.read_qa(export, "sft")
+    assert export.is_file()
+
+
 def test_labels_cover_exactly_the_assistant_answer(setup):
     qa, processor = setup
     from lvr.models.inputs import end_of_turn_ids

@@ -15,9 +15,9 @@ from lvr.datagen.synthetic import (
     VideoSpec,
     make_videos,
     read_sidecar,
-    render_color_order_video,
     render_video,
 )
+from lvr.demo.color_task import render_color_order_video
 
 
 def decode_all(path: Path) -> np.ndarray:

@@ -17,6 +17,7 @@ an "hf" backend is built, and the openai client only when an "openai" backend ru
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "Response",
     "Usage",
     "cache_key",
+    "check_options",
     "make_backend",
     "payload_hash",
 ]
@@ -52,6 +54,35 @@ def _options(cls: type, kind: str, opts: dict[str, Any]) -> Any:
     if unknown:
         raise BackendError(f"unknown {kind} backend options {unknown}; valid: {names}")
     return cls(**opts)
+
+
+def check_options(kind: str, opts: Mapping[str, Any], where: str = "options") -> None:
+    """Check backend options as a config section: known keys, right types, valid values.
+
+    The stages call this before any work (``lvr datagen run`` checks the caption and qa options
+    before segmenting), so a misspelled or mistyped option is one line naming the key, not a
+    traceback from deep inside the backend after hours of segmenting.
+
+    Args:
+        kind: "openai" or "hf".
+        opts: The options (``caption.options``...).
+        where: The options' config key, for messages (``caption.options``).
+
+    Raises:
+        lvr.config.ConfigError: An unknown key or a wrong type (names ``<where>.<key>``).
+        BackendError: Unknown kind.
+    """
+    from lvr.config import from_dict  # the typed YAML/--set builder every config uses
+
+    if kind == "openai":
+        cls: type = OpenAIOptions
+    elif kind == "hf":
+        from lvr.backends.hf import HFOptions  # no torch at import: only numpy and lvr.backends
+
+        cls = HFOptions
+    else:
+        raise BackendError(f"unknown backend kind {kind!r}; valid: {list(KINDS)}")
+    from_dict(cls, dict(opts), prefix=f"{where}.")
 
 
 def make_backend(

@@ -21,12 +21,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lvr.backends import Request, Response
+from lvr.backends import Request, Response, check_options
 from lvr.datagen.annotations import caption_for, find_segments, load_annotations, sidecar_segments
 from lvr.datagen.common import ModelBackends, error_line, settings_id
 from lvr.datagen.config import CaptionConfig, DatagenConfig
 from lvr.datagen.prompts import Prompt, inline_prompt, load_prompt
-from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_stage
+from lvr.datagen.runner import (
+    DatagenStage,
+    Rows,
+    StageContext,
+    require_model,
+    run_datagen_stage,
+)
+from lvr.errors import LvrError
 from lvr.media import VideoDecodeError, sample_frames
 
 _BATCH_CLIPS = 32  # clips whose frames are held in memory at once (8 frames x 448^2 each ~ 150 MB)
@@ -54,6 +61,29 @@ def caption_prompt(cfg: CaptionConfig) -> Prompt:
     if cfg.prompt_text:
         return inline_prompt(cfg.prompt_text, cfg.prompt_version)
     return load_prompt(cfg.prompt)
+
+
+class CaptionConfigError(LvrError):
+    """A caption setting that would fail every clip alike (a missing annotation file...)."""
+
+
+def check_settings(cfg: DatagenConfig) -> None:
+    """What would fail every clip alike, checked before any stage of a run works.
+
+    Raises:
+        LvrError: A missing annotation file, model name, bad backend options or a bad prompt.
+    """
+    section = cfg.caption
+    if section.backend == "annotations":
+        if section.annotations != "sidecar" and not Path(section.annotations).exists():
+            raise CaptionConfigError(
+                f"caption.annotations {section.annotations} does not exist (a file or folder of "
+                "JSON/JSONL/CSV/Parquet annotations, or `sidecar`)"
+            )
+        return
+    require_model("caption", section.backend, section.model)
+    check_options(section.backend, section.options, "caption.options")
+    caption_prompt(section).check(known=())  # frames are the only input: no placeholders
 
 
 def plan_items(cfg: DatagenConfig, upstream: dict[str, pa.Table]) -> list[ClipItem]:
@@ -235,6 +265,7 @@ STAGE = DatagenStage(
     plan=plan_items,
     open_worker=make_captioner,
     models=lambda cfg: (cfg.caption.backend, cfg.caption.options),
+    check=check_settings,
     transient_errors=True,  # model calls: a rerun retries the failed rows (cache hits for the rest)
 )
 

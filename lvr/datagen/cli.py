@@ -9,7 +9,7 @@ a running cluster). A run folder of an older lvr is refused with the one line na
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ from lvr.config import resolve_cli_config
 from lvr.datagen import caption, qa, segment
 from lvr.datagen.config import DatagenConfig
 from lvr.datagen.export import export_hf, export_jsonl
-from lvr.datagen.filter import run_filter
+from lvr.datagen.filter import check_filter, run_filter
 from lvr.datagen.migrate import migrate_run
 from lvr.datagen.ray_executor import RayExecutor
-from lvr.datagen.runner import DatagenStage, Executor, run_datagen_stage
+from lvr.datagen.runner import DatagenStage, Executor, check_stages, run_datagen_stage
 from lvr.errors import LvrError
 from lvr.layout import RunLayout, check_layout
 from lvr.reasons import summarize_errors
@@ -35,7 +35,10 @@ app = typer.Typer(
     help=(
         "Turn folders of long videos into a LongVideo-Reason-style reasoning QA dataset: "
         "segment -> caption -> qa -> filter -> export (all resumable, one Parquet folder per "
-        "table under --run)."
+        "table under --run). A new video domain is a YAML config (clip lengths, caption prompt, "
+        "question categories, model endpoints): copy configs/datagen/sports.yaml, see "
+        "docs/datagen.md 'Adding a domain'; `lvr datagen run --config F --show-config` prints "
+        "every key, and `run` checks prompts and model settings before any work."
     ),
     no_args_is_help=True,
 )
@@ -146,13 +149,19 @@ def _check_usable(stage: DatagenStage[Any], layout: RunLayout, result: StageResu
 def _stage_command(
     stages: Sequence[DatagenStage[Any]], config: Path | None, sets: list[str] | None, show: bool,
     run: Path, shard: int, num_shards: int, quiet: bool, retry: bool, executor: str,
-    address: str | None, workers: int,
+    address: str | None, workers: int, check_after: Callable[[DatagenConfig], None] | None = None,
 ) -> tuple[DatagenConfig, RunLayout] | None:  # fmt: skip
-    """Run ``stages`` in order on one executor; None when only the config was shown."""
+    """Run ``stages`` in order on one executor; None when only the config was shown.
+
+    ``check_after`` checks the settings of what runs after ``stages`` (``run``: the filter).
+    """
     cfg = _config(config, sets, show)
     if cfg is None:
         return None
     layout = check_layout(run)
+    check_stages(stages, cfg)  # a bad qa setting stops `run` now, not after segment and caption
+    if check_after is not None:
+        check_after(cfg)
     with _executor(executor, address, workers, shard, num_shards) as ex:
         for stage in stages:
             _run(stage, cfg, layout, shard, num_shards, quiet, retry, ex)
@@ -253,8 +262,14 @@ def run_all(
     address: str | None = AddressOpt, workers: int = WorkersOpt,
 ) -> None:  # fmt: skip
     """Run segment, caption, qa and filter in order (filter only when this machine holds every shard)."""
+
+    def filter_check(cfg: DatagenConfig) -> None:
+        if num_shards == 1:  # the filter runs at the end of this command
+            check_filter(cfg.filter, pass_rates)
+
     done = _stage_command([segment.STAGE, caption.STAGE, qa.STAGE], config, sets, show, run,
-                          shard, num_shards, quiet, retry, executor, address, workers)  # fmt: skip
+                          shard, num_shards, quiet, retry, executor, address, workers,
+                          filter_check)  # fmt: skip
     if done is None:
         return
     cfg, layout = done

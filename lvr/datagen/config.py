@@ -41,6 +41,9 @@ _INSTRUCTIONS: dict[str, str] = {
 }
 
 
+_DEFAULT_CAPTION_PROMPT = "caption_v1"
+
+
 @dataclass
 class CategoryConfig:
     """One question category (section item of ``qa.categories``).
@@ -93,8 +96,11 @@ class SegmentConfig:
         verify_decode: Decode every frame of every video once (the shot detector's fast scan), so
             that clips never cover time that does not decode: a video that stops decoding part-way
             gets clips up to there and an error row for the rest. ``shots`` always decodes.
-        write_clips: Also write each clip as a file by stream copy (no re-encoding; the file starts at
-            the keyframe at or before the clip start).
+        write_clips: Also write each clip as a file (``clip_path``): by stream copy where it keeps
+            every frame (the file starts at the keyframe at or before the clip start; ``.mp4``,
+            ``.webm`` for VP8, ``.mkv`` or ``.mov`` by codec), else re-encoded losslessly to
+            exactly the clip's frames (``.lossless.mp4``/``.mkv``). See
+            :mod:`lvr.datagen.clip_files`.
         clip_dir: Folder for clip files (default ``<run>/clip_files``).
         id_threads: Threads that hash files into video ids (I/O bound).
         workers: Processes that decode videos in parallel for ``shots``/``verify_decode``/``write_clips`` (0 = one
@@ -134,8 +140,10 @@ class CaptionConfig:
             max_requests_per_minute, timeout_s, ...).
         frames: Frames sampled per clip (``lvr.media`` rule: centers of equal segments).
         max_pixels: Frames are downscaled (aspect kept) to at most this many pixels (0 = as decoded).
-        prompt: Built-in prompt name (``caption_v1``) or a path to a prompt YAML file.
-        prompt_text: Inline user prompt (a domain's own wording); needs ``prompt_version``.
+        prompt: Built-in prompt name (``caption_v1``) or a path to a prompt YAML file (its
+            templates may use no placeholder: ``$$`` is a literal ``$``).
+        prompt_text: Inline user prompt (a domain's own wording, taken literally); needs
+            ``prompt_version``; replaces ``prompt``, so set one of the two.
         prompt_version: Version label of ``prompt_text`` (part of the request cache key).
         max_tokens: Caption length budget.
         temperature: Sampling temperature (0 = greedy).
@@ -151,7 +159,7 @@ class CaptionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     frames: int = 8
     max_pixels: int = 448 * 448
-    prompt: str = "caption_v1"
+    prompt: str = _DEFAULT_CAPTION_PROMPT
     prompt_text: str = ""
     prompt_version: str = ""
     max_tokens: int = 512
@@ -165,6 +173,12 @@ class CaptionConfig:
             raise ValueError(f"caption.frames must be >= 1, got {self.frames}")
         if self.prompt_text and not self.prompt_version:
             raise ValueError("caption.prompt_text needs caption.prompt_version (a cache-key label)")
+        if self.prompt_text and self.prompt != _DEFAULT_CAPTION_PROMPT:
+            # Both name the prompt; prompt_text would win and the file would be silently unused.
+            raise ValueError(
+                f"caption.prompt ({self.prompt}) and caption.prompt_text are both set; keep one "
+                "(prompt_text is the inline prompt, prompt a built-in name or a YAML file)"
+            )
         if self.backend == "annotations" and not self.annotations:
             raise ValueError(
                 "caption.backend=annotations needs caption.annotations (path or sidecar)"
@@ -330,13 +344,17 @@ class DatagenConfig:
 
         check_prices(self.prices)
         shares = self.filter.category_shares
+        # A share of 0 rejects the category as surely as a missing entry (filter.sql rule 8b),
+        # after every one of its questions was paid for.
         missing = [
-            c.name for c in self.qa.categories if c.share > 0 and shares and c.name not in shares
+            c.name
+            for c in self.qa.categories
+            if c.share > 0 and shares and not shares.get(c.name, 0) > 0
         ]
         if missing:
             raise ValueError(
-                f"qa.categories {missing} have no filter.category_shares entry, so the filter would "
-                f"reject all their questions; add e.g. filter.category_shares.{missing[0]}=0.1 "
+                f"qa.categories {missing} have no filter.category_shares entry above 0, so the filter "
+                f"would reject all their questions; add e.g. filter.category_shares.{missing[0]}=0.1 "
                 "(or set filter.category_shares={} to disable category caps)"
             )
 

@@ -133,6 +133,17 @@ def check_hf_target(out_dir: Path) -> None:
 HF_MARK = "dataset_dict.json"  # written by DatasetDict.save_to_disk
 
 
+def _hf_split(datasets: Any, items: list[dict[str, Any]], features: Any) -> Any:
+    """One split as a ``datasets.Dataset``; an empty split keeps the columns and their types.
+
+    ``Dataset.from_list([], features=...)`` raises in datasets 5 ("Keys mismatch"), and a pilot
+    run of a new domain easily leaves a split empty.
+    """
+    if not items:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.Dataset.from_list(items, features=features)
+
+
 def export_hf(
     run: str | Path | RunLayout,
     out_dir: str | Path,
@@ -180,15 +191,13 @@ def export_hf(
             {**record, "format": row["format"], "options": row["options"]}
         )
     dataset = datasets.DatasetDict(
-        {
-            name: datasets.Dataset.from_list(items, features=features)
-            for name, items in by_split.items()
-        }
+        {name: _hf_split(datasets, items, features) for name, items in by_split.items()}
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
+    # An empty split gets one (empty) shard file: with none, load_from_disk fails on it.
+    dataset.save_to_disk(str(tmp), num_shards={k: 1 for k, items in by_split.items() if not items})
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)

@@ -49,6 +49,7 @@ from lvr.artifacts import (
     fingerprint,
     package_versions,
     read_table,
+    remove_temp_files,
     table_files,
 )
 from lvr.config import config_hash, to_dict
@@ -184,7 +185,10 @@ def _manifest(
 
 
 def _input_files(path: str | Path, name: str) -> list[Path]:
-    hint = " (run `lvr datagen qa` first)" if name == "qa_raw" else ""
+    hint = {
+        "qa_raw": " (run `lvr datagen qa` first)",
+        "pass_rates": " (--pass-rates takes the pass_rates table of `lvr eval --passes K`)",
+    }.get(name, "")
     try:
         files = table_files(path, name)
     except FileNotFoundError as exc:
@@ -192,6 +196,20 @@ def _input_files(path: str | Path, name: str) -> list[Path]:
     if not files:
         raise FilterError(f"no {name} Parquet files under {path}{hint}")
     return files
+
+
+def check_filter(cfg: FilterConfig, pass_rates: str | Path | None = None) -> None:
+    """What would stop the filter, checked before ``lvr datagen run`` segments anything.
+
+    The filter runs last: a misspelled ``filter.policy`` or ``--pass-rates`` path used to stop
+    the chain only after segment, caption and qa had done (and paid for) all their work.
+
+    Raises:
+        FilterError: A missing policy file or pass_rates table.
+    """
+    _policy(cfg)
+    if pass_rates is not None:
+        _input_files(pass_rates, "pass_rates")
 
 
 def _policy(cfg: FilterConfig) -> tuple[str, str]:
@@ -474,6 +492,8 @@ def _write_tables(
         for path in folder.glob("*"):
             if path.stem not in names and not path.name.startswith("."):
                 path.unlink()
+    for table in TABLES:  # a killed filter's files of shards this job does not have
+        remove_temp_files(stage.table_dir(table))
     return count
 
 

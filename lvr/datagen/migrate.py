@@ -1,10 +1,12 @@
 """``lvr datagen migrate``: bring a run written by an older lvr to the current layout and tables.
 
-Two steps, both idempotent: `lvr.layout.migrate` moves the stage folders of the older layout to
+Three steps, all idempotent: `lvr.layout.migrate` moves the stage folders of the older layout to
 one folder per table, then the ``captions`` shards written before captions carried their video's
 path and duration get those two columns (from the ``clips`` and ``videos`` shards of the same
-index). Rows, ids, markers and manifests are otherwise untouched, so every finished shard stays
-finished: a rerun of ``lvr datagen run`` recomputes nothing that was done.
+index), then shards without rows that an older lvr wrote with one empty row group (which Hugging
+Face ``datasets`` cannot read) are rewritten without one (`lvr.artifacts.write_parquet`). Rows,
+ids, markers and manifests are otherwise untouched, so every finished shard stays finished: a
+rerun of ``lvr datagen run`` recomputes nothing that was done.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lvr.artifacts import read_table, write_parquet
+from lvr.artifacts import SCHEMAS, has_empty_row_group, read_table, table_name_of, write_parquet
 from lvr.errors import LvrError
 from lvr.layout import RunLayout, migrate
 
@@ -36,6 +38,8 @@ def migrate_run(run: str | Path) -> list[str]:
     lines = [f"moved {src} -> {dst}" for src, dst in migrate(layout.root)]
     for path in upgrade_captions(layout):
         lines.append(f"upgraded {path}: added {', '.join(_CAPTION_VIDEO_COLUMNS)}")
+    for path in rewrite_empty_shards(layout):
+        lines.append(f"rewrote {path}: no rows, now without an empty row group")
     return lines
 
 
@@ -73,3 +77,24 @@ def _with_video_columns(captions: pa.Table, clips: Path, videos: Path) -> pa.Tab
     durations = [duration_of.get(v) for v in captions.column("video_id").to_pylist()]
     captions = captions.append_column("video_path", pa.array(paths, pa.string()))
     return captions.append_column("duration_s", pa.array(durations, pa.float64()))
+
+
+def rewrite_empty_shards(layout: RunLayout) -> list[Path]:
+    """Rewrite lvr's shards of 0 rows that hold an empty row group; returns those rewritten.
+
+    Looks in the run's table folders (``<run>/<table>/``, ``<run>/eval/<name>/<table>/``), not
+    in inputs or clip files, and rewrites only files whose ``lvr.table`` metadata names a table
+    of `SCHEMAS`. The rewritten file has the same schema and (no) rows.
+    """
+    folders = [layout.table(name) for name in SCHEMAS]
+    folders += [run / name for run in sorted(layout.eval.glob("*/")) for name in SCHEMAS]
+    rewritten = []
+    for path in (p for f in folders if f.is_dir() for p in sorted(f.glob("*.parquet"))):
+        if path.name.startswith(".") or not has_empty_row_group(path):
+            continue
+        name = table_name_of(path)
+        if name not in SCHEMAS or pq.read_metadata(path).num_rows:
+            continue
+        write_parquet(path, read_table(path, name), name)
+        rewritten.append(path)
+    return rewritten

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from lvr.artifacts import content_id, qa_id
-from lvr.backends import Request, Response
+from lvr.backends import Request, Response, check_options
 from lvr.datagen import template_qa
 from lvr.datagen.common import ModelBackends, error_line, settings_id
 from lvr.datagen.config import DatagenConfig, QAConfig, category_shares
@@ -35,7 +35,13 @@ from lvr.datagen.qa_parse import (
     parse_rewrite,
     qa_schema,
 )
-from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_stage
+from lvr.datagen.runner import (
+    DatagenStage,
+    Rows,
+    StageContext,
+    require_model,
+    run_datagen_stage,
+)
 from lvr.datagen.synthetic import read_sidecar
 from lvr.errors import LvrError
 
@@ -153,16 +159,40 @@ def _too_few(
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_template(cfg: QAConfig) -> None:
+    """Every configured category must be one the template writes, with a kind left to write.
+
+    Raises:
+        QAConfigError: A category the template cannot write, or ``template_kinds`` that leave one
+            without a kind (every question of it would be an error row).
+    """
+    unknown = [c.name for c in cfg.categories if c.name not in template_qa.CATEGORIES]
+    if unknown:
+        raise QAConfigError(
+            f"qa.backend=template writes categories {', '.join(template_qa.CATEGORIES)}; "
+            f"qa.categories has {unknown}: remove them or use an LLM backend"
+        )
+    # Every kind there is (any palette adds `first_color`): a misspelled kind beside valid ones
+    # would otherwise be dropped without a word.
+    every = {n for cat in template_qa.CATEGORIES for n, _ in template_qa.kinds_of(cat, (), ["x"])}
+    misspelled = sorted(set(cfg.template_kinds) - every)
+    if misspelled:
+        raise QAConfigError(
+            f"qa.template_kinds {misspelled} are no template kinds; valid: {', '.join(sorted(every))}"
+        )
+    for c in cfg.categories:
+        if c.share > 0:
+            try:
+                template_qa.kinds_of(c.name, cfg.template_kinds, cfg.template_palette)
+            except template_qa.TemplateError as exc:
+                raise QAConfigError(f"qa.categories {c.name!r}: {exc}") from None
+
+
 class TemplateWriter:
     """Questions from sidecar facts or structured captions (no model)."""
 
     def __init__(self, cfg: QAConfig):
-        unknown = [c.name for c in cfg.categories if c.name not in template_qa.CATEGORIES]
-        if unknown:
-            raise QAConfigError(
-                f"qa.backend=template writes categories {', '.join(template_qa.CATEGORIES)}; "
-                f"qa.categories has {unknown}: remove them or use an LLM backend"
-            )
+        _check_template(cfg)
         self.cfg = cfg
 
     def __call__(self, items: list[VideoCaptions]) -> Rows:
@@ -248,7 +278,7 @@ class LLMWriter:
             if fmt == "mc"
             else "question, reasoning, answer, evidence"
         )
-        messages = self.prompt.messages(
+        messages = self.prompt.messages(  # the names of QA_PLACEHOLDERS (check_settings)
             captions=render_captions(list(it.captions)), duration=fmt_s(it.duration_s or 0.0),
             category=cat, instruction=self.instructions.get(cat, ""), format_rules=_FORMAT_RULES[fmt],
             fields=fields,
@@ -313,6 +343,33 @@ class LLMWriter:
         return rows
 
 
+# What LLMWriter fills into the qa and rewrite prompts, and what each prompt must use: a qa
+# prompt without $captions asks about a video the model never sees, one without $category and
+# $instruction writes the same kind of question under every category label.
+QA_PLACEHOLDERS = ("captions", "duration", "category", "instruction", "format_rules", "fields")
+QA_REQUIRED = (("captions",), ("category", "instruction"))
+REWRITE_PLACEHOLDERS = ("question", "options", "answer", "reasoning")
+REWRITE_REQUIRED = (("reasoning",),)
+
+
+def check_settings(cfg: DatagenConfig) -> None:
+    """What would fail every video alike, checked before any stage of a run works.
+
+    Raises:
+        LvrError: A category the template cannot write, a missing model name, bad backend
+            options, or a prompt that is missing, malformed or does not use what it needs.
+    """
+    section = cfg.qa
+    if section.backend == "template":
+        _check_template(section)
+        return
+    require_model("qa", section.backend, section.model)
+    check_options(section.backend, section.options, "qa.options")
+    load_prompt(section.prompt).check(QA_PLACEHOLDERS, QA_REQUIRED)
+    if section.rewrite:
+        load_prompt(section.rewrite_prompt).check(REWRITE_PLACEHOLDERS, REWRITE_REQUIRED)
+
+
 def make_writer(cfg: DatagenConfig, ctx: StageContext) -> TemplateWriter | LLMWriter:
     """The question writer of ``qa.backend``."""
     if cfg.qa.backend == "template":  # checkable questions from facts, no model
@@ -329,6 +386,7 @@ STAGE = DatagenStage(
     plan=plan_items,
     open_worker=make_writer,
     models=lambda cfg: (cfg.qa.backend, cfg.qa.options),
+    check=check_settings,
     transient_errors=True,  # model calls: a rerun retries the failed rows (cache hits for the rest)
 )
 

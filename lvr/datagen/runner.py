@@ -84,14 +84,27 @@ class StageContext:
         Raises:
             LvrError: The section names a model backend but no model (one line: what to set).
         """
-        if not model:
-            raise LvrError(
-                f"{section}.backend={backend} needs {section}.model (the served name, or a local "
-                "folder for the hf backend)"
-            )
+        require_model(section, backend, model)
         if self.models is None:  # a stage with model workers declares `models`
             raise LvrError(f"internal: the {section} stage declared no model backends")
         return self.models
+
+
+def require_model(section: str, backend: str, model: str) -> None:
+    """Stop when a section names a model backend but no model, or a local folder that is not there.
+
+    Raises:
+        LvrError: One line saying what to set.
+    """
+    if not model:
+        raise LvrError(
+            f"{section}.backend={backend} needs {section}.model (the served name, or a local "
+            "folder for the hf backend)"
+        )
+    if backend == "hf":  # a mistyped folder fails now, not when the first shard loads the model
+        from lvr.models.loading import resolve_source  # torch: only for local models
+
+        resolve_source(model)
 
 
 class Executor(Protocol):
@@ -131,6 +144,10 @@ class DatagenStage(Generic[Item]):
             renders synthetic inputs).
         models: ``cfg -> (backend kind, backend options)`` of the model calls its worker makes
             through ``StageContext.models``; None for stages that call no model.
+        check: ``cfg -> None``, raising `LvrError` for a setting that would fail every item of
+            the stage alike (a prompt, a model name, backend options). `check_stages` runs the
+            checks of a whole chain before its first stage works, so a bad qa setting stops
+            ``lvr datagen run`` at once, not after hours of segmenting and captioning.
     """
 
     name: str
@@ -142,11 +159,26 @@ class DatagenStage(Generic[Item]):
     transient_errors: bool = False
     prepare: Callable[[DatagenConfig, RunLayout, bool], DatagenConfig] | None = None
     models: Callable[[DatagenConfig], tuple[str, Mapping[str, Any]]] | None = None
+    check: Callable[[DatagenConfig], None] | None = None
 
     def __post_init__(self) -> None:
         if STAGE_TABLES.get(self.name) != self.tables:
             raise ValueError(f"stage {self.name} writes {self.tables}; the layout says "
                              f"{STAGE_TABLES.get(self.name)} (lvr.layout.STAGE_TABLES)")  # fmt: skip
+
+
+def check_stages(stages: Sequence[DatagenStage[Any]], cfg: DatagenConfig) -> None:
+    """Run the setting checks of every stage of a chain before any of them works.
+
+    The config file itself is checked when it is loaded (keys, types, value ranges); these are the
+    checks that need a stage's code (its prompts, its backend's options).
+
+    Raises:
+        LvrError: The first setting that would fail a stage (one line naming it).
+    """
+    for stage in stages:
+        if stage.check is not None:
+            stage.check(cfg)
 
 
 def run_datagen_stage(
@@ -183,6 +215,7 @@ def run_datagen_stage(
         raise LvrError("an executor (--executor ray) runs the whole job from one queue: "
                        "drop --shard/--num-shards")  # fmt: skip
     layout = run if isinstance(run, RunLayout) else check_layout(run)
+    check_stages([stage], cfg)
     if stage.prepare is not None:
         cfg = stage.prepare(cfg, layout, progress)
     target = Stage(layout, stage.name)

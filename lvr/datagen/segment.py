@@ -16,21 +16,18 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
-import av
-import numpy as np
 import pyarrow as pa
 
 from lvr.artifacts import clip_id, content_id
 from lvr.artifacts import video_id as file_video_id
+from lvr.datagen.clip_files import write_clip_files
 from lvr.datagen.common import error_line, settings_id
 from lvr.datagen.config import DatagenConfig, SegmentConfig
 from lvr.datagen.runner import DatagenStage, Rows, StageContext, run_datagen_stage
 from lvr.datagen.shots import ShotDetectionError, detect_shots, shots_to_clips, stride_clips
 from lvr.datagen.sources import InputFile, render_synthetic, resolve_inputs
 from lvr.layout import RunLayout
-from lvr.media import VideoDecodeError, VideoInfo, load_index, probe
-from lvr.media.indices import TIME_EPS_S
-from lvr.media.probe import rewind
+from lvr.media import VideoDecodeError, VideoInfo, probe
 
 
 @dataclass(frozen=True)
@@ -168,137 +165,6 @@ def clip_rows(
     if clip_dir is not None:
         write_clip_files(path, rows, clip_dir / vid)
     return rows
-
-
-def write_clip_files(path: str, rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """Write each clip as an MP4 by stream copy (video stream only), setting ``clip_path``/``error``.
-
-    Stream copy cannot start between keyframes, so a file starts at the keyframe at or before the
-    clip start (as in the paper's release) and ends before the first frame at or after its end.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        if row["error"]:
-            continue  # undecodable time: no file
-        target = out_dir / f"{row['clip_id']}.mp4"
-        if target.is_file():
-            row["clip_path"] = str(target)
-            continue
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.mp4")
-        try:
-            _copy_range(path, tmp, row["start_s"], row["end_s"])
-            os.replace(tmp, target)
-            row["clip_path"] = str(target)
-        except (av.error.FFmpegError, ValueError, OSError) as exc:
-            row["error"] = f"clip file not written: {error_line(exc)}"
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _copy_range(src: str, dst: Path, start_s: float, end_s: float) -> None:
-    """Copy the video packets of every frame in ``[start_s, end_s)``, from the keyframe at or before
-    the first one (what a decoder needs to show it), into an MP4.
-
-    Reads the stream ``lvr.media`` reads (the best one) and keeps its display matrix, so the clip
-    plays upright where the source does. Packets are chosen by their presentation timestamps in
-    the frame index, not by decode time: Matroska keyframes have no dts and an MPEG-TS seek may
-    land after the keyframe's packet, and either lost up to a GOP. Copying stops once every frame
-    of the range is in; frames after the range that come earlier in decode order (references of
-    the last B-frames) come along. Timestamps are rebased so the file's decode time starts at 0.
-
-    Raises:
-        ValueError: The range holds no frame, the file has no usable timestamps, or the stream
-            ends before the range's frames (truncated file).
-    """
-    index = load_index(src)
-    if index.counted:
-        raise ValueError("stream copy needs frame timestamps and this file has none usable")
-    a, b = _frames_in(index, start_s, end_s)
-    k = int(index.keyframes[np.searchsorted(index.keyframes, a, side="right") - 1])
-    with av.open(src) as inp:
-        ist = inp.streams[index.info.stream_index]
-        packets = _packets_for(inp, ist, index, k, index.pts[a:b].tolist())
-        _write_packets(dst, ist, index, packets)  # the template stream lives with ``inp``
-
-
-def _frames_in(index: Any, start_s: float, end_s: float) -> tuple[int, int]:
-    """Frames ``[a, b)`` of the clip; a range between two frames is an error, not an empty file."""
-    t = index.times_s
-    a = int(np.searchsorted(t, start_s - TIME_EPS_S, side="left"))
-    b = int(np.searchsorted(t, end_s - TIME_EPS_S, side="left"))
-    if b <= a:
-        raise ValueError(f"range [{start_s:.3f}, {end_s:.3f}) s holds no frame of the video")
-    return a, b
-
-
-def _packets_for(inp: Any, ist: Any, index: Any, k: int, wanted: list[int]) -> list[av.Packet]:
-    """Packets in decode order from a keyframe packet shown at or before ``wanted[0]`` (pts) until
-    every pts in ``wanted`` is in.
-
-    The start is the first packet flagged key after seeking to keyframe ``k`` (the index's key
-    frames need not be the packets' key flags: HEVC in MP4 was seen to differ); if it shows after
-    the range's first frame, the seek landed too late and the next earlier keyframe (finally the
-    file start) is tried.
-    """
-    kpos = int(np.searchsorted(index.keyframes, k))
-    for ts in [int(t) for t in index.seek_ts[kpos::-1][:4]] + [None]:
-        if ts is None:
-            rewind(inp)
-        else:
-            inp.seek(ts, stream=ist, backward=True)
-        got = _collect(inp, ist, wanted, from_start=ts is None)
-        if got is not None:
-            return got
-    raise AssertionError("unreachable: a read from the file start returns or raises")
-
-
-def _collect(inp: Any, ist: Any, wanted: list[int], from_start: bool) -> list[av.Packet] | None:
-    """One pass of ``_packets_for`` from the current position (None: landed too late).
-
-    Packets shown before the start packet but decoded after it (an open GOP's leading pictures)
-    reference the previous GOP: left out. From the file start everything is copied, as the
-    reference decode of the whole file reads it (the first packet need not be flagged key).
-    """
-    out: list[av.Packet] = []
-    needed = set(wanted)
-    for pkt in inp.demux(ist):
-        if pkt.pts is None or pkt.size == 0:
-            continue  # a flush packet, or one that no frame of the index is
-        if not out:
-            if not (pkt.is_keyframe or from_start):
-                continue  # mid-GOP: wait for a packet a decode can start at
-            if pkt.pts > wanted[0] and not from_start:
-                return None
-        elif pkt.pts < out[0].pts and not from_start:
-            continue
-        out.append(pkt)
-        needed.discard(int(pkt.pts))
-        if not needed:
-            return out
-    if not out and not from_start:
-        return None
-    raise ValueError(f"stream ended before {len(needed)} frames of the range (truncated file?)")
-
-
-def _write_packets(dst: Path, ist: Any, index: Any, packets: list[av.Packet]) -> None:
-    """Mux ``packets`` (decode order) into an MP4, with decode timestamps made from their pts.
-
-    Source dts are not used: Matroska has none on keyframes and MPEG-TS's start anywhere. The
-    ``i``-th dts is the ``i``-th smallest pts, shifted back just enough to never pass a packet's
-    own pts (the reorder delay), then everything moves so that the first dts is 0.
-    """
-    pts = np.array([p.pts for p in packets], dtype=np.int64)  # [P] decode order
-    dts = np.sort(pts)
-    dts -= max(0, int(np.max(dts - pts)))
-    base = int(dts[0])
-    with av.open(str(dst), "w", format="mp4") as out:
-        ost = out.add_stream_from_template(ist)
-        if index.display_matrix is not None:
-            ost.set_display_matrix(index.display_matrix)
-        for pkt, p, d in zip(packets, pts.tolist(), dts.tolist(), strict=True):
-            pkt.pts, pkt.dts = p - base, d - base
-            pkt.stream = ost
-            out.mux(pkt)
 
 
 def segment_item(

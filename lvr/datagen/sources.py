@@ -73,7 +73,8 @@ class InputConfig:
         split: Split to read when a datasets folder holds a ``DatasetDict``.
         root: Base folder for relative paths in list/Parquet/datasets sources (default: the folder
             of the list or Parquet file; the current directory for datasets).
-        extensions: File extensions (lower case) that count as video when walking folders/globs.
+        extensions: File extensions that count as video when walking folders/globs (``mp4`` and
+            ``.MP4`` both mean ``.mp4``).
         ignore_extensions: Extensions of companion files (sidecars, subtitles) that folder walks skip.
         synthetic: Render synthetic videos first (``input.synthetic.videos > 0``).
     """
@@ -85,6 +86,21 @@ class InputConfig:
     extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     ignore_extensions: list[str] = field(default_factory=lambda: list(IGNORE_EXTENSIONS))
     synthetic: SyntheticInput = field(default_factory=SyntheticInput)
+
+    def __post_init__(self) -> None:
+        # `[mp4, MOV]` means `.mp4` and `.mov`: kept as written, every video was an error row
+        # "extension .mp4 is not in input.extensions".
+        self.extensions = [_dotted(e) for e in self.extensions]
+        self.ignore_extensions = [_dotted(e) for e in self.ignore_extensions]
+
+
+def _dotted(ext: str) -> str:
+    """An extension as the folder walk compares it: lower case with its leading dot.
+
+    >>> _dotted("MP4"), _dotted(".mkv")
+    ('.mp4', '.mkv')
+    """
+    return "." + ext.strip().lstrip(".").lower()
 
 
 @dataclass(frozen=True)

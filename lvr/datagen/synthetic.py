@@ -10,7 +10,7 @@ are half-open ``[start, end)``, and every time is a whole number of frames (``fr
 
 - ``render_version`` (bumped when rendering changes), ``video`` (file name), ``seed``, ``duration_s``
   (= ``num_frames / fps``), ``fps``, ``width``, ``height``, ``num_frames``, ``spec`` (the VideoSpec as
-  a dict, or the color-order arguments).
+  a dict, or the arguments of ``lvr.demo.color_task.render_color_order_video``).
 - ``scenes``: ``[{index, start_s, end_s, start_frame, end_frame, background, background_style}]``;
   ``background`` is a color name of ``BACKGROUNDS``, ``background_style`` is ``solid``,
   ``horizontal gradient`` or ``vertical gradient``. Consecutive scenes never share a background color.
@@ -45,6 +45,8 @@ from typing import Any
 
 import av
 import numpy as np
+
+from lvr.artifacts import atomic_write_json
 
 SCHEMA = "lvr.synthetic/v1"
 # Bump when rendering or planning changes, so that cached videos (make_videos) are re-rendered.
@@ -254,7 +256,7 @@ def _facts(objects: list[dict[str, Any]], num_scenes: int) -> dict[str, Any]:
     }
 
 
-def _sidecar(
+def build_sidecar(
     path: Path,
     spec: VideoSpec,
     spec_dict: dict[str, Any],
@@ -314,7 +316,7 @@ def _sprite(shape: str, s: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-class _Renderer:
+class Renderer:
     """Draws frames of a plan; textures and sprites are built once per scene/object."""
 
     def __init__(self, spec: VideoSpec, plan: tuple[list, list]) -> None:
@@ -389,7 +391,7 @@ class _Renderer:
 # Encoding and files.
 
 
-def _encode(
+def encode_video(
     path: Path, frames: Iterator[np.ndarray], spec: VideoSpec, faststart: bool = False
 ) -> None:
     """Encode RGB frames to H.264 yuv420p MP4 at ``path`` atomically (temp file, then rename)."""
@@ -435,12 +437,6 @@ def read_sidecar(video: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(sidecar_path(video).read_text())
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def render_video(path: str | os.PathLike[str], spec: VideoSpec | None = None) -> dict[str, Any]:
     """Render a synthetic video and its sidecar JSON.
 
@@ -452,13 +448,13 @@ def render_video(path: str | os.PathLike[str], spec: VideoSpec | None = None) ->
         The sidecar dict (see the module docstring for the schema).
     """
     spec, path = spec or VideoSpec(), Path(path)
-    scenes, objects = _plan(spec)
+    scenes, objects = plan_video(spec)
     captions = [
         _scene_caption(sc, [o for o in objects if o["scene"] == sc["index"]]) for sc in scenes
     ]
-    side = _sidecar(path, spec, asdict(spec), (scenes, objects), captions)
-    _encode(path, _Renderer(spec, (scenes, objects)).frames(), spec)
-    _write_json(sidecar_path(path), side)
+    side = build_sidecar(path, spec, asdict(spec), (scenes, objects), captions)
+    encode_video(path, Renderer(spec, (scenes, objects)).frames(), spec)
+    atomic_write_json(sidecar_path(path), side)
     return side
 
 
@@ -511,131 +507,8 @@ def _is_cached(path: Path, spec: dict[str, Any]) -> bool:
         return False
 
 
-def _color_order_objects(colors: list[str], n: int, size: int, seed: int) -> list[dict[str, Any]]:
-    """Object ``k`` alone on frames of window ``k``: a big shape drifting slightly."""
-    rng, s, objects = np.random.default_rng([seed, 2]), int(size * 0.6), []
-    lo, hi = s / 2 + 2, size - s / 2 - 2
-    for k, color in enumerate(colors):
-        c0 = rng.uniform(lo, hi, 2)
-        c1 = np.clip(c0 + rng.uniform(-size / 10, size / 10, 2), lo, hi)
-        objects.append(
-            {
-                "id": k,
-                "shape": str(rng.choice(SHAPES)),
-                "color": color,
-                "appear_frame": k * n // len(colors),
-                "disappear_frame": (k + 1) * n // len(colors),
-                "scene": 0,
-                "size_px": s,
-                "motion": "drifts",
-                "start_xy": [round(float(x), 1) for x in c0],
-                "end_xy": [round(float(x), 1) for x in c1],
-            }
-        )
-    return objects
-
-
-def render_color_order_video(
-    path: str | os.PathLike[str],
-    colors: list[str],
-    seed: int,
-    duration_s: float = 2.0,
-    size: int = 112,
-    fps: float = 8,
-) -> dict[str, Any]:
-    """Render a learning-task video: large colored shapes shown one after another, in ``colors`` order.
-
-    The frames are split into ``len(colors)`` equal windows; window ``k`` shows only object ``k`` (a
-    big saturated shape, ~60% of the frame side, drifting slightly) on a dark gray background. Any
-    sampling with a frame in every window shows the order; ``facts.color_order == colors``.
-
-    Args:
-        path: Output ``.mp4`` path (sidecar next to it).
-        colors: Color names from ``COLORS``, in order of appearance (distinct).
-        seed: Seed for shapes, positions and noise.
-        duration_s: Video length.
-        size: Frame width and height (even, >= 32).
-        fps: Frame rate.
-
-    Returns:
-        The sidecar dict (same schema as ``render_video``; ``spec`` holds these arguments).
-
-    Raises:
-        ValueError: On unknown or repeated colors, a bad size, or fewer frames than colors.
-    """
-    if not colors or any(c not in COLORS for c in colors) or len(set(colors)) != len(colors):
-        raise ValueError(f"colors must be distinct names from {list(COLORS)}, got {colors}")
-    gop = max(1, round(fps))
-    spec = VideoSpec(duration_s, fps, size, size, seed=seed, crf=20, gop=gop, noise=3, texture=0)
-    path, n = Path(path), spec.num_frames
-    if n < len(colors):
-        raise ValueError(f"need >= {len(colors)} frames for {len(colors)} colors, got {n}")
-    bg = {"background": "dark gray", "background_style": "solid"}
-    plan = (
-        [{"index": 0, "start_frame": 0, "end_frame": n, **bg}],
-        _color_order_objects(colors, n, size, seed),
-    )
-    caption = " ".join(
-        f"{'Then a' if k else 'A'} {o['color']} {o['shape']} appears{'' if k else ' on a dark gray background'}."
-        for k, o in enumerate(plan[1])
-    )
-    args = {
-        "colors": list(colors),
-        "seed": seed,
-        "duration_s": duration_s,
-        "size": size,
-        "fps": fps,
-    }
-    side = _sidecar(path, spec, args, plan, [caption])
-    _encode(path, _Renderer(spec, plan).frames(), spec)
-    _write_json(sidecar_path(path), side)
-    return side
-
-
-def write_bad_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write broken and non-video files for error-handling tests.
-
-    Every file fails ``lvr.media.probe`` and ``sample_frames`` with ``VideoDecodeError``.
-
-    Returns:
-        ``{"corrupt": random bytes named .mp4, "truncated": a real faststart MP4 cut in half (its
-        index promises frames whose data is missing), "truncated_noindex": a real MP4 with its index
-        at the end, cut in half (no index left), "empty": zero-length .mp4, "audio_only": AAC audio in
-        an .mp4, "not_video": a text file named .mp4}``.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    names = ("corrupt", "truncated", "truncated_noindex", "empty", "audio_only", "not_video")
-    files = {k: d / f"{k}.mp4" for k in names}
-    rng = np.random.default_rng(1234)
-    files["corrupt"].write_bytes(rng.integers(0, 256, 64 * 1024, dtype=np.uint8).tobytes())
-    files["empty"].write_bytes(b"")
-    files["not_video"].write_text("This is a text file, not a video.\n" * 50)
-    spec = VideoSpec(duration_s=2.0, width=128, height=96, gop=12, seed=7)
-    for key, faststart in (("truncated", True), ("truncated_noindex", False)):
-        full = d / f".{key}_full.mp4"
-        _encode(full, _Renderer(spec, _plan(spec)).frames(), spec, faststart=faststart)
-        data = full.read_bytes()
-        files[key].write_bytes(data[: len(data) // 2])
-        full.unlink()
-    _write_audio_only(files["audio_only"])
-    return files
-
-
-def _plan(spec: VideoSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def plan_video(spec: VideoSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(scenes, objects) of a spec; all randomness of the plan comes from ``spec.seed``."""
     rng = np.random.default_rng([spec.seed, 0])
     scenes = _plan_scenes(spec, rng)
     return scenes, _plan_objects(scenes, spec, rng)
-
-
-def _write_audio_only(path: Path, seconds: float = 1.0, rate: int = 16000) -> None:
-    """An MP4 holding only an AAC sine tone."""
-    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
-    tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]  # [1, samples]
-    with av.open(str(path), "w", format="mp4") as out:
-        st = out.add_stream("aac", rate=rate)
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = rate, 0
-        out.mux(st.encode(frame))
-        out.mux(st.encode(None))

@@ -9,15 +9,23 @@ ground truth); ``lvr datagen`` shows the general pipeline on richer videos.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lvr.artifacts import atomic_write_json, content_id, rows_to_table, write_parquet
 from lvr.datagen.synthetic import (
+    COLORS,
+    SHAPES,
+    Renderer,
+    VideoSpec,
+    build_sidecar,
+    encode_video,
     read_sidecar,
     refresh_facts,
-    render_color_order_video,
     sidecar_path,
 )
 from lvr.layout import RunLayout
@@ -241,3 +249,87 @@ def color_row(
         "split": split,
         "pass_rate": None,
     }
+
+
+# The task's videos
+
+
+def _color_order_objects(colors: list[str], n: int, size: int, seed: int) -> list[dict[str, Any]]:
+    """Object ``k`` alone on frames of window ``k``: a big shape drifting slightly."""
+    rng, s, objects = np.random.default_rng([seed, 2]), int(size * 0.6), []
+    lo, hi = s / 2 + 2, size - s / 2 - 2
+    for k, color in enumerate(colors):
+        c0 = rng.uniform(lo, hi, 2)
+        c1 = np.clip(c0 + rng.uniform(-size / 10, size / 10, 2), lo, hi)
+        objects.append(
+            {
+                "id": k,
+                "shape": str(rng.choice(SHAPES)),
+                "color": color,
+                "appear_frame": k * n // len(colors),
+                "disappear_frame": (k + 1) * n // len(colors),
+                "scene": 0,
+                "size_px": s,
+                "motion": "drifts",
+                "start_xy": [round(float(x), 1) for x in c0],
+                "end_xy": [round(float(x), 1) for x in c1],
+            }
+        )
+    return objects
+
+
+def render_color_order_video(
+    path: str | os.PathLike[str],
+    colors: list[str],
+    seed: int,
+    duration_s: float = 2.0,
+    size: int = 112,
+    fps: float = 8,
+) -> dict[str, Any]:
+    """Render a learning-task video: large colored shapes shown one after another, in ``colors`` order.
+
+    The frames are split into ``len(colors)`` equal windows; window ``k`` shows only object ``k`` (a
+    big saturated shape, ~60% of the frame side, drifting slightly) on a dark gray background. Any
+    sampling with a frame in every window shows the order; ``facts.color_order == colors``.
+
+    Args:
+        path: Output ``.mp4`` path (sidecar next to it).
+        colors: Color names from ``COLORS``, in order of appearance (distinct).
+        seed: Seed for shapes, positions and noise.
+        duration_s: Video length.
+        size: Frame width and height (even, >= 32).
+        fps: Frame rate.
+
+    Returns:
+        The sidecar dict (same schema as ``render_video``; ``spec`` holds these arguments).
+
+    Raises:
+        ValueError: On unknown or repeated colors, a bad size, or fewer frames than colors.
+    """
+    if not colors or any(c not in COLORS for c in colors) or len(set(colors)) != len(colors):
+        raise ValueError(f"colors must be distinct names from {list(COLORS)}, got {colors}")
+    gop = max(1, round(fps))
+    spec = VideoSpec(duration_s, fps, size, size, seed=seed, crf=20, gop=gop, noise=3, texture=0)
+    path, n = Path(path), spec.num_frames
+    if n < len(colors):
+        raise ValueError(f"need >= {len(colors)} frames for {len(colors)} colors, got {n}")
+    bg = {"background": "dark gray", "background_style": "solid"}
+    plan = (
+        [{"index": 0, "start_frame": 0, "end_frame": n, **bg}],
+        _color_order_objects(colors, n, size, seed),
+    )
+    caption = " ".join(
+        f"{'Then a' if k else 'A'} {o['color']} {o['shape']} appears{'' if k else ' on a dark gray background'}."
+        for k, o in enumerate(plan[1])
+    )
+    args = {
+        "colors": list(colors),
+        "seed": seed,
+        "duration_s": duration_s,
+        "size": size,
+        "fps": fps,
+    }
+    side = build_sidecar(path, spec, args, plan, [caption])
+    encode_video(path, Renderer(spec, plan).frames(), spec)
+    atomic_write_json(sidecar_path(path), side)
+    return side

@@ -118,7 +118,8 @@ def questions_cmd(
     as_qa: Path | None = typer.Option(
         None,
         "--as-qa",
-        help="Write the error-free questions as a qa table (e.g. runs/R/qa) for lvr sft/rl.",
+        help="Write the error-free questions as a qa table (e.g. runs/R/qa) for lvr sft/rl: a new "
+        "or empty folder, or one holding only an earlier --as-qa output.",
     ),
     qa_split: str = typer.Option("rl", "--qa-split", help="Split of the rows written by --as-qa."),
 ) -> None:
@@ -135,6 +136,10 @@ def questions_cmd(
         raise LvrError(f"--as-qa {as_qa} is a folder named like a file; give a qa table folder")
     if as_qa is not None and as_qa.suffix != ".parquet" and as_qa.is_file():
         raise LvrError(f"--as-qa {as_qa} is a file; give a qa table folder (e.g. runs/R/qa)")
+    if as_qa is not None and as_qa.suffix != ".parquet":
+        from lvr.eval.export import check_as_qa_folder
+
+        check_as_qa_folder(as_qa)
     src = Source(benchmark, data, video_dir, split)
     table = load_questions(src)
     groups = group_errors(table.column("error").to_pylist())

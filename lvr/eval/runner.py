@@ -35,6 +35,7 @@ from lvr.artifacts import (
     atomic_write_json,
     package_versions,
     read_table,
+    remove_temp_files,
     rows_to_table,
     write_parquet,
 )
@@ -334,6 +335,8 @@ def _run_budget(
         result.judge_requests = _judge(rows, qmap, judge, cfg)
     _merge_parts(out, rows)
     _write_scores(cfg, out, rows, qrows, settings, result)
+    for folder in (paths.questions, paths.predictions, paths.scores, paths.pass_rates):
+        remove_temp_files(folder)  # left by a killed earlier run of this folder
     return result
 
 

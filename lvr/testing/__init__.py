@@ -4,4 +4,5 @@
   (status codes, latency, malformed output, usage fields, API-key checks), for tests and the
   throughput benchmarks: `python -m lvr.testing.fake_server --help`.
 - `fake_content`: the plausible captions, questions and judge verdicts it answers with.
+- `bad_files`: broken and non-video files that every reader must refuse with a one-line error.
 """

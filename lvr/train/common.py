@@ -446,7 +446,7 @@ class MetricsLogger:
         rows = self.rows()
         if rows:
             tmp = self.dir / ".metrics.parquet.tmp"
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            pq.write_table(metrics_table(rows), tmp)
             os.replace(tmp, self.dir / "metrics.parquet")
         if self._tb is not None:
             self._tb.close()
@@ -468,6 +468,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def metrics_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """One column per metric any row logged (first-seen order), null in rows that lack it.
+
+    Steps log different keys: RL adds ``no_signal`` only on steps without a learning signal.
+    ``pa.Table.from_pylist`` takes its columns from the first row alone and would drop such a
+    metric from ``metrics.parquet`` without a word.
+
+    >>> metrics_table([{"step": 1, "loss": 0.5}, {"step": 2, "no_signal": 1.0}]).to_pydict()
+    {'step': [1, 2], 'loss': [0.5, None], 'no_signal': [None, 1.0]}
+    """
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return pa.Table.from_pydict({k: [row.get(k) for row in rows] for k in names})
 
 
 def _tensorboard_writer(path: Path) -> Any:

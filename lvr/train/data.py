@@ -92,6 +92,14 @@ def read_qa(path: str | Path, split: str | None = "sft") -> list[QARow]:
         DataError: The path holds no table, or no usable row of that split.
         SchemaError: A file does not match the `qa` schema.
     """
+    if Path(path).suffix.lower() in (".jsonl", ".json"):
+        # `lvr datagen export` writes these for other tools; they have lost the columns training
+        # needs (options, format, split), and "not a readable Parquet file; remove or replace it"
+        # would point the user at deleting their export.
+        raise DataError(
+            f"{path} is a JSONL export; lvr sft/rl read the qa table itself (Parquet): set "
+            "data.qa to the run's qa folder (<run>/qa), or leave it empty to use --run's"
+        )
     try:
         table = read_table(path, "qa")
     except FileNotFoundError as exc:

@@ -1,19 +1,23 @@
 """Versioned prompt files: ``<name>.yaml`` with ``version``, ``system`` and ``user`` templates.
 
 Templates use ``$name`` placeholders (``string.Template``), so JSON braces in a prompt need no
-escaping. The ``version`` label is stored with every generated row and is part of the request-cache
-key: bump it (or copy the file to ``<name>_v2.yaml``) whenever the wording changes meaningfully.
+escaping; a literal dollar sign is ``$$``. The ``version`` label is stored with every generated
+row and is part of the request-cache key (with the whole request, so a changed wording is never a
+cache hit): bump it (or copy the file to ``<name>_v2.yaml``) whenever the wording changes
+meaningfully, so that rows of the two wordings can be told apart.
 A prompt is named either by a built-in name (``caption_v1``) or by a path to a YAML file.
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from lvr.config import yaml_problem
 from lvr.errors import LvrError
 
 PROMPT_DIR = Path(__file__).parent
@@ -57,7 +61,54 @@ class Prompt:
         except KeyError as exc:
             raise PromptError(f"prompt {self.name} needs a value for ${exc.args[0]}") from None
         except ValueError as exc:
-            raise PromptError(f"prompt {self.name} has a bad placeholder: {exc}") from None
+            raise PromptError(
+                f"prompt {self.name} has a bad placeholder: {exc} (write $$ for a literal $)"
+            ) from None
+
+    def placeholders(self) -> set[str]:
+        """The ``$name`` placeholders of the system and user templates.
+
+        Raises:
+            PromptError: A ``$`` that starts no placeholder (a literal dollar sign is ``$$``).
+        """
+        found: set[str] = set()
+        for template in (self.system, self.user):
+            for match in string.Template.pattern.finditer(template):
+                if match.group("invalid") is not None:
+                    line = template[: match.start()].count("\n") + 1
+                    raise PromptError(
+                        f"prompt {self.name}: '$' at line {line} of a template starts no "
+                        "placeholder; write $$ for a literal $"
+                    )
+                name = match.group("named") or match.group("braced")
+                if name:
+                    found.add(name)
+        return found
+
+    def check(self, known: Collection[str], required: Sequence[Collection[str]] = ()) -> None:
+        """Fail now on what would fail every request of a stage later, or silently mislead it.
+
+        Args:
+            known: The placeholders the stage fills (any other one could never be filled).
+            required: Groups of placeholders of which the prompt must use at least one each (a
+                qa prompt without ``$captions`` would ask about a video the model never sees).
+
+        Raises:
+            PromptError: Unknown or missing placeholders, or a stray ``$``.
+        """
+        used = self.placeholders()
+        unknown = sorted(used - set(known))
+        if unknown:
+            raise PromptError(
+                f"prompt {self.name} uses {', '.join('$' + u for u in unknown)}, which this stage "
+                f"does not fill; its placeholders: {', '.join('$' + k for k in sorted(known)) or 'none'}"
+                " (write $$ for a literal $)"
+            )
+        for group in required:
+            if not used & set(group):
+                raise PromptError(
+                    f"prompt {self.name} must use {' or '.join('$' + g for g in sorted(group))}"
+                )
 
 
 def available() -> list[str]:
@@ -75,13 +126,19 @@ def load_prompt(name: str) -> Prompt:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PROMPT_DIR / f"{name}.yaml"
     if not path.is_file():
+        # A file name is read from the current directory, not from the config file's folder.
+        where = (
+            f" (no such file from {Path.cwd()})" if Path(name).suffix in (".yaml", ".yml") else ""
+        )
         raise PromptError(
-            f"unknown prompt {name!r}; built-in: {', '.join(available())} (or a .yaml path)"
+            f"unknown prompt {name!r}{where}; built-in: {', '.join(available())} (or a .yaml path)"
         )
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise PromptError(f"cannot read prompt {path}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise PromptError(f"cannot read prompt {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise PromptError(f"prompt {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict) or not data.get("version") or not data.get("user"):
         raise PromptError(
             f"prompt {path} must be a mapping with 'version' and 'user' (and optional 'system')"
@@ -90,5 +147,9 @@ def load_prompt(name: str) -> Prompt:
 
 
 def inline_prompt(text: str, version: str, system: str = "") -> Prompt:
-    """A prompt given inline in a config (``caption.prompt_text``)."""
-    return Prompt("<inline>", version, system, text)
+    """A prompt given inline in a config (``caption.prompt_text``), taken literally.
+
+    An inline prompt is plain text, not a template: a ``$`` in it ("prices in $") is kept as
+    written (it is escaped here, so rendering gives the text back unchanged).
+    """
+    return Prompt("<inline>", version, system.replace("$", "$$"), text.replace("$", "$$"))
