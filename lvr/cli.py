@@ -6,8 +6,12 @@ User mistakes (:class:`lvr.errors.LvrError`) print one line and exit 2, never a 
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import typer
 from rich.console import Console
@@ -70,6 +74,9 @@ _mount_subcommands()
 
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one-line messages."""
+    global _terminated
+    _terminated = False
+    previous = signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
     try:
         app()
     except LvrError as exc:
@@ -81,11 +88,54 @@ def main() -> None:
         if exc.code == 130:  # Typer turns Ctrl-C inside a command into Exit(130), silently
             _interrupted()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in-process (tests) leaves no trace
+
+
+_terminated = False  # set when SIGTERM, not Ctrl-C, stopped the command
+
+
+def _sigterm_handler(main_pid: int) -> Callable[[int, FrameType | None], None]:
+    """SIGTERM (Slurm preemption, `kill`, a container stop) stops a command as Ctrl-C does.
+
+    Python's default dies on the spot: stage manifests kept saying "running", a half-started
+    evaluation folder stayed, and nothing said how to resume. As a KeyboardInterrupt, the same
+    clean-up and message as Ctrl-C run. Forked children that inherit the handler (a process
+    pool's) die as before; the parent does the reporting.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        global _terminated
+        if os.getpid() == main_pid:
+            _terminated = True
+            # A second SIGTERM kills at once, as before: a clean-up that hangs, or a library
+            # callback that swallows the KeyboardInterrupt, never makes lvr unkillable.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # DataLoader workers die of a SIGTERM sent to the whole job (Slurm) and torch's
+            # SIGCHLD handler would then raise "worker killed" amid the clean-up: not news now.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)  # a child (pool worker) dies as before
+        os.kill(os.getpid(), signum)
+
+    return handler
+
+
+# What an interrupted command keeps and how to continue it, by command (default: datagen).
+_RESUME_HINTS = {
+    "sft": "finished checkpoints are kept; rerun with --resume to continue from the latest one",
+    "rl": "finished checkpoints are kept; rerun with --resume to continue from the latest one",
+    "eval": "answers written so far are kept; rerun the same command to ask only for the rest",
+    "demo": "finished steps are kept; rerun `lvr demo` without --fresh to resume",
+}
 
 
 def _interrupted() -> None:
-    err.print("interrupted: finished shards are kept; rerun the same command to resume")
-    sys.exit(130)
+    """Say what an interrupted command kept and how to go on; exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    hint = _RESUME_HINTS.get(command, "finished shards are kept; rerun the same command to resume")
+    err.print(f"interrupted: {hint}", soft_wrap=True)
+    sys.exit(128 + signal.SIGTERM if _terminated else 130)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from lvr.artifacts import read_table
@@ -90,3 +92,34 @@ def test_color_inputs_annotations_and_questions(tmp_path: Path) -> None:
             assert q.question == "Which color appears first?" and q.options == FIXED_OPTIONS
             assert q.answer == "ABCD"[FIXED_OPTIONS.index(said)]
             assert q.reasoning.startswith(f"The first color is {said} ({q.answer})")
+
+
+def test_color_inputs_resume_after_a_full_disk_cut_a_sidecar_rewrite(tmp_path: Path) -> None:
+    """The careless annotation rewrites finished sidecars; a full disk cut that rewrite and the
+    cut sidecar (next to its finished video) made every later run fail reading it. The kernel's
+    file-size limit plays the full disk: it lets the write through up to the limit, no further."""
+    from lvr.datagen.synthetic import read_sidecar
+    from lvr.demo.color_task import render_color_inputs, split_folders
+
+    render_color_inputs(
+        tmp_path, {"sft": 4}
+    )  # video 3 shows yellow first: its sidecar is rewritten
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        from lvr.demo.color_task import render_color_inputs
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit as an error, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+        try:
+            render_color_inputs(sys.argv[1], {"sft": 4}, mislabel=1.0)
+        except OSError as exc:
+            print(exc.errno)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, text=True,
+                         capture_output=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == str(errno.EFBIG), out.stdout + out.stderr
+    render_color_inputs(tmp_path, {"sft": 4}, mislabel=1.0)  # the rerun, space freed
+    folder = split_folders(tmp_path)["sft"]
+    said = [read_sidecar(v)["facts"]["color_order"][0] for v in sorted(folder.glob("*.mp4"))]
+    assert said == ["red", "green", "blue", "green"]  # the yellow-first video: annotated green
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]

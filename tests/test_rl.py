@@ -84,6 +84,13 @@ def test_tiny_run_trains_reuses_embeddings_and_resumes_exactly(qa, tmp_path, var
     for k in w2:
         assert torch.allclose(w2[k], wb[k], atol=1e-6), k
     assert _metrics(run_b)[-1]["reward/mean"] == rows[-1]["reward/mean"]
+    # a crash after step 2's skip, before its checkpoint: the rerun logs that skip once
+    assert rows[1]["skipped_decode"] > rows[0]["skipped_decode"]  # the bad video is in step 2
+    skips = (run_a / "rl/skipped.jsonl").read_text()
+    shutil.rmtree(ck2)
+    again = run_rl(_with_reward(_cfg(qa), varied_reward), run_a, resume=True)
+    assert (run_a / "rl/skipped.jsonl").read_text() == skips
+    assert again["skipped"] == manifest["skipped"] and again["counts"] == manifest["counts"]
 
 
 def test_bad_reward_path_fails_before_loading(qa, tmp_path):

@@ -88,8 +88,9 @@ def test_resume_reproduces_uninterrupted_losses(qa, tmp_path, engine):
     sets = ["max_steps=4", "save_every=2"]
     if engine == "zero2":
         sets.append("deepspeed=configs/deepspeed/zero2.json")
-    run_sft(_cfg(qa, *sets), tmp_path)
+    full_manifest = run_sft(_cfg(qa, *sets), tmp_path)
     full = _losses(tmp_path)
+    full_skips = (tmp_path / "sft/skipped.jsonl").read_text()
     weights = load_file(tmp_path / "sft/checkpoint-000004/model.safetensors")
     shutil.rmtree(tmp_path / "sft/checkpoint-000004")  # "crash" after step 2's checkpoint
     with pytest.raises(TrainError, match="pass --resume"):
@@ -102,6 +103,11 @@ def test_resume_reproduces_uninterrupted_losses(qa, tmp_path, engine):
         assert abs(resumed[step] - full[step]) < 1e-6, (step, resumed[step], full[step])
     again = load_file(tmp_path / "sft/checkpoint-000004/model.safetensors")
     assert all(torch.allclose(weights[k], again[k], atol=1e-6) for k in weights)
+    # Steps 3-4 ran twice, their skips (the bad video, in step 3 or 4) are logged once.
+    assert full_manifest["skipped"]["samples"] >= 1
+    assert (tmp_path / "sft/skipped.jsonl").read_text() == full_skips
+    assert manifest["skipped"] == full_manifest["skipped"]
+    assert manifest["counts"] == full_manifest["counts"]
 
 
 def test_two_processes_match_one_process(qa, tmp_path):

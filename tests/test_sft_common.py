@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import doctest
+import errno
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import polars as pl
@@ -58,6 +63,38 @@ def test_metrics_logger_jsonl_parquet_and_resume_truncation(tmp_path):
     quiet = common.MetricsLogger(tmp_path / "other", enabled=False)
     quiet.log(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()
+
+
+def test_metrics_log_cut_short_by_a_full_disk_still_resumes(tmp_path):
+    """A full disk stops an append mid-line; the resume used to fail on that line (a
+    JSONDecodeError traceback). The kernel's file-size limit plays the full disk here: it lets
+    the write through up to the limit and refuses the rest, as a disk that fills up does."""
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        from pathlib import Path
+        from lvr.train.common import MetricsLogger
+        log = MetricsLogger(Path(sys.argv[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit as an error, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+        try:
+            for step in range(1, 100):
+                log.log(step, {"loss": 1.0 / step, "lr": 0.001})
+        except OSError as exc:
+            print(exc.errno)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, text=True,
+                         capture_output=True, check=True).stdout  # fmt: skip
+    assert out.strip() == str(errno.EFBIG), out
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert len(text) == 300 and not text.endswith("\n")  # the last line was cut short
+    done = text.count("\n")  # whole lines written before the disk filled
+    assert [r["step"] for r in common.MetricsLogger(tmp_path).rows()] == []  # fresh start
+    (tmp_path / "metrics.jsonl").write_text(text)
+    resumed = common.MetricsLogger(tmp_path, start_step=done - 1)
+    assert [r["step"] for r in resumed.rows()] == list(range(1, done))
+    resumed.log(done, {"loss": 0.5})
+    assert [r["step"] for r in resumed.rows()] == list(range(1, done + 1))
 
 
 def test_metrics_parquet_keeps_a_metric_that_later_steps_add(tmp_path):

@@ -304,3 +304,20 @@ def test_sft_stops_once_every_row_failed_and_saves_no_untrained_checkpoint(
     assert not list((tmp_path / "sft").glob("checkpoint-*"))
     steps = (tmp_path / "sft/metrics.jsonl").read_text().splitlines()
     assert len(steps) == 2  # 3 broken rows, 2 per step: stopped once each had failed
+
+
+def test_resumed_sft_says_where_it_took_over(good_qa, tmp_path, monkeypatch, capsys):
+    """The summary line of a resumed run names the checkpoint it continued (it used to read
+    like a run from the start, although an earlier invocation did the first steps)."""
+    import shutil
+
+    sets = _sets(f"data.qa={good_qa}", "max_steps=2", "save_every=1", "progress=false",
+                 "keep_last=0", "data.frames=4", "data.max_pixels=3136")  # fmt: skip
+    code, out = lvr(monkeypatch, capsys, "sft", "-c", SFT_CFG, "-r", tmp_path, *sets)
+    assert code == 0, out
+    assert ", resumed from" not in next(x for x in out.splitlines() if x.startswith("sft done:"))
+    shutil.rmtree(tmp_path / "sft/checkpoint-000002")  # killed before step 2's checkpoint
+    code, out = lvr(monkeypatch, capsys, "sft", "-c", SFT_CFG, "-r", tmp_path, *sets, "--resume")
+    assert code == 0, out
+    summary = next(x for x in out.splitlines() if x.startswith("sft done:"))
+    assert summary.startswith("sft done: 2 steps, resumed from checkpoint-000001 at step 1, loss")

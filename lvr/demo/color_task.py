@@ -9,7 +9,6 @@ ground truth); ``lvr datagen`` shows the general pipeline on richer videos.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -184,7 +183,9 @@ def _annotate(path: Path, first_color: str | None) -> None:
     for clip in side["clips"]:
         clip["caption"] = clip["caption"].replace(f"A {truth} ", f"A {said} ", 1)
     side["annotator"] = f"took {truth} for {said}" if first_color else None
-    sidecar_path(path).write_text(json.dumps(refresh_facts(side), indent=1))
+    # Atomic: a kill or a full disk mid-write left an empty or cut sidecar next to a finished
+    # video, which every later `lvr demo` took as rendered and then failed to read.
+    atomic_write_json(sidecar_path(path), refresh_facts(side))
 
 
 def _mislabeled(colors: list[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from lvr.eval.runner import run_eval
 from lvr.layout import RunLayout
 from lvr.models import build_tiny_vlm, smollm2_dir
 from lvr.train.checkpoint import latest_checkpoint
+from lvr.train.common import read_jsonl
 from lvr.train.config import RLConfig, SFTConfig
 from lvr.train.rl import run_rl
 from lvr.train.sft import run_sft
@@ -256,7 +257,7 @@ def _metric_series(path: Path, key: str) -> list[float]:
     """One metric over the steps of a metrics.jsonl log (empty when absent)."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)  # a line cut short by a kill or a full disk is left out
     return [float(r[key]) for r in rows if key in r]
 
 

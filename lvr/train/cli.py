@@ -63,16 +63,24 @@ def _skipped(m: dict[str, Any]) -> str:
     return f"; {skipped['samples']} samples skipped ({skipped['reasons']}; see {where})"
 
 
+def _resumed(m: dict[str, Any]) -> str:
+    """Where a resumed run took over ("" for a run from the start): its steps before that were
+    done by an earlier, interrupted invocation, and this line says so."""
+    if not m.get("resumed_from"):
+        return ""
+    return f", resumed from {Path(m['resumed_from']).name} at step {m['start_step']}"
+
+
 def _sft_summary(m: dict[str, Any]) -> str:
     return (
-        f"sft done: {m['steps']} steps, loss {_last(m, 'loss'):.4f}, "
+        f"sft done: {m['steps']} steps{_resumed(m)}, loss {_last(m, 'loss'):.4f}, "
         f"checkpoint {m['final_checkpoint']}{_skipped(m)}"
     )
 
 
 def _rl_summary(m: dict[str, Any]) -> str:
     return (
-        f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps), "
+        f"rl done: {m['steps']} steps ({m['optimizer_steps']} optimizer steps){_resumed(m)}, "
         f"reward {_last(m, 'reward/mean'):.4f}, checkpoint {m['final_checkpoint']}{_skipped(m)}"
     )
 

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from lvr.artifacts import atomic_write_bytes
 from lvr.errors import LvrError
 from lvr.reasons import summarize_errors
 
@@ -68,9 +69,38 @@ def skipped_summary(out_dir: Path) -> dict[str, Any]:
         ``{"samples": n, "reasons": "3 x ...; 1 x ..."}`` (``{"samples": 0, ...}`` without skips).
     """
     path = Path(out_dir) / SKIPPED_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
-    reasons = [json.loads(line).get("reason") for line in lines if line.strip()]
+    reasons = [row.get("reason") for row in read_jsonl(path)] if path.is_file() else []
     return {"samples": len(reasons), "reasons": summarize_errors(reasons) if reasons else ""}
+
+
+def skips_in(counts: dict[str, Any]) -> int:
+    """How many lines `<stage>/skipped.jsonl` held when a checkpoint saved these counters.
+
+    Both recipes write one line per skipped sample and count it as ``skipped_decode`` or
+    ``skipped_too_long`` (summed over ranks), so a checkpoint's counters say how long the file
+    was at that step, even in checkpoints written before this function existed.
+
+    >>> skips_in({"skipped_decode": 2.0, "skipped_too_long": 1, "truncated": 5})
+    3
+    """
+    return int(counts.get("skipped_decode", 0)) + int(counts.get("skipped_too_long", 0))
+
+
+def truncate_skipped(out_dir: Path, keep: int) -> None:
+    """On resume, keep the first `keep` lines of `<stage>/skipped.jsonl` (those of the steps the
+    checkpoint holds).
+
+    The steps after the checkpoint run again and append their skips again; without this a
+    resumed run's file, manifest and summary line would count them twice. A line cut short by
+    a kill lies past `keep` (the checkpoint was finished after it) and goes too. The file is
+    replaced atomically, so a kill here loses nothing.
+    """
+    path = Path(out_dir) / SKIPPED_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > keep:
+        atomic_write_bytes(path, "".join(lines[:keep]).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,12 +410,14 @@ class MetricsLogger:
             self._wandb = _wandb_run(wandb_project, run_name, config or {})
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be recomputed)."""
+        """On resume, drop lines logged after the checkpoint (they will be recomputed).
+
+        Replaced atomically: a kill while this rewrites the file loses no earlier step.
+        """
         if not self.path.is_file():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        keep = [r for r in self.rows() if r.get("step", 0) <= step]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics."""
@@ -402,10 +434,10 @@ class MetricsLogger:
             self._wandb.log(metrics, step=step)
 
     def rows(self) -> list[dict[str, Any]]:
-        """All rows logged so far (from the JSONL file)."""
+        """All rows logged so far (from the JSONL file), without a last line cut short."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
     def close(self) -> None:
         """Write `metrics.parquet` and close the optional sinks."""
@@ -420,6 +452,22 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log that is appended to, skipping a line that does not parse.
+
+    A full disk (or a kill inside a large write) leaves the last line cut short; the step it
+    belonged to is redone on resume, so the rest of the log stays readable rather than the
+    resume failing on it.
+    """
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def metrics_table(rows: list[dict[str, Any]]) -> pa.Table:

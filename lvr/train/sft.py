@@ -74,6 +74,8 @@ from lvr.train.common import (
     nothing_trained,
     seed_everything,
     skipped_summary,
+    skips_in,
+    truncate_skipped,
     uses_bf16,
 )
 from lvr.train.config import SFTConfig
@@ -474,4 +476,5 @@ def _resume(run: SFTRun, ckpt: Path) -> int:
         checkpoint.load_plain_state(ckpt, run.model, run.optimizer, run.scheduler)
     if run.info.is_main:
         run.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
+        truncate_skipped(run.out_dir, skips_in(run.counts))  # the steps ahead log theirs again
     return int(state["step"])

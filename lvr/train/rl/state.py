@@ -18,7 +18,7 @@ from lvr.mrsp.batch import PromptInput
 from lvr.mrsp.encode import EmbeddingCache, VideoKey
 from lvr.mrsp.topology import Topology
 from lvr.train import checkpoint
-from lvr.train.common import DistInfo
+from lvr.train.common import DistInfo, skips_in, truncate_skipped
 from lvr.train.config import RLConfig
 from lvr.train.data import QARow
 from lvr.train.policy import lora_scaling
@@ -137,4 +137,6 @@ def resume(run: RLRun, ckpt: Path) -> int:
     checkpoint.load_plain_state(ckpt, run.policy, run.optimizer, run.scheduler)
     run.questions.cursor, run.opt_steps = int(state["cursor"]), int(state["opt_steps"])
     run.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
+    if run.info.is_main:  # the steps ahead append their skips again: keep only the saved ones
+        truncate_skipped(run.out_dir, skips_in(run.counts))
     return int(state["step"])
