@@ -174,8 +174,11 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     args = ["datagen", "run", "--config", str(REPO / "configs/datagen/demo.yaml"),
             "--run", str(tmp_path / "run"), "--set", "input.synthetic.videos=400"]  # fmt: skip
+    # A test run started in the background by a script (`make test &`) inherits an ignored SIGINT,
+    # which Python then keeps ignoring; a terminal's Ctrl-C reaches a process that has the default.
     proc = subprocess.Popen([sys.executable, "-m", "lvr.cli", *args], env=env, cwd=REPO, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     inputs = tmp_path / "run" / "inputs"
     while proc.poll() is None and not list(inputs.glob("*.mp4")):  # until inside the command
         time.sleep(0.1)
