@@ -17,6 +17,7 @@ import gpu_check_models as gm
 import gpu_check_steps as gs
 import torch
 
+from lvr.models.checkpointing import set_activation_checkpointing
 from lvr.models.family import VideoEmbeds
 from lvr.mrsp import EmbeddingCache, VideoKey, pack_batch, sp_prefill_logprobs
 
@@ -189,9 +190,7 @@ def rl_step(models: Models, plan: Plan) -> dict[str, Any]:
             gs.reset_peak(dev)
             out["no_checkpointing_error"] = error
             out["gradient_checkpointing"] = True
-            policy.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            set_activation_checkpointing(policy, True)
             out.update(_rl_runs(s, plan, opt))
     return out
 
@@ -219,9 +218,9 @@ def memory_plan(
     kept = text["num_hidden_layers"] * text["hidden_size"] * residual if checkpointing else 0.0
     layer = 0.0
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
         layer = gc.layer_bytes_per_token(model, plan.layer_tokens, amp=dev.type == "cuda")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     mem = gc.MemoryPlan(
         weights=sum(p.numel() * p.element_size() for p in uniq), trainable=trainable,
         trainable_bytes=4, act_per_token=act + kept, layer_per_token=layer,
@@ -249,7 +248,7 @@ def sft(models: Models, plan: Plan, name: str, full: bool, frames: tuple[int, ..
         ctx = gm.lora(model, plan.lora_r, plan.lora_alpha, plan.sft_dropout, True)
     try:
         with ctx as m:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(m, True)
             m.train()
             params = [p for p in m.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5 if full else 1e-4, weight_decay=0.0)
@@ -343,7 +342,7 @@ def max_frames_sft(models: Models, plan: Plan, cap: float | None, sft_result: di
     rows = (sft_result or {}).get("rows", [])
     fitted = [r["frames"] for r in rows]
     with gm.lora(model, plan.lora_r, plan.lora_alpha, plan.sft_dropout, True) as m:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(m, True)
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 

@@ -23,6 +23,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from lvr.models.checkpointing import set_activation_checkpointing
 from lvr.models.family import family_of, lora_target_regex
 from lvr.models.published import PUBLISHED
 from lvr.mrsp.synthetic import (
@@ -255,7 +256,7 @@ def lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, train_proje
         if hasattr(model, "peft_config"):
             del model.peft_config
         model.requires_grad_(False)
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
         model.eval()
 
 

@@ -6,6 +6,7 @@ frame times: tests/test_frame_times.py; the CLI chain per family: tests/test_fam
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,7 +31,7 @@ from lvr.mrsp.encode import EmbeddingCache, VideoKey, encode_video
 from lvr.mrsp.prefill import sp_prefill_logprobs
 from lvr.mrsp.rollout import HFRolloutEngine
 from lvr.train.config import ModelSection
-from lvr.train.policy import set_trainable
+from lvr.train.policy import base_model, set_trainable
 
 TOL = 1e-5
 DEEPSTACK = [f for f in TINY_FAMILIES if family.get_family(f).deepstack]
@@ -309,3 +310,26 @@ def test_qwen3vl_configs_load_and_open_with_their_command(path: Path) -> None:
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and f" {kind} --config configs/{kind}/{path.name} " in first
     assert cfg.model.lora or cfg.deepspeed  # 1 GPU: LoRA; 8 GPUs: ZeRO-3 or LoRA
+
+
+def test_activation_checkpointing_without_deprecation_and_same_gradients() -> None:
+    """`gradient_checkpointing: true` turns checkpointing on through the name transformers keeps
+    (the old one warned at every run), and LoRA's gradients through it equal those without."""
+    ids = torch.arange(3, 19).unsqueeze(0)  # [1, 16] text tokens
+    grads = []
+    for on in (False, True):
+        model, _ = tiny_vlm("qwen2_5_vl", seed=0)
+        section = ModelSection(lora=True, lora_dropout=0.0, gradient_checkpointing=on)
+        with warnings.catch_warnings():
+            # (peft's own `is_gradient_checkpointing` call warns too: not ours to fix)
+            warnings.filterwarnings("error", ".*gradient_checkpointing_enable", FutureWarning)
+            wrapped = set_trainable(model, section)
+        base = base_model(wrapped)
+        new = hasattr(type(base), "is_activation_checkpointing")  # the older name warns
+        assert (base.is_activation_checkpointing if new else base.is_gradient_checkpointing) is on
+        wrapped.train()
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in wrapped.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

@@ -17,6 +17,7 @@ import torch
 
 from lvr.layout import RunLayout
 from lvr.models import family
+from lvr.models.checkpointing import set_activation_checkpointing
 from lvr.models.family import QWEN2_5_VL, Family
 from lvr.models.loading import load_vlm
 from lvr.models.tiny import DEFAULT_FAMILY, TINY_FAMILIES, build_tiny_vlm
@@ -112,7 +113,7 @@ def set_trainable(model: torch.nn.Module, section: ModelSection) -> torch.nn.Mod
             elif is_vision(name, fam) and "lora_" not in name:
                 p.requires_grad_(section.train_vision)
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainError("nothing to train: enable lora, the language model, vision or projector")
     return model
